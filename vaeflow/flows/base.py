@@ -1,0 +1,184 @@
+"""The flow interface shared by every posterior flow, and small helpers the flows share.
+
+A flow maps a base-posterior sample ``z0`` to ``zK`` conditioned on a context vector ``h`` that
+the encoder computes from ``x``. Every flow returns the log-determinant of that map, so that
+
+    log qK(zK | x) = log q0(z0 | x) - logdet.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["Flow", "Identity", "Sequential", "ContextHead", "check_inputs", "check_positive_int"]
+
+
+def check_positive_int(name: str, value: int) -> int:
+    """Return ``value`` if it is a positive int, else raise a ``ValueError`` that names ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def check_choice(name: str, value: str, choices: Sequence[str] | Mapping[str, object]) -> str:
+    """Return ``value`` if it is one of ``choices``, else raise a ``ValueError`` listing them."""
+    if value not in choices:
+        valid = ", ".join(repr(c) for c in choices)
+        raise ValueError(f"unknown {name} {value!r}; valid values are {valid}")
+    return value
+
+
+def check_inputs(flow: Flow, z: Tensor, h: Tensor) -> None:
+    """Raise a clear error when ``z [B, D]`` or ``h [B, H]`` do not fit ``flow``."""
+    if z.dim() != 2 or z.shape[1] != flow.dim:
+        raise ValueError(
+            f"{type(flow).__name__} expects z of shape [B, {flow.dim}], got {tuple(z.shape)}"
+        )
+    if h.dim() != 2 or h.shape[1] != flow.context_dim or h.shape[0] != z.shape[0]:
+        raise ValueError(
+            f"{type(flow).__name__} expects a context h of shape [{z.shape[0]}, "
+            f"{flow.context_dim}], got {tuple(h.shape)}"
+        )
+
+
+class Flow(nn.Module):
+    """An amortized normalizing flow ``z0 -> zK`` conditioned on a context ``h``.
+
+    Subclasses implement :meth:`_forward` (and :meth:`_inverse` where the map has an inverse that
+    can be computed). Constructors take ``(dim, context_dim, **hyperparameters)``.
+
+    Attributes:
+        dim: size D of the latent variable.
+        context_dim: size H of the context vector produced by the encoder.
+        has_inverse: whether :meth:`inverse` is implemented.
+    """
+
+    has_inverse: bool = False
+
+    def __init__(self, dim: int, context_dim: int) -> None:
+        super().__init__()
+        self.dim = check_positive_int("dim", dim)
+        self.context_dim = check_positive_int("context_dim", context_dim)
+
+    def forward(self, z0: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+        """Push ``z0 [B, D]`` through the flow conditioned on ``h [B, H]``.
+
+        Returns:
+            ``(zK [B, D], logdet [B])`` with ``logdet = log |det d zK / d z0|`` (for a continuous
+            flow in training mode: an unbiased estimate of it).
+        """
+        check_inputs(self, z0, h)
+        return self._forward(z0, h)
+
+    def inverse(self, zK: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+        """Invert the flow: ``zK [B, D]`` and ``h [B, H]`` -> ``(z0 [B, D], logdet [B])``.
+
+        ``logdet`` is that of the forward map at the returned ``z0``, ``log |det d zK / d z0|``,
+        so ``log qK(zK) = log q0(z0) - logdet`` in both directions.
+
+        Raises:
+            NotImplementedError: for flows without an inverse that can be computed.
+        """
+        check_inputs(self, zK, h)
+        if not self.has_inverse:
+            raise NotImplementedError(
+                f"{type(self).__name__} has no inverse that can be computed; only samples it "
+                "produced itself can be scored"
+            )
+        return self._inverse(zK, h)
+
+    def _forward(self, z0: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def _inverse(self, zK: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, context_dim={self.context_dim}"
+
+
+class Identity(Flow):
+    """No flow: ``zK = z0`` and ``logdet = 0``. The registry's ``"none"``."""
+
+    has_inverse = True
+
+    def __init__(self, dim: int, context_dim: int) -> None:
+        super().__init__(dim, context_dim)
+
+    def _forward(self, z0: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+        return z0, z0.new_zeros(z0.shape[0])
+
+    def _inverse(self, zK: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+        return zK, zK.new_zeros(zK.shape[0])
+
+
+class Sequential(Flow):
+    """Flows applied one after the other, sharing the context; log-determinants add up."""
+
+    def __init__(self, *flows: Flow) -> None:
+        if not flows:
+            raise ValueError("Sequential needs at least one flow")
+        dims = {(f.dim, f.context_dim) for f in flows}
+        if len(dims) != 1:
+            raise ValueError(f"all flows must share (dim, context_dim); got {sorted(dims)}")
+        super().__init__(flows[0].dim, flows[0].context_dim)
+        self.flows = nn.ModuleList(flows)
+        self.has_inverse = all(f.has_inverse for f in flows)
+
+    def _forward(self, z0: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+        logdet = z0.new_zeros(z0.shape[0])
+        z = z0
+        for flow in self.flows:
+            z, ld = flow(z, h)
+            logdet = logdet + ld
+        return z, logdet
+
+    def _inverse(self, zK: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+        logdet = zK.new_zeros(zK.shape[0])
+        z = zK
+        for flow in reversed(self.flows):
+            z, ld = flow.inverse(z, h)
+            logdet = logdet + ld
+        return z, logdet
+
+
+class ContextHead(nn.Module):
+    """One linear layer that computes every amortized parameter of a flow from the context.
+
+    ``ContextHead(H, {"u": (K, D), "b": (K,)})(h)`` returns ``{"u": [B, K, D], "b": [B, K]}``.
+    One matmul serves all named outputs, as the amortized flows of the Sylvester paper do.
+
+    Args:
+        context_dim: size H of the context.
+        shapes: name -> per-sample shape of each amortized parameter.
+        init_scale: the weights start uniform in ``+-init_scale / sqrt(H)``, so a fresh flow is
+            close to a map that does not depend much on ``h``.
+    """
+
+    def __init__(
+        self, context_dim: int, shapes: Mapping[str, tuple[int, ...]], init_scale: float = 1.0
+    ) -> None:
+        super().__init__()
+        self.shapes = {name: tuple(shape) for name, shape in shapes.items()}
+        self.sizes = [math.prod(shape) for shape in self.shapes.values()]
+        self.linear = nn.Linear(context_dim, sum(self.sizes))
+        bound = init_scale / math.sqrt(context_dim)
+        nn.init.uniform_(self.linear.weight, -bound, bound)
+        nn.init.uniform_(self.linear.bias, -bound, bound)
+
+    @property
+    def out_features(self) -> int:
+        return self.linear.out_features
+
+    def forward(self, h: Tensor) -> dict[str, Tensor]:
+        """``h [B, H]`` -> ``{name: [B, *shape]}``."""
+        flat = self.linear(h)
+        parts = torch.split(flat, self.sizes, dim=-1)
+        return {
+            name: part.reshape(h.shape[0], *shape)
+            for (name, shape), part in zip(self.shapes.items(), parts, strict=True)
+        }
