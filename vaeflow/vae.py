@@ -271,7 +271,8 @@ class VAE(nn.Module):
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """``n`` images ``[n, C, H, W]``: the mean of ``p(x | z)`` at ``z ~ N(0, I)``."""
         _check_count("n", n)
-        ref = next(self.decoder.parameters())
+        # The prior lives wherever the model does; a module with no parameters samples on CPU.
+        ref = next(self.parameters(), torch.empty(0))
         z = torch.randn(n, self.latent_dim, generator=generator, device=ref.device, dtype=ref.dtype)
         return self.likelihood.mean(self.decoder(z))
 

@@ -204,7 +204,9 @@ class _BlockODE:
         create_graph = torch.is_grad_enabled()
         z = state[0]
         with torch.enable_grad():
-            if not z.requires_grad:
+            # A state that is not part of a graph we must extend (no-grad solves, the adjoint's
+            # forward pass) gets a fresh leaf, so the divergence's VJP always reaches z.
+            if not (create_graph and z.requires_grad):
                 z = z.detach().requires_grad_(True)
             f = self.dynamics(s * self.end_time, z, self.amortized)
             trace, frob = _divergence(f, z, self.eps, create_graph)

@@ -105,7 +105,7 @@ class OrthogonalSylvester(_Sylvester):
             qtq = q.transpose(-1, -2) @ q
             q = q @ (eye + 0.5 * (eye - qtq))
             if it % check_every == 0:
-                err = float(((q.transpose(-1, -2) @ q) - eye).abs().amax())
+                err = float(((q.transpose(-1, -2) @ q) - eye).abs().amax().detach())
                 if not math.isfinite(err):
                     raise FloatingPointError("orthogonalization of Q gave non-finite values")
                 if err < tol:

@@ -1,0 +1,232 @@
+"""FFJORD: exact and Hutchinson traces, a linear field with a known answer, adjoint against
+direct backprop, NFE counts, RNODE terms, and option errors."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from vaeflow.flows import FFJORD
+from vaeflow.flows.ffjord import _Dynamics
+from vaeflow.ode import SolverError, check_solver
+
+D, H = 3, 2
+TIGHT = dict(atol=1e-9, rtol=1e-9)
+
+
+def make(**kw: object) -> FFJORD:
+    torch.manual_seed(0)
+    options = dict(hidden_dims=(16, 16), rank=2, **TIGHT)
+    options.update(kw)
+    return FFJORD(D, H, **options).double()
+
+
+def sharpen(flow: FFJORD, factor: float = 3.0) -> FFJORD:
+    """Scale the field's shared weights so its trace is far from zero."""
+    with torch.no_grad():
+        for block in flow.blocks:
+            for layer in block.layers:
+                layer.weight.mul_(factor)
+    return flow
+
+
+def data(batch: int = 4, seed: int = 0) -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return (
+        torch.randn(batch, D, generator=g, dtype=torch.float64),
+        torch.randn(batch, H, generator=g, dtype=torch.float64),
+    )
+
+
+def jacobian_logdet(flow: FFJORD, z0: Tensor, h: Tensor) -> Tensor:
+    jac = torch.autograd.functional.jacobian(lambda z: flow(z, h)[0], z0)
+    return torch.linalg.slogdet(torch.stack([jac[i, :, i] for i in range(len(z0))]))[1]
+
+
+class LinearField(_Dynamics):
+    """``dz/dt = A z`` with a parameter ``A``: ``logdet = T tr(A)``, ``zK = expm(T A) z0``."""
+
+    def __init__(self, a: Tensor) -> None:
+        super().__init__()
+        self.a = nn.Parameter(a.clone())
+        self.layers = nn.ModuleList()
+
+    def amortize(self, h: Tensor) -> tuple[Tensor, ...]:
+        return ()
+
+    def forward(self, t: Tensor, z: Tensor, amortized: Sequence[Tensor]) -> Tensor:
+        return z @ self.a.T
+
+    def field_parameters(self) -> list[nn.Parameter]:
+        return [self.a]
+
+
+def linear_flow(a: Tensor, end_time: float = 0.7, **kw: object) -> FFJORD:
+    flow = make(end_time=end_time, **kw)
+    flow.blocks[0] = LinearField(a)
+    return flow
+
+
+@pytest.mark.parametrize("dynamics", ["lowrank", "concat"])
+def test_exact_trace_matches_jacobian(dynamics: str) -> None:
+    flow = sharpen(make(dynamics=dynamics, num_blocks=2, trace="exact")).train()
+    z0, h = data()
+    _, logdet = flow(z0, h)
+    expected = jacobian_logdet(flow, z0, h)
+    assert expected.abs().min() > 1e-3
+    torch.testing.assert_close(logdet, expected, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("noise", ["gaussian", "rademacher"])
+def test_hutchinson_is_unbiased(noise: str) -> None:
+    n = 4000
+    flow = sharpen(make(noise=noise, atol=1e-7, rtol=1e-7))
+    z0, h = data(1)
+    exact = flow.eval()(z0, h)[1]
+    flow.train()
+    torch.manual_seed(1)
+    estimates = flow(z0.expand(n, D), h.expand(n, H))[1]
+    mean, stderr = estimates.mean(), estimates.std() / n**0.5
+    assert estimates.std() > 1e-4, "the estimator should be noisy"
+    assert (mean - exact[0]).abs() < 4 * stderr + 1e-6
+
+
+def test_rademacher_noise_is_plus_minus_one() -> None:
+    flow = make()
+    eps = flow._noise(torch.zeros(1000, D, dtype=torch.float64))
+    assert set(eps.unique().tolist()) == {-1.0, 1.0}
+
+
+def test_linear_field_logdet_is_T_trace_A() -> None:
+    a = torch.tensor([[0.3, -1.0, 0.2], [0.5, -0.4, 0.0], [0.1, 0.7, 0.8]], dtype=torch.float64)
+    T = 0.7
+    flow = linear_flow(a, end_time=T).eval()
+    z0, h = data()
+    zK, logdet = flow(z0, h)
+    torch.testing.assert_close(logdet, torch.full_like(logdet, T * a.trace().item()))
+    torch.testing.assert_close(zK, z0 @ torch.linalg.matrix_exp(T * a).T, rtol=1e-7, atol=1e-8)
+    torch.testing.assert_close(flow.end_times, torch.tensor([T], dtype=torch.float64))
+
+
+def test_linear_field_rnode_terms() -> None:
+    """For dz/dt = A z: the Jacobian Frobenius term is T ||A||_F^2 (exact trace mode)."""
+    a = torch.tensor([[0.3, -1.0, 0.2], [0.5, -0.4, 0.0], [0.1, 0.7, 0.8]], dtype=torch.float64)
+    flow = linear_flow(a, end_time=0.5, regularize=True).eval()
+    z0, h = data()
+    flow(z0, h)
+    reg = flow.last_regularization
+    frob = reg["jacobian_frobenius"]
+    torch.testing.assert_close(frob, torch.full_like(frob, 0.5 * (a * a).sum().item()))
+    # kinetic = int_0^T ||A z(t)||^2 dt, checked by a fine trapezoidal rule on the exact path.
+    ts = torch.linspace(0, 0.5, 2001, dtype=torch.float64)
+    path = torch.stack([z0 @ torch.linalg.matrix_exp(t * a).T for t in ts])  # [S, B, D]
+    speed = ((path @ a.T) ** 2).sum(-1)  # [S, B]
+    torch.testing.assert_close(reg["kinetic"], torch.trapezoid(speed, ts, dim=0), rtol=1e-5, atol=0)
+
+
+def test_regularization_gradients_flow() -> None:
+    flow = make(regularize=True, atol=1e-6, rtol=1e-6).train()
+    z0, h = data()
+    flow(z0, h)
+    reg = flow.last_regularization
+    assert set(reg) == {"kinetic", "jacobian_frobenius"}
+    assert all(v.shape == (4,) and (v >= 0).all() for v in reg.values())
+    (reg["kinetic"].sum() + reg["jacobian_frobenius"].sum()).backward()
+    assert flow.blocks[0].layers[0].weight.grad.abs().sum() > 0
+
+
+def _grads(adjoint: bool) -> tuple[Tensor, list[Tensor]]:
+    flow = make(adjoint=adjoint, num_blocks=2, atol=1e-10, rtol=1e-10).train()
+    z0, h = data()
+    z0.requires_grad_(True)
+    h.requires_grad_(True)
+    torch.manual_seed(7)  # the same Hutchinson noise in both runs
+    zK, logdet = flow(z0, h)
+    loss = (zK**2).sum() + (zK[:, 0] * 0.3).sum() - logdet.sum()
+    loss.backward()
+    grads = [z0.grad, h.grad] + [p.grad for p in flow.parameters()]
+    return loss.detach(), grads, flow
+
+
+def test_adjoint_and_direct_backprop_agree() -> None:
+    loss_d, grads_d, flow_d = _grads(adjoint=False)
+    loss_a, grads_a, flow_a = _grads(adjoint=True)
+    torch.testing.assert_close(loss_a, loss_d, rtol=1e-8, atol=1e-9)
+    assert len(grads_a) == len(grads_d)
+    for ga, gd in zip(grads_a, grads_d, strict=True):
+        assert ga is not None and gd is not None
+        torch.testing.assert_close(ga, gd, rtol=1e-5, atol=1e-7)
+    assert flow_d.nfe_backward == 0
+    assert flow_a.nfe_backward > 0
+
+
+def test_nfe_counts_reset_per_solve() -> None:
+    flow = make(atol=1e-5, rtol=1e-5)
+    z0, h = data()
+    flow(z0, h)
+    first = flow.nfe_forward
+    assert first > 0 and flow.nfe_backward == 0
+    flow(z0, h)
+    assert flow.nfe_forward == first  # same solve, same count: it was reset, not accumulated
+    flow.solver = type(flow.solver)(method="rk4", options={"step_size": 0.25})
+    flow(z0, h)
+    assert flow.nfe_forward == 4 * 4  # 4 steps x 4 stages
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(method="dopri6"), "valid methods are .*dopri5"),
+        (dict(solver_options={"step": 0.1}), "unknown option.*'step'.*valid options are"),
+        (dict(method="rk4"), "needs options=.*step_size"),
+        (dict(trace="skilling"), "valid values are 'hutchinson', 'exact'"),
+        (dict(noise="uniform"), "valid values are 'gaussian', 'rademacher'"),
+        (dict(dynamics="hyper"), "valid values are 'lowrank', 'concat'"),
+        (dict(nonlinearity="relu6"), "unknown nonlinearity"),
+        (dict(end_time=0.0), "end_time must be positive"),
+        (dict(atol=0.0), "atol must be positive"),
+        (dict(rank=0), "rank must be a positive integer"),
+    ],
+)
+def test_bad_options_fail_before_any_work(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        make(**kwargs)
+
+
+def test_check_solver_accepts_real_options() -> None:
+    assert check_solver("dopri5", {"first_step": 0.1, "max_num_steps": 100}) == {
+        "first_step": 0.1,
+        "max_num_steps": 100,
+    }
+    assert check_solver("rk4", {"step_size": 0.1}) == {"step_size": 0.1}
+
+
+def test_solver_failure_is_a_clear_error() -> None:
+    a = torch.eye(D, dtype=torch.float64) * 200.0
+    flow = linear_flow(a, end_time=1.0, solver_options={"max_num_steps": 5})
+    z0, h = data()
+    with pytest.raises(SolverError, match="dopri5.*failed"):
+        flow(z0, h)
+
+
+def test_eval_mode_uses_exact_trace_and_is_deterministic() -> None:
+    flow = make()
+    z0, h = data()
+    flow.eval()
+    assert flow.uses_exact_trace()
+    a, b = flow(z0, h)[1], flow(z0, h)[1]
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    flow.train()
+    assert not flow.uses_exact_trace()
+    flow.exact_in_eval = False
+    flow.eval()
+    assert not flow.uses_exact_trace()
+
+
+def test_fixed_end_time_is_a_buffer() -> None:
+    flow = make(train_end_time=False)
+    assert "log_end_time" not in dict(flow.named_parameters())
+    assert "log_end_time" in flow.state_dict()

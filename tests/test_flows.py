@@ -1,0 +1,182 @@
+"""Every flow in the registry: shapes, log-determinant against the autograd Jacobian, gradients,
+inverses, state_dict round-trip, and clear errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vaeflow.flows import FLOWS, Flow, Sequential, make_flow
+
+DIM, CONTEXT = 4, 3
+# Tight tolerances so the solver error stays far below the comparison tolerance.
+SMALL = {"ffjord": dict(hidden_dims=(16, 16), rank=2, num_blocks=2, atol=1e-8, rtol=1e-8)}
+
+
+def build(name: str, default: bool = False, **kw: object) -> Flow:
+    torch.manual_seed(0)
+    hyper = {} if default else {**SMALL.get(name, {}), **kw}
+    return FLOWS[name](dim=DIM, context_dim=CONTEXT, **hyper).double()
+
+
+def inputs(batch: int = 5, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    z0 = torch.randn(batch, DIM, generator=g, dtype=torch.float64)
+    h = torch.randn(batch, CONTEXT, generator=g, dtype=torch.float64)
+    return z0, h
+
+
+def jacobian_logdet(flow: Flow, z0: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """``log |det dzK/dz0|`` per sample from the autograd Jacobian of the whole batch map."""
+    jac = torch.autograd.functional.jacobian(lambda z: flow(z, h)[0], z0)  # [B, D, B, D]
+    per_sample = torch.stack([jac[i, :, i, :] for i in range(z0.shape[0])])
+    return torch.linalg.slogdet(per_sample)[1]
+
+
+def test_registry_names() -> None:
+    assert list(FLOWS) == [
+        "none", "planar", "iaf", "orthogonal", "householder", "triangular", "ffjord"
+    ]
+
+
+@pytest.mark.parametrize("name", list(FLOWS))
+@pytest.mark.parametrize("batch", [1, 5])
+def test_shapes(name: str, batch: int) -> None:
+    flow = build(name)
+    z0, h = inputs(batch)
+    zK, logdet = flow(z0, h)
+    assert zK.shape == (batch, DIM) and logdet.shape == (batch,)
+    assert torch.isfinite(zK).all() and torch.isfinite(logdet).all()
+
+
+@pytest.mark.parametrize("name", list(FLOWS))
+def test_logdet_matches_autograd_jacobian(name: str) -> None:
+    flow = build(name).eval()  # eval: FFJORD computes the exact trace
+    z0, h = inputs()
+    zK, logdet = flow(z0, h)
+    expected = jacobian_logdet(flow, z0, h)
+    torch.testing.assert_close(logdet, expected, rtol=1e-6, atol=1e-7)
+    if name != "none":
+        assert expected.abs().max() > 1e-3, "a flow that does nothing tests nothing"
+
+
+@pytest.mark.parametrize("name", list(FLOWS))
+def test_default_hyperparameters_logdet(name: str) -> None:
+    """The defaults themselves (FFJORD at atol = rtol = 1e-5) agree with the Jacobian."""
+    flow = build(name, default=True).eval()
+    z0, h = inputs()
+    _, logdet = flow(z0, h)
+    torch.testing.assert_close(logdet, jacobian_logdet(flow, z0, h), rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", list(FLOWS))
+def test_gradients_reach_every_parameter_and_context(name: str) -> None:
+    flow = build(name).train()
+    z0, h = inputs()
+    h.requires_grad_(True)
+    z0.requires_grad_(True)
+    zK, logdet = flow(z0, h)
+    weights = torch.linspace(-1.0, 1.0, DIM, dtype=torch.float64)
+    ((zK * weights).sum() + (zK**2).sum() + logdet.sum()).backward()
+    assert z0.grad is not None and z0.grad.abs().sum() > 0
+    if name == "none":
+        assert h.grad is None or h.grad.abs().sum() == 0
+        return
+    assert h.grad is not None and h.grad.abs().sum() > 0
+    for pname, p in flow.named_parameters():
+        assert p.grad is not None, f"{pname} got no gradient"
+        assert p.grad.abs().sum() > 0, f"{pname} got a zero gradient"
+
+
+@pytest.mark.parametrize("name", list(FLOWS))
+def test_state_dict_round_trip(name: str) -> None:
+    flow = build(name).eval()
+    z0, h = inputs()
+    zK, logdet = flow(z0, h)
+    torch.manual_seed(123)  # a different initialization
+    other = FLOWS[name](dim=DIM, context_dim=CONTEXT, **SMALL.get(name, {})).double().eval()
+    other.load_state_dict(flow.state_dict())
+    zK2, logdet2 = other(z0, h)
+    torch.testing.assert_close(zK2, zK, rtol=0, atol=0)
+    torch.testing.assert_close(logdet2, logdet, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", [n for n in FLOWS if FLOWS[n].has_inverse])
+def test_inverse(name: str) -> None:
+    flow = build(name).eval()
+    z0, h = inputs()
+    zK, logdet = flow(z0, h)
+    z0_back, logdet_back = flow.inverse(zK, h)
+    torch.testing.assert_close(z0_back, z0, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(logdet_back, logdet, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", [n for n in FLOWS if not FLOWS[n].has_inverse])
+def test_no_inverse_raises(name: str) -> None:
+    flow = build(name)
+    z0, h = inputs()
+    with pytest.raises(NotImplementedError, match="no inverse"):
+        flow.inverse(z0, h)
+
+
+@pytest.mark.parametrize("name", list(FLOWS))
+def test_wrong_shapes_are_refused(name: str) -> None:
+    flow = build(name)
+    z0, h = inputs()
+    with pytest.raises(ValueError, match=r"expects z of shape \[B, 4\]"):
+        flow(z0[:, :3], h)
+    with pytest.raises(ValueError, match="context h"):
+        flow(z0, h[:, :2])
+    with pytest.raises(ValueError, match="context h"):
+        flow(z0, h[:3])
+
+
+def test_sequential_composes() -> None:
+    a, b = build("planar", num_steps=2), build("iaf", num_steps=2)
+    seq = Sequential(a, b).eval()
+    z0, h = inputs()
+    z1, l1 = a(z0, h)
+    z2, l2 = b(z1, h)
+    zK, logdet = seq(z0, h)
+    torch.testing.assert_close(zK, z2)
+    torch.testing.assert_close(logdet, l1 + l2)
+    assert not seq.has_inverse
+    torch.testing.assert_close(logdet, jacobian_logdet(seq, z0, h))
+
+
+def test_make_flow_errors_name_the_valid_choices() -> None:
+    with pytest.raises(ValueError, match="valid flows are none, planar, iaf"):
+        make_flow("realnvp", 4, 3)
+    with pytest.raises(ValueError, match="valid ones are num_steps"):
+        make_flow("planar", 4, 3, steps=3)
+    flow = make_flow("planar", 4, 3, num_steps=3)
+    assert flow.num_steps == 3
+    with pytest.raises(ValueError, match="num_steps must be a positive integer"):
+        make_flow("planar", 4, 3, num_steps=0)
+
+
+def test_planar_steps_stay_invertible() -> None:
+    """The u-reparametrization keeps 1 + psi^T u_hat > 0 even for adversarial heads."""
+    flow = build("planar")
+    with torch.no_grad():
+        flow.head.linear.weight.mul_(50.0)
+        flow.head.linear.bias.mul_(50.0)
+    z0, h = inputs(64)
+    _, logdet = flow(z0, h)
+    assert torch.isfinite(logdet).all()
+
+
+def test_orthogonal_sylvester_q_is_orthonormal() -> None:
+    flow = build("orthogonal")
+    _, h = inputs()
+    q = flow._q(flow.head(h))  # [B, K, D, M]
+    eye = torch.eye(q.shape[-1], dtype=q.dtype)
+    torch.testing.assert_close(q.transpose(-1, -2) @ q, eye.expand_as(q.transpose(-1, -2) @ q))
+
+
+def test_householder_q_is_orthogonal() -> None:
+    flow = build("householder")
+    _, h = inputs()
+    q = flow._q(flow.head(h))
+    eye = torch.eye(DIM, dtype=q.dtype)
+    torch.testing.assert_close(q.transpose(-1, -2) @ q, eye.expand_as(q))
