@@ -24,28 +24,34 @@ FLOWS: dict[str, type[Flow]] = {
 }
 
 
-def make_flow(name: str, dim: int, context_dim: int, **hyperparameters: object) -> Flow:
-    """Build the flow registered as ``name``; an unknown name or hyperparameter raises a
-    ``ValueError`` that lists the valid ones."""
+def check_hyperparameters(name: str, hyperparameters: dict[str, object]) -> None:
+    """Raise a ``ValueError`` for an unknown flow ``name`` or a hyperparameter that its
+    constructor does not take, listing the valid ones (builds nothing)."""
     import inspect
 
     if name not in FLOWS:
         raise ValueError(f"unknown flow {name!r}; valid flows are {', '.join(FLOWS)}")
-    cls = FLOWS[name]
     fixed = ("self", "dim", "context_dim")
-    valid = [p for p in inspect.signature(cls.__init__).parameters if p not in fixed]
+    valid = [p for p in inspect.signature(FLOWS[name].__init__).parameters if p not in fixed]
     unknown = sorted(set(hyperparameters) - set(valid))
     if unknown:
         raise ValueError(
             f"unknown hyperparameter(s) {', '.join(map(repr, unknown))} for flow {name!r}; "
             f"valid ones are {', '.join(valid) or '(none)'}"
         )
-    return cls(dim, context_dim, **hyperparameters)
+
+
+def make_flow(name: str, dim: int, context_dim: int, **hyperparameters: object) -> Flow:
+    """Build the flow registered as ``name``; an unknown name or hyperparameter raises a
+    ``ValueError`` that lists the valid ones."""
+    check_hyperparameters(name, hyperparameters)
+    return FLOWS[name](dim, context_dim, **hyperparameters)
 
 
 __all__ = [
     "FLOWS",
     "make_flow",
+    "check_hyperparameters",
     "Flow",
     "Identity",
     "Sequential",

@@ -1,0 +1,38 @@
+"""Shared fixtures: tiny data sets written by the tests themselves (never downloaded)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+# Tiny tensors run fastest on one thread, and a machine shared with other jobs does not then
+# thrash OpenMP's spinning workers.
+torch.set_num_threads(1)
+
+TINY_SPLITS = (200, 50, 50)
+
+
+def write_structured_mnist(directory: Path, sizes: tuple[int, int, int] = TINY_SPLITS) -> Path:
+    """A learnable ``binarized_mnist.npz``: four random 28x28 binary prototypes with 5% of the
+    pixels flipped, in the packed-bits layout of shared/data."""
+    rng = np.random.default_rng(0)
+    prototypes = rng.random((4, 784)) < 0.3
+    arrays = {}
+    for split, n in zip(("train", "valid", "test"), sizes, strict=True):
+        bits = prototypes[rng.integers(0, 4, n)] ^ (rng.random((n, 784)) < 0.05)
+        arrays[f"x_{split}"] = np.packbits(bits.astype(np.uint8), axis=1)
+        arrays[f"shape_{split}"] = np.array(bits.shape, dtype=np.int64)
+    path = directory / "binarized_mnist.npz"
+    np.savez_compressed(path, **arrays)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A data directory holding the structured tiny static MNIST (splits ``TINY_SPLITS``)."""
+    directory = tmp_path_factory.mktemp("data")
+    write_structured_mnist(directory)
+    return directory

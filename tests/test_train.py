@@ -1,0 +1,261 @@
+"""The training loop: learning, exact resume after a crash or a signal, NaN handling, configs."""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import TINY_SPLITS
+
+import vaeflow.train as train_mod
+from vaeflow.ode import SolverError
+from vaeflow.train import TrainConfig, TrainingError, beta_at, evaluate_run, train
+
+
+def tiny_config(data_dir: Path, flow: str = "planar", **overrides: Any) -> TrainConfig:
+    """A seconds-long run on the structured tiny set: MLP nets, D = 4, H = 8, batch 20."""
+    flow_kwargs: dict[str, Any] = {
+        "planar": {"num_steps": 2},
+        "ffjord": {"hidden_dims": [16], "rank": 2, "atol": 1e-4, "rtol": 1e-4},
+        "none": {},
+    }[flow]
+    values: dict[str, Any] = dict(
+        dataset="static_mnist",
+        flow=flow,
+        flow_kwargs=flow_kwargs,
+        arch="mlp",
+        latent_dim=4,
+        context_dim=8,
+        net_kwargs={"hidden_sizes": [32]},
+        lr=3e-3,
+        batch_size=20,
+        warmup_epochs=2,
+        max_epochs=3,
+        early_stopping_epochs=50,
+        data_dir=str(data_dir),
+        split_sizes=list(TINY_SPLITS),
+        device="cpu",
+        eval_points=20,
+        is_samples=4,
+        is_points=5,
+        log_every=3,
+        image_every=2,
+    )
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def params(run_dir: Path, name: str = "checkpoint.pt") -> dict[str, torch.Tensor]:
+    state = torch.load(run_dir / name, weights_only=True)
+    return state["model"] if "model" in state else state
+
+
+def assert_same_params(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.parametrize("flow", ["none", "planar", "ffjord"])
+def test_training_lowers_the_loss(tiny_data_dir: Path, tmp_path: Path, flow: str) -> None:
+    epochs = 20 if flow == "ffjord" else 30
+    config = tiny_config(
+        tiny_data_dir, flow, max_epochs=epochs, warmup_epochs=0, is_samples=0, image_every=0,
+        log_every=10,
+    )
+    if flow == "ffjord":
+        config.flow_kwargs.update(atol=1e-3, rtol=1e-3)
+    results = train(config, tmp_path / "run", progress=False)
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    history = ckpt["progress"]["history"]
+    assert len(history) == epochs and results["steps"] == 10 * epochs
+    first, last = history[0]["train_nelbo"], history[-1]["train_nelbo"]
+    assert last < 0.8 * first, (first, last)
+    assert history[-1]["valid_nelbo"] < 0.8 * history[0]["valid_nelbo"]
+    assert math.isfinite(results["test_nelbo"]) and results["test_nelbo"] < 0.8 * first
+    if flow != "none":
+        assert abs(history[-1]["train_logdet"]) > 1e-3  # the flow is in use
+
+
+def test_run_directory_contents(tiny_data_dir: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    results = train(tiny_config(tiny_data_dir, "ffjord"), run, progress=False)
+    names = {p.name for p in run.iterdir()}
+    assert {"config.json", "checkpoint.pt", "best.pt", "results.json", "timing.json"} <= names
+    assert any(n.startswith("events.out.tfevents") for n in names)
+    assert json.loads((run / "results.json").read_text()) == results
+    assert TrainConfig.from_dict(json.loads((run / "config.json").read_text())).flow == "ffjord"
+    for key in ("test_nelbo", "test_nll_is", "best_epoch", "stop_reason", "solver"):
+        assert key in results
+    assert results["test_nll_is"] <= results["test_nelbo"] + 5.0  # IS is the tighter bound
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run), size_guidance={"images": 0}).Reload()
+    tags = set(events.Tags()["scalars"])
+    for tag in ("train/loss", "train/recon", "train/kl", "train/logdet", "train/beta",
+                "train/grad_norm", "train/lr", "train/sec_per_iter", "train/nfe_forward",
+                "valid/nelbo", "test/nelbo"):
+        assert tag in tags, tag
+    assert {"samples", "reconstructions"} <= set(events.Tags()["images"])
+    # the warm-up: beta of epoch 1 is 1/2, then 1
+    betas = [e.value for e in events.Scalars("train/beta")]
+    assert betas[0] == 0.5 and betas[-1] == 1.0
+
+    again = evaluate_run(run)
+    assert again["test_nelbo"] == pytest.approx(results["test_nelbo"], rel=1e-6)
+
+
+class Crash(BaseException):
+    """Stands in for SIGKILL: nothing after it runs, no handler saves anything."""
+
+
+def crash_at(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
+    real = train_mod.train_step
+    count = {"n": 0}
+
+    def step_or_crash(*args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        count["n"] += 1
+        if count["n"] == step:
+            raise Crash
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "train_step", step_or_crash)
+
+
+@pytest.mark.parametrize(("flow", "crash_step", "every"), [("ffjord", 14, 4), ("planar", 23, 0)])
+def test_resume_after_a_crash_is_bit_identical(
+    tiny_data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flow: str,
+    crash_step: int, every: int,
+) -> None:
+    config = tiny_config(tiny_data_dir, flow, checkpoint_every=every)
+    reference = train(config, tmp_path / "a", progress=False)
+
+    crash_at(monkeypatch, crash_step)  # mid-epoch (10 steps per epoch)
+    with pytest.raises(Crash):
+        train(config, tmp_path / "b", progress=False)
+    monkeypatch.undo()
+    saved = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["progress"]["step"]
+    assert saved == (12 if every else 20)  # the last mid-epoch or epoch-end checkpoint
+    resumed = train(resume=tmp_path / "b", progress=False)
+
+    assert resumed == reference
+    assert_same_params(params(tmp_path / "a"), params(tmp_path / "b"))
+    assert_same_params(params(tmp_path / "a", "best.pt"), params(tmp_path / "b", "best.pt"))
+
+
+def test_sigterm_writes_a_checkpoint_and_resume_matches(
+    tiny_data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tiny_config(tiny_data_dir, "planar")
+    reference = train(config, tmp_path / "a", progress=False)
+
+    real = train_mod.train_step
+    count = {"n": 0}
+
+    def step_then_signal(*args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        count["n"] += 1
+        if count["n"] == 17:
+            signal.raise_signal(signal.SIGTERM)  # delivered to the loop's handler
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "train_step", step_then_signal)
+    with pytest.raises(KeyboardInterrupt, match="SIGTERM received.*step 17.*--resume"):
+        train(config, tmp_path / "b", progress=False)
+    monkeypatch.undo()
+    ckpt = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
+    assert ckpt["progress"]["step"] == 17 and ckpt["loader"]["next_batch"] == 7
+    assert train(resume=tmp_path / "b", progress=False) == reference
+
+
+def poison_at(monkeypatch: pytest.MonkeyPatch, step: int, error: type | None = None) -> None:
+    """Make step ``step`` (once) return a NaN loss, or raise ``error``."""
+    real = train_mod.train_step
+    count = {"n": 0}
+
+    def poisoned(*args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        count["n"] += 1
+        out = real(*args, **kwargs)
+        if count["n"] == step:
+            if error is not None:
+                raise error("step size underflow (simulated)")
+            out["loss"] = torch.tensor(float("nan"))
+        return out
+
+    monkeypatch.setattr(train_mod, "train_step", poisoned)
+
+
+@pytest.mark.parametrize("error", [None, SolverError])
+def test_nan_or_solver_failure_stops_and_keeps_the_last_checkpoint(
+    tiny_data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: type | None
+) -> None:
+    poison_at(monkeypatch, 15, error)
+    run = tmp_path / "run"
+    what = "became \\[.*nan" if error is None else "underflow"
+    with pytest.raises(TrainingError, match=f"(?s){what}.*last good checkpoint \\(step 10\\)"):
+        train(tiny_config(tiny_data_dir, "planar"), run, progress=False)
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert ckpt["progress"]["step"] == 10
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    assert not (run / "results.json").exists()
+    # and the run can go on from there
+    results = train(resume=run, progress=False)
+    assert math.isfinite(results["test_nelbo"])
+
+
+def test_nan_retry_tightens_ffjord_tolerances(
+    tiny_data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    poison_at(monkeypatch, 15)
+    config = tiny_config(tiny_data_dir, "ffjord", nan_retries=1, max_epochs=2)
+    results = train(config, tmp_path / "run", progress=False)
+    assert results["solver"] == [{"atol": 1e-5, "rtol": 1e-5, "method": "dopri5"}]
+    assert results["steps"] == 20
+
+
+def test_max_steps_makes_a_smoke_run(tiny_data_dir: Path, tmp_path: Path) -> None:
+    config = tiny_config(tiny_data_dir, "ffjord", max_steps=5, eval_points=None)
+    results = train(config, tmp_path / "run", progress=False)
+    assert results["steps"] == 5 and "max_steps" in results["stop_reason"]
+    assert results["test_points"] == 50  # the whole (tiny) test set: smoke eval caps at 500
+
+
+def test_early_stopping(tiny_data_dir: Path, tmp_path: Path) -> None:
+    config = tiny_config(
+        tiny_data_dir, "none", lr=1e-9, warmup_epochs=0, early_stopping_epochs=2, max_epochs=50
+    )
+    results = train(config, tmp_path / "run", progress=False)
+    assert results["stop_reason"].startswith("early stopping")
+    assert results["epochs"] < 50
+
+
+def test_existing_run_is_not_overwritten(tiny_data_dir: Path, tmp_path: Path) -> None:
+    config = tiny_config(tiny_data_dir, "none", max_steps=2)
+    train(config, tmp_path / "run", progress=False)
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(config, tmp_path / "run", progress=False)
+
+
+def test_config_errors_name_the_valid_values() -> None:
+    with pytest.raises(ValueError, match="unknown config key.*'bogus'.*valid keys are.*lr"):
+        TrainConfig.from_dict({"bogus": 1})
+    with pytest.raises(ValueError, match="valid flows are none, planar"):
+        TrainConfig(flow="realnvp")
+    with pytest.raises(ValueError, match="unknown hyperparameter.*'width'.*hidden_dims"):
+        TrainConfig(flow="ffjord", flow_kwargs={"width": 3})
+    with pytest.raises(ValueError, match="valid values are adamax, adam"):
+        TrainConfig(optimizer="sgd")
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        TrainConfig(batch_size=0)
+    with pytest.raises(ValueError, match="invalid device"):
+        train_mod.resolve_device("gpu7")
+
+
+def test_beta_warmup() -> None:
+    assert [beta_at(e, 4) for e in (1, 2, 4, 9)] == [0.25, 0.5, 1.0, 1.0]
+    assert beta_at(1, 0) == 1.0

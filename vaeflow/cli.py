@@ -1,0 +1,315 @@
+"""The ``vaeflow`` command: ``train``, ``eval``, ``flows``, ``bench``.
+
+    vaeflow train --dataset static_mnist --flow ffjord                 # the paper's protocol
+    vaeflow train --dataset static_mnist --flow ffjord --max-steps 50 --out runs/smoke
+    vaeflow train --resume runs/smoke                                  # continue a killed run
+    vaeflow eval runs/smoke                                            # test NELBO and IS LL
+    vaeflow flows                                                      # flows and their options
+
+The settings of a run come, lowest priority first, from :class:`vaeflow.train.TrainConfig`'s
+defaults, the data set's file in ``experiments/configs/`` (its ``[train]`` table and the
+``[flows.<flow>]`` table), ``--config FILE``, and the command line (named options, then
+``--set KEY=VALUE`` for any config key and ``--flow-opt KEY=VALUE`` for any flow
+hyperparameter; VALUE is read as TOML: ``--flow-opt hidden_dims=[64,64]``, ``adjoint=true``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from vaeflow.data import DATASETS, DataNotFoundError
+from vaeflow.flows import FLOWS
+from vaeflow.nets import ARCHITECTURES
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+__all__ = ["main", "resolve_config", "find_config_dir"]
+
+CONFIG_ENV = "VAEFLOW_CONFIGS"
+
+
+class CLIError(ValueError):
+    """Bad command-line input (exit status 2)."""
+
+
+def find_config_dir() -> Path | None:
+    """The folder of per-data-set TOML configs: ``$VAEFLOW_CONFIGS``, else the repository's
+    ``experiments/configs`` (next to the installed package or in the working directory)."""
+    env = os.environ.get(CONFIG_ENV)
+    if env:
+        return Path(env)
+    for base in (Path(__file__).resolve().parents[1], Path.cwd()):
+        candidate = base / "experiments" / "configs"
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError as err:
+        raise CLIError(f"config file {path} does not exist") from err
+    except tomllib.TOMLDecodeError as err:
+        raise CLIError(f"config file {path} is not valid TOML: {err}") from err
+
+
+def _merge_file(values: dict[str, Any], table: dict[str, Any], flow: str, source: str) -> None:
+    unknown = sorted(set(table) - {"train", "flows"})
+    if unknown:
+        raise CLIError(f"{source}: unknown table(s) {unknown}; valid tables are [train], [flows.*]")
+    values.update(table.get("train", {}))
+    flow_table = table.get("flows", {}).get(flow)
+    if flow_table is not None:
+        values["flow_kwargs"] = {**values.get("flow_kwargs", {}), **flow_table}
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value read as TOML (numbers, booleans, lists, quoted strings); anything
+    that is not TOML is taken as a bare string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _pairs(items: Sequence[str] | None, option: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise CLIError(f"{option} takes KEY=VALUE, got {item!r}")
+        out[key.strip()] = parse_value(value.strip())
+    return out
+
+
+# named options of `train`: argparse dest -> config key
+_NAMED = {
+    "arch": "arch",
+    "device": "device",
+    "seed": "seed",
+    "max_epochs": "max_epochs",
+    "max_steps": "max_steps",
+    "data_dir": "data_dir",
+    "lr": "lr",
+    "batch_size": "batch_size",
+    "warmup_epochs": "warmup_epochs",
+    "early_stopping_epochs": "early_stopping_epochs",
+}
+
+
+def resolve_config(args: argparse.Namespace) -> Any:
+    """The :class:`TrainConfig` of ``vaeflow train`` arguments (see the module docstring)."""
+    from vaeflow.train import TrainConfig
+
+    values: dict[str, Any] = {"dataset": args.dataset, "flow": args.flow}
+    config_dir = find_config_dir()
+    if not args.no_dataset_config and config_dir is not None:
+        path = config_dir / f"{args.dataset}.toml"
+        if path.is_file():
+            _merge_file(values, _read_toml(path), args.flow, str(path))
+    if args.config:
+        _merge_file(values, _read_toml(Path(args.config)), args.flow, args.config)
+    values["dataset"], values["flow"] = args.dataset, args.flow
+    for dest, key in _NAMED.items():
+        value = getattr(args, dest)
+        if value is not None:
+            values[key] = value
+    values.update(_pairs(args.set, "--set"))
+    flow_opts = _pairs(args.flow_opt, "--flow-opt")
+    if flow_opts:
+        values["flow_kwargs"] = {**values.get("flow_kwargs", {}), **flow_opts}
+    for key in ("flow_kwargs", "net_kwargs"):
+        if key in values and not isinstance(values[key], dict):
+            raise CLIError(f"{key} must be a table, got {values[key]!r}")
+    return TrainConfig.from_dict(values)
+
+
+def _default_out(dataset: str, flow: str) -> Path:
+    return Path("runs") / f"{dataset}-{flow}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from vaeflow.train import train
+
+    if args.resume:
+        if args.dataset or args.flow or args.config or args.set or args.flow_opt:
+            raise CLIError(
+                "--resume continues a run with its saved config; drop --dataset/--flow/"
+                "--config/--set/--flow-opt (start a new run with --out to change them)"
+            )
+        results = train(resume=args.resume, progress=not args.quiet)
+        run_dir = Path(args.resume)
+    else:
+        missing = [name for name in ("dataset", "flow") if getattr(args, name) is None]
+        if missing:
+            raise CLIError(
+                f"train needs --{' and --'.join(missing)} (or --resume RUN_DIR); data sets: "
+                f"{', '.join(DATASETS)}; flows: {', '.join(FLOWS)}"
+            )
+        config = resolve_config(args)
+        if args.print_config:
+            print(json.dumps(config.to_dict(), indent=2, sort_keys=True))
+            return 0
+        run_dir = Path(args.out) if args.out else _default_out(args.dataset, args.flow)
+        print(f"run directory: {run_dir}", file=sys.stderr)
+        results = train(config, run_dir, progress=not args.quiet, overwrite=args.overwrite)
+    _print_results(results)
+    print(f"results written to {run_dir / 'results.json'}", file=sys.stderr)
+    return 0
+
+
+def _print_results(results: dict[str, Any]) -> None:
+    unit = results.get("unit", "nats")
+    if unit == "bits/dim":
+        print(f"test NELBO: {results['test_nelbo_bpd']:.4f} bits/dim "
+              f"({results['test_nelbo']:.2f} nats)")
+    else:
+        print(f"test NELBO: {results['test_nelbo']:.2f} nats")
+    if "test_nll_is" in results:
+        value = results["test_nll_is_bpd"] if unit == "bits/dim" else results["test_nll_is"]
+        print(
+            f"test NLL (importance sampling, {results['is_samples']} samples, "
+            f"{results['is_points']} points): {value:.4f} {unit}"
+        )
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from vaeflow.train import evaluate_run
+
+    results = evaluate_run(
+        args.run_dir,
+        device=args.device,
+        eval_points=args.eval_points,
+        is_samples=args.is_samples,
+        is_points=args.is_points,
+        data_dir=args.data_dir,
+        checkpoint=args.checkpoint,
+    )
+    if args.json:
+        print(json.dumps(results, indent=2, sort_keys=True))
+    else:
+        print(f"{results['dataset']} / {results['flow']} ({args.checkpoint} model, "
+              f"{results['test_points']} test points)")
+        _print_results(results)
+    return 0
+
+
+def cmd_flows(args: argparse.Namespace) -> int:
+    for name, cls in FLOWS.items():
+        params = [
+            p
+            for p in inspect.signature(cls.__init__).parameters.values()
+            if p.name not in ("self", "dim", "context_dim")
+        ]
+        opts = ", ".join(f"{p.name}={p.default!r}" for p in params) or "(no options)"
+        print(f"{name:12s} {cls.__name__}: {opts}")
+    return 0
+
+
+def cmd_bench(argv: Sequence[str]) -> int:
+    try:
+        from vaeflow import bench
+    except ImportError as err:  # pragma: no cover
+        raise CLIError(f"the benchmark is not available: {err}") from err
+    return int(bench.main(list(argv)) or 0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vaeflow",
+        description="VAEs with normalizing-flow posteriors (FFJORD, planar, IAF, Sylvester).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser(
+        "train",
+        help="train a VAE (or --resume one)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    t.add_argument("--dataset", choices=list(DATASETS), help="data set")
+    t.add_argument("--flow", choices=list(FLOWS), help="posterior flow")
+    t.add_argument("--out", help="run directory (default runs/DATASET-FLOW-TIME)")
+    t.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its checkpoint")
+    t.add_argument("--config", help="a TOML file with [train] and [flows.NAME] tables")
+    t.add_argument("--no-dataset-config", action="store_true",
+                   help="ignore experiments/configs/DATASET.toml")
+    t.add_argument("--arch", choices=ARCHITECTURES, help="encoder/decoder architecture")
+    t.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
+    t.add_argument("--seed", type=int)
+    t.add_argument("--max-epochs", type=int)
+    t.add_argument("--max-steps", type=int, help="stop after this many steps (smoke runs)")
+    t.add_argument("--data-dir", help="data directory (default $VAEFLOW_DATA or a user cache)")
+    t.add_argument("--lr", type=float)
+    t.add_argument("--batch-size", type=int)
+    t.add_argument("--warmup-epochs", type=int)
+    t.add_argument("--early-stopping-epochs", type=int)
+    t.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="any TrainConfig key (repeatable), e.g. --set max_grad_norm=100")
+    t.add_argument("--flow-opt", action="append", metavar="KEY=VALUE",
+                   help="a flow hyperparameter (repeatable), e.g. --flow-opt adjoint=true")
+    t.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an --out that already holds a run")
+    t.add_argument("--print-config", action="store_true",
+                   help="print the resolved config and exit")
+    t.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="evaluate a run's best model on the test set")
+    e.add_argument("run_dir")
+    e.add_argument("--device")
+    e.add_argument("--data-dir")
+    e.add_argument("--eval-points", type=int, help="test points for the NELBO (default all)")
+    e.add_argument("--is-samples", type=int, help="importance samples (0: skip)")
+    e.add_argument("--is-points", type=int, help="test points for the IS estimate")
+    e.add_argument("--checkpoint", choices=("best", "last"), default="best")
+    e.add_argument("--json", action="store_true", help="print all figures as JSON")
+    e.set_defaults(func=cmd_eval)
+
+    f = sub.add_parser("flows", help="list the flows and their hyperparameters")
+    f.set_defaults(func=cmd_flows)
+
+    sub.add_parser("bench", help="time training iterations per flow (see vaeflow bench -h)",
+                   add_help=False)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``vaeflow`` console script; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    from vaeflow.train import TrainingError
+
+    try:
+        if argv and argv[0] == "bench":
+            return cmd_bench(argv[1:])
+        args = build_parser().parse_args(argv)
+        return int(args.func(args))
+    except (CLIError, ValueError, FileExistsError) as err:
+        print(f"vaeflow: error: {err}", file=sys.stderr)
+        return 2
+    except (DataNotFoundError, FileNotFoundError) as err:
+        print(f"vaeflow: error: {err}", file=sys.stderr)
+        return 2
+    except TrainingError as err:
+        print(f"vaeflow: training stopped: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as err:
+        print(f"\nvaeflow: interrupted. {err}", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
