@@ -189,6 +189,11 @@ class TrainConfig:
         if not isinstance(self.flow_kwargs, dict) or not isinstance(self.net_kwargs, dict):
             raise ValueError("flow_kwargs and net_kwargs must be tables (dicts)")
         check_hyperparameters(self.flow, self.flow_kwargs)
+        # Building the flow checks every hyperparameter's value (solver, options, sizes) before
+        # any data is loaded; FFJORD is built on the meta device to skip allocating its heads.
+        device = "meta" if self.flow == "ffjord" else "cpu"
+        with torch.device(device):
+            make_flow(self.flow, self.latent_dim, self.context_dim, **self.flow_kwargs)
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:
@@ -212,14 +217,17 @@ def resolve_device(name: str) -> torch.device:
 
 def build_model(config: TrainConfig, data: Dataset) -> VAE:
     """The VAE of ``config`` for ``data``'s image shape and likelihood (on the CPU)."""
-    encoder, decoder = make_networks(
-        config.arch,
-        data.input_shape,
-        latent_dim=config.latent_dim,
-        context_dim=config.context_dim,
-        likelihood=data.likelihood,
-        **config.net_kwargs,
-    )
+    try:
+        encoder, decoder = make_networks(
+            config.arch,
+            data.input_shape,
+            latent_dim=config.latent_dim,
+            context_dim=config.context_dim,
+            likelihood=data.likelihood,
+            **config.net_kwargs,
+        )
+    except TypeError as err:  # an option the architecture does not take: bad input
+        raise ValueError(f"net_kwargs: {err}") from err
     flow = make_flow(config.flow, config.latent_dim, config.context_dim, **config.flow_kwargs)
     return VAE(encoder, decoder, data.likelihood, flow)
 

@@ -1,0 +1,199 @@
+"""The ``vaeflow`` command end to end on tiny data sets (in-process, and one real SIGKILL)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY_SPLITS
+from test_data import SIZES, write_tiny
+
+from vaeflow.cli import main, parse_value
+from vaeflow.flows import FLOWS
+
+SMALL = [
+    "--set", "latent_dim=4",
+    "--set", "context_dim=8",
+    "--set", "is_samples=3",
+    "--set", "is_points=4",
+    "--set", "log_every=2",
+    "--quiet",
+]
+SMALL_FLOW = {
+    "ffjord": ["--flow-opt", "hidden_dims=[8]", "--flow-opt", "rank=2", "--flow-opt",
+               "num_blocks=1", "--flow-opt", "atol=1e-4", "--flow-opt", "rtol=1e-4"],
+    "iaf": ["--flow-opt", "hidden_dim=16", "--flow-opt", "num_steps=2"],
+    "orthogonal": ["--flow-opt", "num_steps=2", "--flow-opt", "num_ortho_vecs=3"],
+}
+
+
+def tiny_args(
+    data_dir: Path, dataset: str = "static_mnist", sizes: tuple = TINY_SPLITS, arch: str = "mlp"
+) -> list:
+    nets = ["--set", "net_kwargs={hidden_sizes=[16]}"] if arch == "mlp" else []
+    return [
+        "--dataset", dataset,
+        "--data-dir", str(data_dir),
+        "--set", f"split_sizes={list(sizes)}",
+        *SMALL,
+        "--arch", arch,
+        *nets,
+    ]
+
+
+@pytest.mark.parametrize("flow", list(FLOWS))
+def test_train_and_eval_every_flow(
+    tiny_data_dir: Path, tmp_path: Path, flow: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run"
+    args = ["train", *tiny_args(tiny_data_dir), "--flow", flow, *SMALL_FLOW.get(flow, [])]
+    assert main([*args, "--max-steps", "4", "--batch-size", "20", "--out", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "test NELBO:" in out and "importance sampling" in out
+    results = json.loads((run / "results.json").read_text())
+    assert results["flow"] == flow and results["steps"] == 4
+    assert (run / "checkpoint.pt").is_file() and any(run.glob("events.out.tfevents*"))
+    assert main(["eval", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert f"static_mnist / {flow}" in out and f"{results['test_nelbo']:.2f} nats" in out
+
+
+@pytest.mark.parametrize(("dataset", "arch"), [("mnist", "mlp"), ("freyfaces", "gatedconv"),
+                                               ("caltech", "mlp")])
+def test_other_data_sets(tmp_path: Path, dataset: str, arch: str) -> None:
+    write_tiny(dataset, tmp_path)
+    run = tmp_path / "run"
+    args = ["train", *tiny_args(tmp_path, dataset, SIZES[dataset], arch)]
+    args += ["--flow", "planar", "--batch-size", "3", "--max-epochs", "2", "--out", str(run)]
+    assert main(args) == 0
+    results = json.loads((run / "results.json").read_text())
+    assert results["unit"] == ("bits/dim" if dataset == "freyfaces" else "nats")
+    assert results["epochs"] == 2
+
+
+def test_dataset_config_and_overrides(tiny_data_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    args = ["train", "--dataset", "static_mnist", "--flow", "ffjord", "--print-config"]
+    assert main([*args, "--lr", "0.001", "--flow-opt", "adjoint=true"]) == 0
+    config = json.loads(capsys.readouterr().out)
+    # from experiments/configs/static_mnist.toml: the FFJORD paper's MNIST model
+    assert config["flow_kwargs"]["hidden_dims"] == [1024, 1024]
+    assert config["flow_kwargs"]["rank"] == 64 and config["flow_kwargs"]["num_blocks"] == 2
+    assert config["flow_kwargs"]["adjoint"] is True
+    assert config["lr"] == 0.001 and config["batch_size"] == 100
+    assert config["warmup_epochs"] == 100 and config["early_stopping_epochs"] == 100
+    assert main(["train", "--dataset", "caltech", "--flow", "ffjord", "--print-config"]) == 0
+    config = json.loads(capsys.readouterr().out)
+    assert config["flow_kwargs"]["hidden_dims"] == [2048]
+    assert config["flow_kwargs"]["nonlinearity"] == "tanh"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["train", "--dataset", "static_mnist", "--flow", "ffjord", "--flow-opt", "width=3"],
+         "unknown hyperparameter.*'width'.*valid ones are dynamics, hidden_dims"),
+        (["train", "--dataset", "static_mnist", "--flow", "ffjord", "--set", "nope=1"],
+         "unknown config key.*'nope'.*valid keys are"),
+        (["train", "--dataset", "static_mnist", "--flow", "ffjord", "--flow-opt", "method=rk5"],
+         "valid methods are"),
+        (["train", "--flow", "ffjord"], "train needs --dataset"),
+        (["train", "--dataset", "static_mnist", "--flow", "ffjord", "--set", "lr"],
+         "--set takes KEY=VALUE"),
+        (["eval", "/nonexistent/run"], "not a vaeflow run directory"),
+    ],
+)
+def test_bad_input_is_a_clear_error(
+    args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main([*args, "--print-config"] if args[0] == "train" else args) == 2
+    err = capsys.readouterr().err
+    assert "vaeflow: error:" in err
+    import re
+
+    assert re.search(message, err), err
+
+
+def test_unknown_choice_names_the_valid_ones(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--dataset", "static_mnist", "--flow", "realnvp"])
+    assert exc.value.code == 2
+    assert "choose from 'none', 'planar', 'iaf'" in capsys.readouterr().err
+
+
+def test_missing_data_offline_says_where(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    args = ["train", "--dataset", "caltech", "--flow", "none", "--data-dir", str(tmp_path / "x")]
+    from vaeflow import data
+
+    def offline(url: str, dest: Path) -> None:
+        raise OSError("network is unreachable (test)")
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(data, "_fetch", offline)
+    try:
+        assert main([*args, "--out", str(tmp_path / "run"), "--quiet"]) == 2
+    finally:
+        mp.undo()
+    err = capsys.readouterr().err
+    assert "caltech101_silhouettes.npz" in err and str(tmp_path / "x") in err
+
+
+def test_parse_value() -> None:
+    assert parse_value("3") == 3 and parse_value("1e-4") == 1e-4
+    assert parse_value("true") is True and parse_value("[64, 64]") == [64, 64]
+    assert parse_value("rk4") == "rk4" and parse_value('"x"') == "x"
+
+
+def test_sigkill_mid_epoch_then_resume_gives_the_same_results(
+    tiny_data_dir: Path, tmp_path: Path
+) -> None:
+    """A real ``kill -9`` of ``vaeflow train`` while it is inside an epoch."""
+    common = [*tiny_args(tiny_data_dir), "--flow", "planar", "--batch-size", "20",
+              "--max-epochs", "4", "--set", "checkpoint_every=3", "--set", "image_every=0"]
+    assert main(["train", *common, "--out", str(tmp_path / "a")]) == 0
+    reference = json.loads((tmp_path / "a" / "results.json").read_text())
+
+    run = tmp_path / "b"
+    # the child sleeps a little per step so that the kill lands mid-run
+    code = (
+        "import sys, time, vaeflow.train as t\n"
+        "real = t.train_step\n"
+        "def slow(*a, **k):\n"
+        "    time.sleep(0.05)\n"
+        "    return real(*a, **k)\n"
+        "t.train_step = slow\n"
+        "from vaeflow.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    child = subprocess.Popen(
+        [sys.executable, "-c", code, "train", *common, "--out", str(run)], env=env
+    )
+    try:
+        deadline = time.time() + 120
+        step = 0
+        while time.time() < deadline and child.poll() is None:
+            time.sleep(0.05)
+            try:
+                ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+            except Exception:  # not written yet, or being replaced
+                continue
+            step = ckpt["progress"]["step"]
+            if step >= 13:  # inside epoch 2
+                break
+        assert child.poll() is None, "the run ended before it could be killed"
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert child.returncode == -signal.SIGKILL
+    assert not (run / "results.json").exists()
+    assert main(["train", "--resume", str(run), "--quiet"]) == 0
+    assert json.loads((run / "results.json").read_text()) == reference
