@@ -225,6 +225,17 @@ def test_max_steps_makes_a_smoke_run(tiny_data_dir: Path, tmp_path: Path) -> Non
     assert results["test_points"] == 50  # the whole (tiny) test set: smoke eval caps at 500
 
 
+def test_time_budget_stops_and_keeps_the_partial_epoch(tiny_data_dir: Path, tmp_path: Path) -> None:
+    config = tiny_config(tiny_data_dir, "planar", max_minutes=1e-6, max_epochs=50)
+    results = train(config, tmp_path / "run", progress=False)
+    assert results["stop_reason"].startswith("time budget")
+    assert results["steps"] == 3  # the first read-back (log_every = 3) notices the budget
+    history = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["progress"]
+    assert history["history"][0]["step"] == 3 and history["best_epoch"] == 1
+    timing = json.loads((tmp_path / "run" / "timing.json").read_text())
+    assert timing["train_seconds"] > 0
+
+
 def test_early_stopping(tiny_data_dir: Path, tmp_path: Path) -> None:
     config = tiny_config(
         tiny_data_dir, "none", lr=1e-9, warmup_epochs=0, early_stopping_epochs=2, max_epochs=50

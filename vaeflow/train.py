@@ -87,7 +87,9 @@ class TrainConfig:
 
     Optimisation: ``optimizer`` ("adamax" or "adam"), ``lr``, ``adam_eps``, ``batch_size``,
     ``warmup_epochs`` (0: beta = 1 from the start), ``max_epochs``, ``early_stopping_epochs``,
-    ``max_steps`` (stop after this many optimizer steps in all: smoke runs), ``max_grad_norm``
+    ``max_steps`` (stop after this many optimizer steps in all: smoke runs), ``max_minutes``
+    (a wall-clock budget for training and validation, summed over resumes; when it runs out
+    inside an epoch the current model is validated and kept if best), ``max_grad_norm``
     (None: no clipping).
 
     Evaluation: ``eval_samples`` posterior samples per test point for the NELBO; ``is_samples``
@@ -119,6 +121,7 @@ class TrainConfig:
     max_epochs: int = 2000
     early_stopping_epochs: int = 100
     max_steps: int | None = None
+    max_minutes: float | None = None
     max_grad_norm: float | None = None
     eval_samples: int = 1
     eval_points: int | None = None
@@ -182,6 +185,8 @@ class TrainConfig:
                 _check_int(name, getattr(self, name), minimum=1)
         if not (isinstance(self.lr, int | float) and self.lr > 0):
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise ValueError(f"max_minutes must be positive or None, got {self.max_minutes!r}")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be positive or None, got {self.max_grad_norm!r}")
         if self.split_sizes is not None and len(self.split_sizes) != 3:
@@ -469,6 +474,7 @@ class _Progress:
     history: list[dict[str, float]] = field(default_factory=list)
     epoch_sums: dict[str, float] = field(default_factory=dict)  # of the epoch under way
     epoch_steps: int = 0
+    seconds: float = 0.0  # wall-clock spent training and validating, over all sessions
     done: bool = False
     stop_reason: str = ""
 
@@ -622,8 +628,10 @@ class _Trainer:
             if flush or ckpt_due or not self.loader.in_epoch:
                 now = time.perf_counter()
                 self._flush(window, nfe, sums, beta, (now - tick) / max(len(window), 1), bar)
+                st.seconds += now - tick
                 tick = now
                 window, nfe = [], []
+            out_of_time = cfg.max_minutes is not None and st.seconds >= 60 * cfg.max_minutes
             if interrupted or ckpt_due:
                 self._fold(sums)
                 self.save()
@@ -634,6 +642,11 @@ class _Trainer:
                 self._fold(sums)
                 self._stop(f"max_steps={cfg.max_steps} reached")
                 self.end_of_training()
+                return
+            if out_of_time and self.loader.in_epoch:
+                self._fold(sums)
+                self._stop(f"time budget of {cfg.max_minutes} minutes used")
+                self.end_of_epoch()  # validates the model of this partial epoch
                 return
         self._fold(sums)
         self.end_of_epoch()
@@ -687,11 +700,13 @@ class _Trainer:
 
     def end_of_epoch(self) -> None:
         cfg, st = self.config, self.state
+        tick = time.perf_counter()
         valid = self.validate()
+        st.seconds += time.perf_counter() - tick
         if not math.isfinite(valid):
             raise _NonFinite(f"the validation NELBO became {valid}")
         train_means = {n: v / max(st.epoch_steps, 1) for n, v in st.epoch_sums.items()}
-        record = {"epoch": st.epoch, "step": st.step, "valid_nelbo": valid}
+        record = {"epoch": st.epoch, "step": st.step, "seconds": st.seconds, "valid_nelbo": valid}
         record.update({f"train_{n}": v for n, v in train_means.items()})
         st.history.append(record)
         self.log_scalars({"nelbo": valid}, st.step, "valid")
@@ -703,10 +718,15 @@ class _Trainer:
             st.bad_epochs += 1
         if cfg.image_every and st.epoch % cfg.image_every == 0:
             self.log_images(st.epoch)
-        if st.bad_epochs >= cfg.early_stopping_epochs > 0:
+        out_of_time = cfg.max_minutes is not None and st.seconds >= 60 * cfg.max_minutes
+        if st.done:  # the time budget ran out inside this epoch
+            pass
+        elif st.bad_epochs >= cfg.early_stopping_epochs > 0:
             self._stop(f"early stopping: no validation improvement for {st.bad_epochs} epochs")
         elif st.epoch >= cfg.max_epochs:
             self._stop(f"max_epochs={cfg.max_epochs} reached")
+        elif out_of_time:
+            self._stop(f"time budget of {cfg.max_minutes} minutes used")
         st.epoch += 1
         st.epoch_sums, st.epoch_steps = {}, 0
         if st.done:
@@ -864,6 +884,7 @@ def train(
     results = json.loads((directory / RESULTS).read_text())
     timing = {
         "wall_seconds_this_session": time.time() - start,
+        "train_seconds": trainer.state.seconds,
         "device": str(trainer.device),
         "device_name": torch.cuda.get_device_name(trainer.device)
         if trainer.device.type == "cuda"
