@@ -1,0 +1,190 @@
+"""Pyro integration: any :class:`vaeflow.flows.Flow` as a Pyro conditional transform.
+
+A guide refines its base posterior with an amortized flow::
+
+    flow_t = ConditionalFlowTransform(FFJORD(dim=D, context_dim=H))
+
+    def guide(x):
+        pyro.module("encoder", encoder)
+        pyro.module("flow", flow_t)                  # registers every parameter of the flow
+        with pyro.plate("data", x.shape[0]):
+            mu, sigma, h = encoder(x)                # [B, D], [B, D], [B, H]
+            q = dist.TransformedDistribution(dist.Normal(mu, sigma), [flow_t.condition(h)])
+            pyro.sample("z", q)                      # zK [B, D]: batch [B], event [D]
+
+Shapes. The transform acts on whole vectors (``domain = codomain = real_vector``, event dim 1),
+so ``TransformedDistribution`` itself reinterprets the last dimension of ``Normal(mu, sigma)`` as
+the event: ``q`` has batch shape ``[B]`` and event shape ``[D]``, as a data plate needs. Writing
+``dist.Normal(mu, sigma).to_event(1)`` as the base gives the same ``q``. Do **not** add
+``.to_event(1)`` *after* the transform inside a data plate: that folds the data dimension into
+the event (batch ``[]``, event ``[B, D]``), which is only right for a model that has no plate
+and scores ``z`` with ``.to_event(2)``.
+
+Scoring. ``Trace_ELBO`` scores the guide at the very tensor that ``pyro.sample`` drew. The
+transform remembers its last forward call (keyed by tensor identity), so ``log_prob`` of that
+value reuses the log-determinant of the forward pass: no inverse is run (FFJORD does no
+reverse-time solve, and flows without an inverse, planar and Sylvester, can be used in a guide).
+Its value is whatever the flow computed: for FFJORD in training mode a Hutchinson estimate (an
+unbiased ELBO estimate), in eval mode the exact trace. Any other value is scored by inverting the
+flow (:meth:`Flow.inverse`); for flows without an inverse that raises ``NotImplementedError``.
+
+Leading sample dimensions (``q.rsample((n,))``, ``Trace_ELBO(num_particles=n,
+vectorize_particles=True)``) work: ``h [B, H]`` is broadcast against ``z [..., B, D]``.
+"""
+
+from __future__ import annotations
+
+import pyro.distributions as dist
+from pyro.distributions.conditional import ConditionalTransformModule
+from torch import Tensor
+from torch.distributions import Transform, constraints
+
+from vaeflow.flows.base import Flow
+
+__all__ = ["ConditionalFlowTransform", "FlowTransform", "flow_guide_distribution"]
+
+
+class FlowTransform(Transform):
+    """A flow bound to one context: the bijection ``z0 [..., B, D] -> zK [..., B, D]``.
+
+    Made by :meth:`ConditionalFlowTransform.condition`. It is not an ``nn.Module``: the
+    parameters belong to the flow, which the conditional transform holds and registers.
+
+    The last forward or inverse call is remembered as ``(z0, zK, logdet)``, keyed by tensor
+    identity, whatever ``cache_size`` is: ``inverse(zK)`` and ``log_abs_det_jacobian(z0, zK)`` of
+    that pair are answered from memory. ``cache_size=1`` also lets torch's :class:`Transform`
+    skip a repeated forward call on the same tensor.
+
+    Args:
+        flow: the flow, ``flow(z0 [N, D], h [N, H]) -> (zK [N, D], logdet [N])``.
+        context: ``h [B, H]`` (or ``[H]``, shared by every sample).
+        cache_size: 0 or 1, as for :class:`torch.distributions.Transform`.
+    """
+
+    domain = constraints.real_vector
+    codomain = constraints.real_vector
+    bijective = True
+
+    def __init__(self, flow: Flow, context: Tensor, cache_size: int = 1) -> None:
+        super().__init__(cache_size=cache_size)
+        if not isinstance(context, Tensor) or context.dim() < 1:
+            shape = tuple(context.shape) if isinstance(context, Tensor) else type(context)
+            raise ValueError(f"the context must be a tensor [B, H] or [H], got {shape}")
+        self.flow = flow
+        self.context = context
+        self._last: tuple[Tensor, Tensor, Tensor] | None = None  # (z0, zK, logdet)
+
+    def with_cache(self, cache_size: int = 1) -> FlowTransform:
+        if self._cache_size == cache_size:
+            return self
+        return FlowTransform(self.flow, self.context, cache_size=cache_size)
+
+    def _flat(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """``z [..., D]`` -> ``(z [N, D], h [N, H])``, ``h`` broadcast to ``z``'s batch shape."""
+        if z.dim() < 1 or z.shape[-1] != self.flow.dim:
+            raise ValueError(
+                f"{type(self.flow).__name__} transforms vectors of size {self.flow.dim}; got a "
+                f"value of shape {tuple(z.shape)}"
+            )
+        h = self.context
+        try:
+            h = h.expand(*z.shape[:-1], h.shape[-1])
+        except RuntimeError as err:
+            raise ValueError(
+                f"the context of shape {tuple(self.context.shape)} does not broadcast against "
+                f"z of shape {tuple(z.shape)} (expected z [..., B, D] with h [B, H])"
+            ) from err
+        return z.reshape(-1, z.shape[-1]), h.reshape(-1, h.shape[-1])
+
+    def _call(self, z0: Tensor) -> Tensor:
+        flat, h = self._flat(z0)
+        zK, logdet = self.flow(flat, h)
+        zK = zK.reshape(z0.shape)
+        self._last = (z0, zK, logdet.reshape(z0.shape[:-1]))
+        return zK
+
+    def _inverse(self, zK: Tensor) -> Tensor:
+        last = self._last
+        if last is not None and zK is last[1]:
+            return last[0]
+        if not self.flow.has_inverse:
+            raise NotImplementedError(self._no_inverse_message())
+        flat, h = self._flat(zK)
+        try:
+            z0, logdet = self.flow.inverse(flat, h)
+        except NotImplementedError as err:
+            raise NotImplementedError(self._no_inverse_message()) from err
+        z0 = z0.reshape(zK.shape)
+        self._last = (z0, zK, logdet.reshape(zK.shape[:-1]))
+        return z0
+
+    def _no_inverse_message(self) -> str:
+        return (
+            f"{type(self.flow).__name__} has no inverse, so its Pyro transform can only score "
+            "the very tensor it produced in its last forward call (the sample that pyro.sample "
+            "drew from the guide). The value given is a different tensor (a copy, a value from "
+            "another trace, a replayed or observed value). Score the transform's own samples, or "
+            "use a flow with an inverse (none, iaf, ffjord)."
+        )
+
+    def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
+        """``log |det d y / d x|`` per vector: ``x, y [..., B, D]`` -> ``[..., B]``.
+
+        The pair of the last forward or inverse call is answered from memory (for FFJORD: the
+        trace estimate that call computed). Any other pair runs the flow forward from ``x``,
+        taking ``y`` to be its image, as torch's transforms do.
+        """
+        last = self._last
+        if last is not None and x is last[0] and y is last[1]:
+            return last[2]
+        flat, h = self._flat(x)
+        _, logdet = self.flow(flat, h)
+        return logdet.reshape(x.shape[:-1])
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({type(self.flow).__name__}, cache_size={self._cache_size})"
+
+
+class ConditionalFlowTransform(ConditionalTransformModule):
+    """A :class:`vaeflow.flows.Flow` as a Pyro ``ConditionalTransformModule``.
+
+    The flow is the submodule ``flow``, so ``pyro.module(name, t)`` registers every parameter of
+    it as ``f"{name}$$$flow.{param_name}"``, and ``t.train()`` / ``t.eval()`` switch the flow's
+    mode (FFJORD: Hutchinson or exact trace).
+
+    Args:
+        flow: any flow of :data:`vaeflow.flows.FLOWS`, ``flow(z0 [B, D], h [B, H])``.
+        cache_size: passed to the transforms that :meth:`condition` makes (default 1).
+    """
+
+    def __init__(self, flow: Flow, cache_size: int = 1) -> None:
+        super().__init__()
+        if not isinstance(flow, Flow):
+            raise TypeError(f"expected a vaeflow.flows.Flow, got {type(flow).__name__}")
+        if cache_size not in (0, 1):
+            raise ValueError(f"cache_size must be 0 or 1, got {cache_size!r}")
+        self.flow = flow
+        self.cache_size = cache_size
+
+    def condition(self, context: Tensor) -> FlowTransform:
+        """Bind the context ``h [B, H]``: a transform of ``z [..., B, D]``."""
+        return FlowTransform(self.flow, context, cache_size=self.cache_size)
+
+    def extra_repr(self) -> str:
+        return f"cache_size={self.cache_size}"
+
+
+def flow_guide_distribution(
+    mu: Tensor, sigma: Tensor, h: Tensor, transform: ConditionalFlowTransform
+) -> dist.TransformedDistribution:
+    """``q(zK | x)``: ``N(mu, diag sigma^2)`` pushed through the flow conditioned on ``h``.
+
+    Args:
+        mu, sigma: ``[B, D]`` base posterior parameters.
+        h: ``[B, H]`` context.
+        transform: the conditional flow.
+
+    Returns:
+        a distribution with batch shape ``[B]`` and event shape ``[D]``.
+    """
+    return dist.TransformedDistribution(dist.Normal(mu, sigma), [transform.condition(h)])
