@@ -93,12 +93,13 @@ class TrainConfig:
     (None: no clipping).
 
     Evaluation: ``eval_samples`` posterior samples per test point for the NELBO; ``is_samples``
-    importance samples (0: skip) on the first ``is_points`` test points (None: all), with at
-    most ``eval_batch_rows`` rows per flow call; ``eval_points`` limits the test points of the
-    NELBO (None: all). ``valid_exact_trace``: the per-epoch validation NELBO of FFJORD with the
-    exact trace (costly: D vector-Jacobian products per evaluation) instead of the unbiased
-    Hutchinson estimate; the test NELBO always uses the exact trace. ``valid_points`` limits
-    the validation points (None: all).
+    importance samples (0: skip) on ``is_points`` test points (None: all), with at most
+    ``eval_batch_rows`` rows per flow call; ``eval_points`` limits the test points of the NELBO
+    (None: all). Such subsets are drawn with a fixed seed, not taken as a prefix.
+    ``valid_exact_trace``: the per-epoch validation NELBO of FFJORD with the exact trace
+    (costly: D vector-Jacobian products per evaluation) instead of the unbiased Hutchinson
+    estimate; the test NELBO always uses the exact trace. ``valid_points`` limits the
+    validation points (None: all).
 
     Logging and safety: ``log_every`` steps between host reads of the loss (TensorBoard and the
     progress bar), ``image_every`` epochs between sample/reconstruction grids (0: never),
@@ -302,8 +303,15 @@ def _eval_mode(model: VAE, exact: bool = True) -> Iterator[None]:
         model.train(was_training)
 
 
-def _subset(x: Tensor, points: int | None) -> Tensor:
-    return x if points is None else x[:points]
+def _subset(x: Tensor, points: int | None, seed: int = 0) -> Tensor:
+    """``points`` rows of ``x [N, ...]`` drawn without replacement with a fixed seed (in their
+    stored order), or all of ``x``. Not a prefix: stored splits need not be in random order
+    (static MNIST's test split starts with darker digits)."""
+    if points is None or points >= len(x):
+        return x
+    g = torch.Generator().manual_seed(seed)
+    index = torch.randperm(len(x), generator=g)[:points].sort().values
+    return x[index.to(x.device)]
 
 
 def dataset_nelbo(
