@@ -1,0 +1,439 @@
+"""experiments/table.py: the resumable grid of flows x data sets x seeds, and its report.
+
+One grid runs once for the module (2 flows x 1 data set x 2 seeds, 2 cells at once, as real
+``vaeflow train`` subprocesses on the tiny structured MNIST), with one cell left half-trained
+beforehand and a second data set whose file is missing; the tests then read what it left.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import signal
+import statistics
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from conftest import TINY_SPLITS
+
+import vaeflow.train as train_mod
+from vaeflow import cli
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+import table  # noqa: E402
+import table_lib  # noqa: E402
+from table_lib import Cell, Job  # noqa: E402
+
+TINY = [
+    "--device", "cpu",
+    "--set", f"split_sizes={list(TINY_SPLITS)}",
+    "--set", "arch=mlp",
+    "--set", "latent_dim=4",
+    "--set", "context_dim=8",
+    "--set", "net_kwargs={hidden_sizes=[16]}",
+    "--set", "batch_size=50",
+    "--set", "is_samples=3",
+    "--set", "is_points=4",
+    "--set", "log_every=2",
+    "--set", "image_every=0",
+    "--flow-opt", "ffjord:hidden_dims=[8]",
+    "--flow-opt", "ffjord:rank=2",
+    "--flow-opt", "ffjord:num_blocks=1",
+    "--flow-opt", "ffjord:atol=1e-4",
+    "--flow-opt", "ffjord:rtol=1e-4",
+]  # fmt: skip
+GRID_CELLS = [Cell("static_mnist", f, s) for f in ("none", "ffjord") for s in (0, 1)]
+PARTIAL = Cell("static_mnist", "none", 1)
+
+
+def grid_args(data_dir: Path, root: Path, *extra: str) -> list[str]:
+    return [
+        "--datasets", "static_mnist", "omniglot",
+        "--flows", "none", "ffjord",
+        "--seeds", "2",
+        "--max-epochs", "2",
+        "--parallel", "2",
+        "--data-dir", str(data_dir),
+        "--runs-dir", str(root / "runs"),
+        "--out", str(root / "out"),
+        *TINY,
+        *extra,
+    ]  # fmt: skip
+
+
+def run(argv: list[str]) -> tuple[int, str]:
+    """``experiments/table.py ARGV`` in this process: (exit status, what it reported)."""
+    echo = io.StringIO()
+    try:
+        code = table_lib.run_table(table.options_from_args(argv), echo=echo)
+    except table_lib.TableError as err:
+        return 2, str(err)
+    return code, echo.getvalue()
+
+
+def leave_half_trained(argv: list[str], cell: Cell) -> Path:
+    """Train ``cell`` exactly as the grid would start it, and SIGTERM it after 3 steps: the run
+    directory then holds a checkpoint and no results."""
+    options = table.options_from_args(argv)
+    args = table_lib.cell_train_args(cell, options)
+    real = train_mod.train_step
+    steps = {"n": 0}
+
+    def step_then_stop(*a: object, **k: object) -> object:
+        out = real(*a, **k)
+        steps["n"] += 1
+        if steps["n"] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # the trainer checkpoints and stops
+        return out
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train_mod, "train_step", step_then_stop)
+        assert cli.main(["train", *args]) == 130
+    run_dir = cell.run_dir(options.runs_dir)
+    assert (run_dir / "checkpoint.pt").is_file() and not (run_dir / "results.json").exists()
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def grid(tiny_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    root = tmp_path_factory.mktemp("table")
+    argv = grid_args(tiny_data_dir, root)
+    leave_half_trained(argv, PARTIAL)
+    code, log = run(argv)
+    runs = root / "runs"
+    return SimpleNamespace(
+        argv=argv,
+        root=root,
+        runs=runs,
+        out=root / "out",
+        code=code,
+        log=log,
+        data_dir=tiny_data_dir,
+    )
+
+
+def read_csv(path: Path) -> dict[tuple[str, str], dict[str, str]]:
+    with open(path, newline="") as f:
+        return {(row["dataset"], row["flow"]): row for row in csv.DictReader(f)}
+
+
+def results(runs: Path, cell: Cell) -> dict:
+    return json.loads((cell.run_dir(runs) / "results.json").read_text())
+
+
+def attempts(runs: Path, cell: Cell) -> list[dict]:
+    path = cell.run_dir(runs) / table_lib.ATTEMPTS_FILE
+    return json.loads(path.read_text()) if path.is_file() else []
+
+
+def test_grid_runs_every_cell_and_writes_the_table(grid: SimpleNamespace) -> None:
+    assert grid.code == 0, grid.log
+    assert "4 cell(s) to run (1 resumed), 0 done, 2 at once" in grid.log
+    for cell in GRID_CELLS:
+        assert results(grid.runs, cell)["epochs"] == 2, cell
+    md = (grid.out / "table.md").read_text()
+    assert "| flow | MNIST (static) | Omniglot |" in md
+    assert "Machine: cpu" in md and "≤2 epochs" in md
+    rows = read_csv(grid.out / "table.csv")
+    for flow, paper in (("none", "86.55"), ("ffjord", "82.82")):
+        values = [results(grid.runs, Cell("static_mnist", flow, s))["test_nelbo"] for s in (0, 1)]
+        row = rows[("static_mnist", flow)]
+        assert row["n"] == "2" and row["seeds"] == "0 1" and row["unit"] == "nats"
+        assert row["paper"] == paper and row["budget"] == "≤2 epochs"
+        assert float(row["mean"]) == pytest.approx(statistics.fmean(values), abs=1e-4)
+        assert float(row["std"]) == pytest.approx(statistics.stdev(values), abs=1e-4)
+        text = f"{statistics.fmean(values):.2f} ± {statistics.stdev(values):.2f} (2) / {paper}"
+        assert text in md
+        assert row["commit"] and row["device"] == "cpu"
+    assert float(rows[("static_mnist", "ffjord")]["nfe_forward_mean"]) > 0
+    assert rows[("static_mnist", "none")]["nfe_forward_mean"] == ""
+    # a budget this small is flagged, and so are the settings that differ from the papers'
+    assert "The budget is below the papers' protocol" in md
+    assert '`arch="mlp"`' in md and "`ffjord rank=2`" in md
+    assert (grid.out / "samples_static_mnist_ffjord.png").is_file()
+
+
+def test_cells_ran_two_at_once(grid: SimpleNamespace) -> None:
+    first_done = grid.log.index("done in")
+    assert grid.log.index("[1/4]") < grid.log.index("[2/4]") < first_done
+    assert grid.log.index("[3/4]") > first_done
+
+
+def test_a_half_trained_cell_is_resumed(grid: SimpleNamespace) -> None:
+    tries = attempts(grid.runs, PARTIAL)
+    assert [a["mode"] for a in tries] == ["resume"] and tries[0]["returncode"] == 0
+    assert "--resume" in tries[0]["command"]
+    done = results(grid.runs, PARTIAL)
+    assert done["steps"] == 8 and done["epochs"] == 2  # 200 points, batch 50, 2 epochs
+    fresh = attempts(grid.runs, Cell("static_mnist", "none", 0))
+    assert [a["mode"] for a in fresh] == ["start"]
+
+
+def test_missing_data_set_is_shown_as_not_run_with_its_command(grid: SimpleNamespace) -> None:
+    assert "omniglot not run: omniglot.npz is not in" in grid.log
+    assert not (grid.runs / "omniglot").exists()
+    md = (grid.out / "table.md").read_text()
+    assert "not run (no data) / 104.28" in md and "not run (no data) / 98.33" in md
+    section = md.split("## Not run", 1)[1]
+    assert "omniglot.npz" in section and "chardata.mat" in section
+    command = next(line for line in section.splitlines() if "experiments/table.py" in line)
+    assert "--datasets omniglot --flows none ffjord --seeds 2 --max-epochs 2" in command
+    assert command.rstrip().endswith("--download")
+    rows = read_csv(grid.out / "table.csv")
+    assert rows[("omniglot", "ffjord")]["status"] == "not run (no data)"
+    assert rows[("omniglot", "ffjord")]["paper"] == "98.33"
+
+
+def test_a_second_call_skips_the_done_cells(grid: SimpleNamespace, tmp_path: Path) -> None:
+    before = {c: (c.run_dir(grid.runs) / "results.json").stat().st_mtime_ns for c in GRID_CELLS}
+    code, log = run([*grid.argv, "--out", str(tmp_path / "again")])
+    assert code == 0, log
+    assert "0 cell(s) to run (0 resumed), 4 done" in log
+    after = {c: (c.run_dir(grid.runs) / "results.json").stat().st_mtime_ns for c in GRID_CELLS}
+    assert after == before
+    assert all(len(attempts(grid.runs, c)) == 1 for c in GRID_CELLS)
+    assert (tmp_path / "again" / "table.md").is_file()
+
+
+def test_other_settings_for_done_cells_stop_before_anything_runs(grid: SimpleNamespace) -> None:
+    code, message = run([*grid.argv, "--max-epochs", "3", "--out", str(grid.root / "x")])
+    assert code == 2
+    assert "max_epochs: 2 -> 3" in message and "--on-mismatch keep" in message
+    assert all(len(attempts(grid.runs, c)) == 1 for c in GRID_CELLS)
+    assert not (grid.root / "x").exists()
+    code, log = run([*grid.argv, "--max-epochs", "3", "--on-mismatch", "keep", "--out",
+                     str(grid.root / "kept")])
+    assert code == 0 and "kept with its own settings" in log
+    assert "0 cell(s) to run (0 resumed), 4 done" in log
+    assert all(len(attempts(grid.runs, c)) == 1 for c in GRID_CELLS)
+
+
+def report_args(grid: SimpleNamespace, out: Path, *flows: str) -> list[str]:
+    return [
+        "--report-only",
+        "--datasets", "static_mnist", "omniglot",
+        "--flows", *(flows or ("none", "ffjord")),
+        "--data-dir", str(grid.data_dir),
+        "--runs-dir", str(grid.runs),
+        "--out", str(out),
+    ]  # fmt: skip
+
+
+def test_report_only_rebuilds_the_table_from_the_run_directories(
+    grid: SimpleNamespace, tmp_path: Path
+) -> None:
+    out = tmp_path / "report"
+    code, log = run(report_args(grid, out))  # no --seeds: every seed found
+    assert code == 0, log
+    assert "cell(s) to run" not in log
+    rebuilt, original = read_csv(out / "table.csv"), read_csv(grid.out / "table.csv")
+    for key in (("static_mnist", "none"), ("static_mnist", "ffjord"), ("omniglot", "none")):
+        for name in ("mean", "std", "n", "paper", "status"):
+            assert rebuilt[key][name] == original[key][name], (key, name)
+    assert (out / "samples_static_mnist_none.png").is_file()
+    # the command for the missing data set takes the grid's budget and settings from its record
+    md = (out / "table.md").read_text()
+    command = next(line for line in md.split("## Not run")[1].splitlines() if "table.py" in line)
+    assert "--datasets omniglot --flows none ffjord --seeds 2 --max-epochs 2" in command
+    assert "--parallel 2" in command
+    assert "--flow-opt ffjord:rank=2" in command and "--set batch_size=50" in command
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert "matplotlib is not installed" in (out / "table.md").read_text()
+    else:
+        assert (out / "nelbo_vs_time_static_mnist.png").is_file()
+        assert "nelbo_vs_time_static_mnist.png" in (out / "table.md").read_text()
+
+
+def test_plots_without_matplotlib_are_skipped_with_a_message(
+    grid: SimpleNamespace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    out = tmp_path / "report"
+    code, log = run(report_args(grid, out))
+    assert code == 0
+    assert "matplotlib is not installed" in log
+    assert "pip install matplotlib" in (out / "table.md").read_text()
+    assert not list(out.glob("nelbo_vs_time_*.png"))
+    assert (out / "samples_static_mnist_ffjord.png").is_file()  # torchvision, not matplotlib
+
+
+def test_failed_and_unfinished_cells_are_reported(grid: SimpleNamespace, tmp_path: Path) -> None:
+    failed = Cell("static_mnist", "planar", 0).run_dir(tmp_path / "runs")
+    failed.mkdir(parents=True)
+    attempt = {
+        "mode": "start",
+        "returncode": 1,
+        "seconds": 3.0,
+        "error": "boom: NaN loss",
+        "command": "python -m vaeflow.cli train",
+        "started": "now",
+    }
+    (failed / table_lib.ATTEMPTS_FILE).write_text(json.dumps([attempt]))
+    out = tmp_path / "out"
+    argv = [*report_args(grid, out, "planar"), "--runs-dir", str(tmp_path / "runs")]
+    assert run(argv)[0] == 0
+    md = (out / "table.md").read_text()
+    assert "— (1 failed) / 86.06" in md
+    assert "static_mnist/planar/seed0: failed: boom: NaN loss" in md
+    assert read_csv(out / "table.csv")[("static_mnist", "planar")]["status"] == "1 failed"
+
+
+def test_run_jobs_goes_on_after_a_failure(tmp_path: Path) -> None:
+    def job(name: str, code: str) -> Job:
+        return Job(name, [sys.executable, "-c", code], tmp_path / name / "log")
+
+    jobs = [
+        job("a", "import time; time.sleep(0.5)"),
+        job("b", "import sys; print('boom'); sys.exit(3)"),
+        job("c", "open('c.out', 'w').write('ok')"),
+    ]
+    live, peak = [0], [0]
+
+    def started(job: Job) -> None:
+        live[0] += 1
+        peak[0] = max(peak[0], live[0])
+
+    def finished(result: table_lib.JobResult) -> None:
+        live[0] -= 1
+
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        done = table_lib.run_jobs(jobs, 2, on_start=started, on_finish=finished, poll_seconds=0.02)
+    finally:
+        os.chdir(cwd)
+    codes = {r.job.name: r.returncode for r in done}
+    assert codes == {"a": 0, "b": 3, "c": 0}
+    assert peak[0] == 2
+    assert next(r for r in done if r.job.name == "b").error == "boom"
+    assert (tmp_path / "c.out").read_text() == "ok"
+
+
+def test_run_jobs_stops_running_jobs_on_an_interrupt(tmp_path: Path) -> None:
+    sleeper = Job("s", [sys.executable, "-c", "import time; time.sleep(60)"], tmp_path / "log")
+    finished: list[table_lib.JobResult] = []
+
+    def interrupt(job: Job) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        table_lib.run_jobs([sleeper], 1, on_start=interrupt, on_finish=finished.append)
+    assert [r.returncode for r in finished] == [-signal.SIGTERM]
+    assert finished[0].seconds < 30
+
+
+def test_run_jobs_stops_at_the_deadline(tmp_path: Path) -> None:
+    def job(name: str) -> Job:
+        return Job(name, [sys.executable, "-c", "import time; time.sleep(60)"], tmp_path / name)
+
+    t0 = time.monotonic()
+    done = table_lib.run_jobs([job("a"), job("b"), job("c")], 2, deadline=t0 + 1.0,
+                              poll_seconds=0.02)
+    assert sorted(r.job.name for r in done) == ["a", "b"]  # c never started
+    assert all(r.returncode == -signal.SIGTERM for r in done)
+    assert time.monotonic() - t0 < 30
+
+
+def test_smoke_dry_run_prints_the_cells_and_runs_nothing(
+    tiny_data_dir: Path, tmp_path: Path
+) -> None:
+    code, log = run(
+        [
+            "--smoke",
+            "--dry-run",
+            "--datasets",
+            "static_mnist",
+            "--flows",
+            "planar",
+            "ffjord",
+            "--seeds",
+            "0,3",
+            "--data-dir",
+            str(tiny_data_dir),
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
+    assert code == 0, log
+    assert "4 cell(s) to run" in log
+    assert "--max-steps 5" in log and "--seed 3" in log
+    assert "runs/table-smoke/static_mnist/ffjord/seed3" in log
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--datasets", "cifar10"], "unknown data set(s) cifar10; valid names are static_mnist"),
+        (["--flows", "realnvp"], "unknown flow(s) realnvp; valid flows are none, planar"),
+        (["--max-epochs", "2", "--budget-minutes", "5"], "give one budget"),
+        ([], "state the budget per cell"),
+        (["--max-epochs", "2", "--flow-opt", "glow:depth=3"], "unknown flow 'glow'"),
+        (
+            ["--max-epochs", "2", "--flow-opt", "ffjord:width=3"],
+            "cell static_mnist/ffjord/seed0: unknown hyperparameter(s) 'width'",
+        ),
+        (["--max-epochs", "2", "--set", "nope=1"], "unknown config key(s) 'nope'"),
+        (["--max-epochs", "2", "--seeds", "x"], "--seeds takes a count"),
+    ],
+)
+def test_bad_input_is_refused_before_anything_runs(
+    tiny_data_dir: Path, tmp_path: Path, extra: list[str], message: str
+) -> None:
+    argv = [
+        "--datasets",
+        "static_mnist",
+        "--flows",
+        "ffjord",
+        "--data-dir",
+        str(tiny_data_dir),
+        "--runs-dir",
+        str(tmp_path / "runs"),
+        "--out",
+        str(tmp_path / "out"),
+        *extra,
+    ]
+    code, text = run(argv)
+    assert code == 2
+    assert message in text
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "out").exists()
+
+
+def test_main_reports_bad_input_with_status_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert table.main(["--flows", "realnvp", "--report-only"]) == 2
+    assert "table: error: unknown flow(s) realnvp" in capsys.readouterr().err
+
+
+def test_seeds_and_flow_options() -> None:
+    assert table_lib.parse_seeds(["3"]) == [0, 1, 2]
+    assert table_lib.parse_seeds(["0", "4"]) == [0, 4]
+    assert table_lib.parse_seeds(["0,4"]) == [0, 4]
+    assert table_lib.parse_seeds(["5,"]) == [5]
+    opts = table_lib.flow_opts_by_flow(["ffjord:rank=2", "num_steps=4"], ["planar", "ffjord"])
+    assert opts == {"planar": ["num_steps=4"], "ffjord": ["rank=2", "num_steps=4"]}
+
+
+def test_smoke_runs_stay_out_of_results() -> None:
+    smoke = table.options_from_args(["--smoke"])
+    assert smoke.runs_dir == Path("runs/table-smoke")
+    assert smoke.out == Path("runs/table-smoke/report")
+    real = table.options_from_args(["--budget-minutes", "60"])
+    assert real.runs_dir == Path("runs/table") and real.out == Path("results/table")
+    assert real.seed_list == [0, 1, 2] and real.budget_minutes == 60
+
+
+def test_paper_numbers() -> None:
+    assert table_lib.paper_value("static_mnist", "ffjord") == 82.82
+    assert table_lib.paper_value("freyfaces", "none") == 4.53
+    for variant in ("orthogonal", "householder", "triangular"):  # the paper's one Sylvester row
+        assert table_lib.paper_value("caltech", variant) == 104.62
+    assert table_lib.paper_value("omniglot_rederived", "ffjord") is None
+    assert set(table_lib.TABLE_FLOWS) == set(table_lib.PAPER_ROW)
