@@ -93,6 +93,10 @@ def test_run_directory_contents(tiny_data_dir: Path, tmp_path: Path) -> None:
     for key in ("test_nelbo", "test_nll_is", "best_epoch", "stop_reason", "solver"):
         assert key in results
     assert results["test_nll_is"] <= results["test_nelbo"] + 5.0  # IS is the tighter bound
+    assert results["train_nfe_forward_mean"] >= 8  # dopri5: initial step choice + one step
+    assert results["train_nfe_backward_mean"] == 0  # direct backpropagation, no adjoint
+    history = torch.load(run / "checkpoint.pt", weights_only=True)["progress"]["history"]
+    assert all(h["train_nfe_forward"] >= 8 for h in history)
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

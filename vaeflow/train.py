@@ -481,6 +481,7 @@ class _Progress:
     retries: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
     epoch_sums: dict[str, float] = field(default_factory=dict)  # of the epoch under way
+    total_sums: dict[str, float] = field(default_factory=dict)  # of the whole run
     epoch_steps: int = 0
     seconds: float = 0.0  # wall-clock spent training and validating, over all sessions
     done: bool = False
@@ -679,6 +680,10 @@ class _Trainer:
         for i, n in enumerate(names):
             col = values[:, i].double()
             sums[n] = sums.get(n, torch.zeros((), dtype=torch.float64)) + col.sum()
+        for j, n in enumerate(("nfe_forward", "nfe_backward")):
+            if nfe:
+                total = torch.tensor(float(sum(pair[j] for pair in nfe)), dtype=torch.float64)
+                sums[n] = sums.get(n, torch.zeros((), dtype=torch.float64)) + total
         step = self.state.step
         mean = {n: float(values[:, i].mean()) for i, n in enumerate(names)}
         extra = {
@@ -699,6 +704,7 @@ class _Trainer:
     def _fold(self, sums: Mapping[str, Tensor]) -> None:
         for n, v in sums.items():
             self.state.epoch_sums[n] = self.state.epoch_sums.get(n, 0.0) + float(v)
+            self.state.total_sums[n] = self.state.total_sums.get(n, 0.0) + float(v)
 
     def validate(self) -> float:
         cfg = self.config
@@ -765,6 +771,11 @@ class _Trainer:
             best_epoch=st.best_epoch,
             best_valid_nelbo=st.best_valid if math.isfinite(st.best_valid) else None,
             stop_reason=st.stop_reason,
+            **{
+                f"train_{n}_mean": st.total_sums[n] / max(st.step, 1)
+                for n in ("nfe_forward", "nfe_backward")
+                if n in st.total_sums
+            },
             num_parameters=sum(p.numel() for p in self.model.parameters()),
             solver=self._solver_state(),
         )
@@ -881,7 +892,7 @@ def train(
                     break
                 except (_NonFinite, SolverError) as err:
                     _recover(trainer, err)
-            if signals.received is not None:
+            if signals.received is not None and not trainer.state.done:
                 name = signal.Signals(signals.received).name
                 raise KeyboardInterrupt(
                     f"{name} received: checkpoint written at step {trainer.state.step}; "
