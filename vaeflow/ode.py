@@ -2,6 +2,12 @@
 
 Everything a solve needs is passed in; nothing here keeps global state. Options are checked on
 entry against the solver's own signature, so a typo fails before any work is done.
+
+Fixed-step solves (``euler``, ``midpoint``, ``rk4`` with only a ``step_size``) without the adjoint
+are integrated here rather than by torchdiffeq, with the same grid and the same arithmetic
+(the results agree to rounding): torchdiffeq's fixed-grid loop compares device tensors on the
+host at every step, which stalls a GPU, while this loop knows its grid in advance, never
+synchronises, and can be captured whole in a CUDA graph.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from torchdiffeq._impl.odeint import SOLVERS
 __all__ = [
     "SOLVERS",
     "ADAPTIVE_SOLVERS",
+    "STATIC_SOLVERS",
     "SolverError",
     "NFECounter",
     "SolverConfig",
@@ -48,6 +55,10 @@ def _solver_options(method: str) -> set[str]:
 ADAPTIVE_SOLVERS = frozenset(
     name for name, klass in SOLVERS.items() if "step_size" not in _solver_options(name)
 )
+
+
+# Fixed-step methods that :func:`solve` integrates itself (see the module docstring).
+STATIC_SOLVERS = frozenset({"euler", "midpoint", "rk4"})
 
 
 class SolverError(RuntimeError):
@@ -146,10 +157,90 @@ def _step_norm(norm: Callable[[tuple[Tensor, ...]], Tensor] | None):
     return detached
 
 
+_ONE_THIRD = 1 / 3  # the constants of torchdiffeq's rk4 (its 3/8-rule variant), bit for bit
+_TWO_THIRDS = 2 / 3
+
+State = tuple[Tensor, ...]
+
+
+def uses_static_solver(config: SolverConfig) -> bool:
+    """Whether :func:`solve` integrates ``config`` itself (fixed step, no adjoint while
+    gradients are recorded): then a solve never synchronises with the device."""
+    return (
+        config.method in STATIC_SOLVERS
+        and set(config.options or {}) == {"step_size"}
+        and not (config.adjoint and torch.is_grad_enabled())
+    )
+
+
+def _static_grid(t0: float, t1: float, step_size: float, dtype: torch.dtype) -> list[Tensor]:
+    """torchdiffeq's grid for ``step_size`` on ``[t0, t1]`` (``t0 < t1``), the last step cut
+    short to end at ``t1``: 0-d tensors of ``dtype`` on the host, so reading them is free."""
+    start = torch.tensor(t0, dtype=dtype)
+    end = torch.tensor(t1, dtype=dtype)
+    niters = torch.ceil((end - start) / step_size + 1).item()
+    grid = torch.arange(0, niters, dtype=dtype) * step_size + start
+    grid[-1] = end
+    return list(grid.unbind())
+
+
+def _static_step(
+    method: str, func: Callable[[Tensor, State], State], t0: Tensor, t1: Tensor, y: State
+) -> State:
+    """One step of ``method`` from ``t0`` to ``t1``: the increment ``y1 - y0``, computed with
+    torchdiffeq's formulas in torchdiffeq's order of operations."""
+    dt = t1 - t0
+    k1 = func(t0, y)
+    if method == "euler":
+        return tuple(dt * k for k in k1)
+    if method == "midpoint":
+        half_dt = 0.5 * dt
+        k2 = func(t0 + half_dt, tuple(yi + ki * half_dt for yi, ki in zip(y, k1, strict=True)))
+        return tuple(dt * k for k in k2)
+    k2 = func(
+        t0 + dt * _ONE_THIRD,
+        tuple(yi + dt * ki * _ONE_THIRD for yi, ki in zip(y, k1, strict=True)),
+    )
+    k3 = func(
+        t0 + dt * _TWO_THIRDS,
+        tuple(yi + dt * (b - a * _ONE_THIRD) for yi, a, b in zip(y, k1, k2, strict=True)),
+    )
+    k4 = func(t1, tuple(yi + dt * (a - b + c) for yi, a, b, c in zip(y, k1, k2, k3, strict=True)))
+    return tuple(
+        (a + 3 * (b + c) + d) * dt * 0.125 for a, b, c, d in zip(k1, k2, k3, k4, strict=True)
+    )
+
+
+def _static_solve(
+    func: Callable[[Tensor, State], State],
+    y0: State,
+    t0: float,
+    t1: float,
+    method: str,
+    step_size: float,
+) -> State:
+    """Integrate on the fixed grid; decreasing time is solved as torchdiffeq does, forwards in
+    ``-t`` with the field negated."""
+    reverse = t1 < t0
+    if reverse:
+        t0, t1 = -t0, -t1
+
+        def step_func(t: Tensor, y: State) -> State:
+            return tuple(-1.0 * f for f in func(-t, y))
+    else:
+        step_func = func
+    grid = _static_grid(t0, t1, step_size, y0[0].dtype)
+    y = y0
+    for a, b in zip(grid[:-1], grid[1:], strict=True):
+        dy = _static_step(method, step_func, a, b, y)
+        y = tuple(yi + di for yi, di in zip(y, dy, strict=True))
+    return y
+
+
 def solve(
     func: Callable[[Tensor, tuple[Tensor, ...]], tuple[Tensor, ...]],
     y0: tuple[Tensor, ...],
-    t: Tensor,
+    t: Tensor | tuple[float, float],
     config: SolverConfig,
     adjoint_params: Sequence[Tensor] = (),
 ) -> tuple[Tensor, ...]:
@@ -158,7 +249,9 @@ def solve(
     Args:
         func: the dynamics, on a tuple state.
         y0: the initial state, a tuple of tensors.
-        t: the time points [2].
+        t: the time points [2], a tensor or two floats (floats spare a fixed-step solve the
+            copy of the times to the device). A fixed-step solve calls ``func`` with times as
+            0-d host tensors, which combine with tensors on any device as Python numbers do.
         config: the solver and gradient mode.
         adjoint_params: tensors that ``func`` uses and whose gradients the adjoint must return
             (parameters, and tensors computed from the encoder's context).
@@ -166,6 +259,11 @@ def solve(
     Raises:
         SolverError: when the step size underflows or the solver takes too many steps.
     """
+    if uses_static_solver(config):
+        t0, t1 = (float(x) for x in (t if isinstance(t, tuple) else t.tolist()))
+        return _static_solve(func, y0, t0, t1, config.method, float(config.options["step_size"]))
+    if not isinstance(t, Tensor):
+        t = torch.tensor(t, dtype=y0[0].dtype, device=y0[0].device)
     options = dict(config.options)
     if config.method in ADAPTIVE_SOLVERS:
         options["norm"] = _step_norm(options.get("norm"))

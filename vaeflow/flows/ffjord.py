@@ -14,7 +14,8 @@ drawn once per solve) in training, and computed exactly in evaluation.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -33,21 +34,43 @@ NONLINEARITIES = {
     "silu": F.silu,
     "sigmoid": torch.sigmoid,
 }
+# d act / d x from the input x and the output y = act(x), for the fused VJP. Each is the
+# derivative that autograd uses for the same function (softplus: linear above its threshold 20).
+NONLINEARITY_GRADS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "softplus": lambda x, y: torch.where(x > 20.0, 1.0, torch.sigmoid(x)),
+    "tanh": lambda x, y: 1.0 - y * y,
+    "elu": lambda x, y: torch.where(x > 0, 1.0, torch.exp(x)),
+    "silu": lambda x, y: torch.sigmoid(x) * (1.0 + x * (1.0 - torch.sigmoid(x))),
+    "sigmoid": lambda x, y: y * (1.0 - y),
+}
 TRACES = ("hutchinson", "exact")
 NOISES = ("gaussian", "rademacher")
 
 
 class _Dynamics(nn.Module):
     """A field ``f(t, z; h)``. :meth:`amortize` computes the per-sample tensors from ``h`` once
-    per solve; :meth:`forward` evaluates ``f`` at every solver step with them."""
+    per solve; :meth:`forward` evaluates ``f`` at every solver step with them.
+
+    A field that also implements :meth:`forward_and_vjp` (and sets ``supports_vjp = True``)
+    gets the fused divergence: its vector-Jacobian products are written out by hand, plain
+    tensor operations that need no inner ``autograd.grad`` and that ``torch.compile`` can fuse.
+    """
 
     layers: nn.ModuleList
+    supports_vjp: bool = False
 
     def amortize(self, h: Tensor) -> tuple[Tensor, ...]:
         raise NotImplementedError
 
     def forward(self, t: Tensor, z: Tensor, amortized: Sequence[Tensor]) -> Tensor:
         raise NotImplementedError
+
+    def forward_and_vjp(
+        self, t: Tensor, z: Tensor, amortized: Sequence[Tensor], probes: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """``f(t, z) [B, D]`` and the products ``probes^T df/dz [B, K, D]`` for ``K`` probe
+        vectors per sample, ``probes [B, K, D]``."""
+        raise NotImplementedError(f"{type(self).__name__} has no fused vector-Jacobian product")
 
     def field_parameters(self) -> list[nn.Parameter]:
         """The parameters used inside the field; those used only by :meth:`amortize` get their
@@ -78,6 +101,7 @@ class LowRankDynamics(_Dynamics):
     ) -> None:
         super().__init__()
         self.act = NONLINEARITIES[nonlinearity]
+        self.act_grad = NONLINEARITY_GRADS[nonlinearity]
         widths = [dim, *hidden_dims, dim]
         self.layers = nn.ModuleList(
             nn.Linear(d_in + 1, d_out) for d_in, d_out in zip(widths[:-1], widths[1:], strict=True)
@@ -100,17 +124,44 @@ class LowRankDynamics(_Dynamics):
             out += [p[f"u{i}"], p[f"v{i}"] / math.sqrt(fan_in), p[f"c{i}"]]
         return tuple(out)
 
-    def forward(self, t: Tensor, z: Tensor, amortized: Sequence[Tensor]) -> Tensor:
+    supports_vjp = True
+
+    def _field(
+        self, t: Tensor, z: Tensor, amortized: Sequence[Tensor], keep: bool
+    ) -> tuple[Tensor, list[Tensor]]:
+        """``f [B, D]`` and, when ``keep``, the activation derivatives of the hidden layers."""
         x = z
         tt = t.to(z.dtype).expand(z.shape[0], 1)
         last = len(self.layers) - 1
+        act_grads: list[Tensor] = []
         for i, layer in enumerate(self.layers):
             u, v, c = amortized[3 * i : 3 * i + 3]  # [B, out, r], [B, in, r], [B, out]
             low_rank = torch.einsum("bor,br->bo", u, torch.einsum("bi,bir->br", x, v))
-            x = layer(torch.cat([x, tt], dim=-1)) + low_rank + c
+            pre = layer(torch.cat([x, tt], dim=-1)) + low_rank + c
             if i < last:
-                x = self.act(x)
-        return x
+                x = self.act(pre)
+                if keep:
+                    act_grads.append(self.act_grad(pre, x))
+            else:
+                x = pre
+        return x, act_grads
+
+    def forward(self, t: Tensor, z: Tensor, amortized: Sequence[Tensor]) -> Tensor:
+        return self._field(t, z, amortized, keep=False)[0]
+
+    def forward_and_vjp(
+        self, t: Tensor, z: Tensor, amortized: Sequence[Tensor], probes: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        f, act_grads = self._field(t, z, amortized, keep=True)
+        g = probes  # [B, K, out] -> [B, K, in], layer by layer from the output
+        for i in reversed(range(len(self.layers))):
+            if i < len(act_grads):
+                g = g * act_grads[i].unsqueeze(1)
+            u, v = amortized[3 * i], amortized[3 * i + 1]
+            w = self.layers[i].weight[:, :-1]  # the time column does not depend on z
+            low_rank = torch.einsum("bkr,bir->bki", torch.einsum("bko,bor->bkr", g, u), v)
+            g = g @ w + low_rank
+        return f, g
 
 
 class ConcatDynamics(_Dynamics):
@@ -134,7 +185,9 @@ class ConcatDynamics(_Dynamics):
         context_proj_dim: int = 32,
     ) -> None:
         super().__init__()
+        self.dim = dim
         self.act = NONLINEARITIES[nonlinearity]
+        self.act_grad = NONLINEARITY_GRADS[nonlinearity]
         self.proj = nn.Linear(context_dim, context_proj_dim)
         widths = [dim + context_proj_dim, *hidden_dims, dim]
         self.layers = nn.ModuleList(
@@ -144,15 +197,41 @@ class ConcatDynamics(_Dynamics):
     def amortize(self, h: Tensor) -> tuple[Tensor, ...]:
         return (self.proj(h),)
 
-    def forward(self, t: Tensor, z: Tensor, amortized: Sequence[Tensor]) -> Tensor:
+    supports_vjp = True
+
+    def _field(
+        self, t: Tensor, z: Tensor, amortized: Sequence[Tensor], keep: bool
+    ) -> tuple[Tensor, list[Tensor]]:
+        """``f [B, D]`` and, when ``keep``, the activation derivatives of the hidden layers."""
         tt = t.to(z.dtype).expand(z.shape[0], 1)
         x = torch.cat([z, amortized[0]], dim=-1)
         last = len(self.layers) - 1
+        act_grads: list[Tensor] = []
         for i, layer in enumerate(self.layers):
-            x = layer(torch.cat([x, tt], dim=-1))
+            pre = layer(torch.cat([x, tt], dim=-1))
             if i < last:
-                x = self.act(x)
-        return x
+                x = self.act(pre)
+                if keep:
+                    act_grads.append(self.act_grad(pre, x))
+            else:
+                x = pre
+        return x, act_grads
+
+    def forward(self, t: Tensor, z: Tensor, amortized: Sequence[Tensor]) -> Tensor:
+        return self._field(t, z, amortized, keep=False)[0]
+
+    def forward_and_vjp(
+        self, t: Tensor, z: Tensor, amortized: Sequence[Tensor], probes: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        f, act_grads = self._field(t, z, amortized, keep=True)
+        g = probes
+        for i in reversed(range(len(self.layers))):
+            if i < len(act_grads):
+                g = g * act_grads[i].unsqueeze(1)
+            # The first layer's inputs are [z, g(h), t]: only the z columns carry on.
+            w = self.layers[i].weight[:, : self.dim] if i == 0 else self.layers[i].weight[:, :-1]
+            g = g @ w
+        return f, g
 
 
 DYNAMICS = {"lowrank": LowRankDynamics, "concat": ConcatDynamics}
@@ -179,9 +258,76 @@ def _divergence(
     return trace, frob
 
 
+def fused_augmented_field(
+    dynamics: _Dynamics,
+    s: Tensor,
+    z: Tensor,
+    end_time: Tensor,
+    amortized: tuple[Tensor, ...],
+    probes: Tensor,
+    regularize: bool,
+) -> tuple[Tensor, ...]:
+    """The augmented field of :class:`_BlockODE` with the fused divergence, as one function of
+    tensors (what ``compile=True`` hands to ``torch.compile``).
+
+    ``z [B, D]``; ``probes [B, K, D]`` are the Hutchinson noise (``K = 1``) or the identity
+    (``K = D``, the exact trace). Returns ``T f [B, D]``, ``T tr [B]`` and, when
+    ``regularize``, ``T ||f||^2 [B]`` and ``T ||probes^T df/dz||^2 [B]``.
+    """
+    f, vjp = dynamics.forward_and_vjp(s * end_time, z, amortized, probes)
+    out = (end_time * f, end_time * (vjp * probes).sum((-2, -1)))
+    if regularize:
+        out = out + (end_time * (f * f).sum(-1), end_time * (vjp * vjp).sum((-2, -1)))
+    return out
+
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+class _CompiledField:
+    """``torch.compile`` of :func:`fused_augmented_field`, falling back to the eager function,
+    with one warning, wherever compilation is unavailable (no C compiler, an unsupported Python
+    or platform). The compiled function takes the dynamics as an argument, so it holds no
+    reference to a module and one compiled graph serves every block of the same shape."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self.fn: Callable[..., tuple[Tensor, ...]] | None = None
+        self.fallback_reason: str | None = None  # why it runs eagerly, once it gave up
+        try:
+            self.fn = torch.compile(fused_augmented_field, mode=mode)
+        except Exception as err:  # torch.compile refuses some Python versions up front
+            self._give_up(err)
+
+    def _give_up(self, err: Exception) -> None:
+        self.fn = None
+        self.fallback_reason = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}"
+        warnings.warn(
+            f"FFJORD(compile=...): torch.compile is unavailable here ({self.fallback_reason}); "
+            "using the eager fused field, which computes the same function more slowly",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+    def __call__(self, *args: Any) -> tuple[Tensor, ...]:
+        if self.fn is None:
+            return fused_augmented_field(*args)
+        try:
+            return self.fn(*args)
+        except Exception as err:
+            # A fault in the field itself raises again here, from the eager code.
+            out = fused_augmented_field(*args)
+            self._give_up(err)
+            return out
+
+
 class _BlockODE:
     """The augmented dynamics of one block for one solve, on the state
-    ``(z [B, D], logdet [B][, kinetic [B], jacobian_frobenius [B]])`` over ``s`` in [0, 1]."""
+    ``(z [B, D], logdet [B][, kinetic [B], jacobian_frobenius [B]])`` over ``s`` in [0, 1].
+
+    ``fused``, when given, evaluates it all in one call (:func:`fused_augmented_field` or its
+    compiled form); otherwise the divergence comes from ``autograd.grad`` of the field.
+    """
 
     def __init__(
         self,
@@ -191,6 +337,7 @@ class _BlockODE:
         eps: Tensor | None,
         regularize: bool,
         counter: NFECounter,
+        fused: Callable[..., tuple[Tensor, ...]] | None = None,
     ) -> None:
         self.dynamics = dynamics
         self.amortized = amortized
@@ -198,9 +345,25 @@ class _BlockODE:
         self.eps = eps
         self.regularize = regularize
         self.counter = counter
+        self.fused = fused
+        self.probes = None if eps is None else eps.unsqueeze(1)
 
     def __call__(self, s: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         self.counter.tick()
+        if self.fused is not None:
+            if self.probes is None:  # exact trace: the D unit vectors, one product each
+                z = state[0]
+                eye = torch.eye(z.shape[1], dtype=z.dtype, device=z.device)
+                self.probes = eye.expand(z.shape[0], -1, -1)
+            return self.fused(
+                self.dynamics,
+                s,
+                state[0],
+                self.end_time,
+                self.amortized,
+                self.probes,
+                self.regularize,
+            )
         create_graph = torch.is_grad_enabled()
         z = state[0]
         with torch.enable_grad():
@@ -248,6 +411,18 @@ class FFJORD(Flow):
         regularize: also integrate the RNODE terms (kinetic energy and Jacobian Frobenius norm),
             readable per sample from :attr:`last_regularization` after each forward.
         context_proj_dim: the projection size for ``"concat"`` dynamics (default 32).
+        fused: compute the divergence from vector-Jacobian products written out by hand, in
+            one pass with the field, rather than with an inner ``autograd.grad`` (default
+            False). The same function to rounding and, in eager mode, about the same work; it
+            is what ``compile`` compiles. Fields without a hand-written product
+            (``supports_vjp = False``) use ``autograd.grad`` whatever this says.
+        compile: ``torch.compile`` the fused field (default False; implies ``fused``): ``True``
+            or a mode in ``COMPILE_MODES``. The first calls compile (seconds to a minute or
+            more); where compilation is unavailable, a warning says so and the eager fused
+            field runs.
+
+    A fixed-step ``method`` (``"euler"``, ``"midpoint"``, ``"rk4"`` with ``{"step_size": h}``)
+    without the adjoint never synchronises with the device (see :mod:`vaeflow.ode`).
 
     After a forward, :attr:`nfe_forward` and :attr:`nfe_backward` count the function
     evaluations of that call's solves (the backward count fills in once ``backward()`` runs,
@@ -277,6 +452,8 @@ class FFJORD(Flow):
         adjoint: bool = False,
         regularize: bool = False,
         context_proj_dim: int = 32,
+        fused: bool = False,
+        compile: bool | str = False,
     ) -> None:
         super().__init__(dim, context_dim)
         check_choice("dynamics", dynamics, DYNAMICS)
@@ -287,6 +464,10 @@ class FFJORD(Flow):
         check_positive_int("num_blocks", num_blocks)
         if not end_time > 0:
             raise ValueError(f"end_time must be positive, got {end_time!r}")
+        if isinstance(compile, str):
+            check_choice("compile mode", compile, COMPILE_MODES)
+        elif not isinstance(compile, bool):
+            raise ValueError(f"compile must be a bool or one of {COMPILE_MODES}, got {compile!r}")
         self.solver = SolverConfig(
             method=method, atol=atol, rtol=rtol, options=solver_options, adjoint=adjoint
         )
@@ -294,6 +475,11 @@ class FFJORD(Flow):
         self.exact_in_eval = exact_in_eval
         self.noise = noise
         self.regularize = regularize
+        self.compile_mode: str | None = (
+            compile if isinstance(compile, str) else ("default" if compile else None)
+        )
+        self.fused = bool(fused) or self.compile_mode is not None
+        self._compiled: _CompiledField | None = None
         self.config = dict(
             dynamics=dynamics,
             hidden_dims=hidden_dims,
@@ -347,12 +533,22 @@ class FFJORD(Flow):
             return torch.randn_like(z)
         return torch.randint_like(z, 0, 2).mul_(2).sub_(1)
 
+    def _fused_field(self, dynamics: _Dynamics) -> Callable[..., tuple[Tensor, ...]] | None:
+        """The fused evaluation for ``dynamics`` (compiled if asked), or None for autograd."""
+        if not (self.fused and dynamics.supports_vjp):
+            return None
+        if self.compile_mode is None:
+            return fused_augmented_field
+        if self._compiled is None:
+            self._compiled = _CompiledField(self.compile_mode)
+        return self._compiled
+
     def _solve(self, z: Tensor, h: Tensor, reverse: bool) -> tuple[Tensor, Tensor]:
         self._counter = counter = NFECounter()
         exact = self.uses_exact_trace()
         end_times = self.end_times
         order = range(len(self.blocks))
-        span = torch.tensor([1.0, 0.0] if reverse else [0.0, 1.0], dtype=z.dtype, device=z.device)
+        span = (1.0, 0.0) if reverse else (0.0, 1.0)
         logdet = z.new_zeros(z.shape[0])
         reg = [z.new_zeros(z.shape[0]), z.new_zeros(z.shape[0])]
         for b in reversed(order) if reverse else order:
@@ -365,6 +561,7 @@ class FFJORD(Flow):
                 None if exact else self._noise(z),
                 self.regularize,
                 counter,
+                self._fused_field(dynamics),
             )
             state = (z, z.new_zeros(z.shape[0]))
             if self.regularize:
@@ -395,5 +592,5 @@ class FFJORD(Flow):
         return (
             f"{super().extra_repr()}, {items}, trace={self.trace}, noise={self.noise}, "
             f"solver={self.solver.method}, atol={self.solver.atol}, rtol={self.solver.rtol}, "
-            f"adjoint={self.solver.adjoint}"
+            f"adjoint={self.solver.adjoint}, fused={self.fused}, compile={self.compile_mode}"
         )
