@@ -124,12 +124,21 @@ def test_fused_field_vjp_is_the_jacobian() -> None:
     torch.testing.assert_close(vjp, jac.permute(1, 0, 2), rtol=1e-12, atol=1e-13)  # [B, out, in]
 
 
+def test_default_fuses_the_exact_trace_only() -> None:
+    flow = make_flow()
+    assert flow.fused is None
+    assert flow._fused_field(flow.blocks[0], exact=True) is not None
+    assert flow._fused_field(flow.blocks[0], exact=False) is None
+    assert make_flow(fused=False)._fused_field(flow.blocks[0], exact=True) is None
+
+
 def test_custom_field_without_vjp_uses_autograd() -> None:
     """A field that does not write out its VJP still works with fused=True."""
     flow = make_flow(fused=True)
-    assert flow.fused and flow._fused_field(flow.blocks[0]) is not None
+    assert flow.fused and flow._fused_field(flow.blocks[0], exact=False) is not None
     flow.blocks[0].supports_vjp = False
-    assert flow._fused_field(flow.blocks[0]) is None
+    assert flow._fused_field(flow.blocks[0], exact=False) is None
+    assert flow._fused_field(flow.blocks[0], exact=True) is None
     expected = flow_loss_and_grads(make_flow(fused=False))
     assert_same(flow_loss_and_grads(flow), expected)
 

@@ -412,10 +412,14 @@ class FFJORD(Flow):
             readable per sample from :attr:`last_regularization` after each forward.
         context_proj_dim: the projection size for ``"concat"`` dynamics (default 32).
         fused: compute the divergence from vector-Jacobian products written out by hand, in
-            one pass with the field, rather than with an inner ``autograd.grad`` (default
-            False). The same function to rounding and, in eager mode, about the same work; it
-            is what ``compile`` compiles. Fields without a hand-written product
-            (``supports_vjp = False``) use ``autograd.grad`` whatever this says.
+            one pass with the field, rather than with an inner ``autograd.grad``. The same
+            function to rounding. ``None`` (default): fused for the exact trace, where it
+            replaces D sequential ``autograd.grad`` calls by one batched pass over the D unit
+            vectors (6x faster at the paper's MNIST size on a CPU), and autograd for
+            Hutchinson's single product (about the same work either way in eager mode).
+            ``True``: always fused (what ``compile`` compiles); ``False``: never. Fields
+            without a hand-written product (``supports_vjp = False``) use ``autograd.grad``
+            whatever this says.
         compile: ``torch.compile`` the fused field (default False; implies ``fused``): ``True``
             or a mode in ``COMPILE_MODES``. The first calls compile (seconds to a minute or
             more); where compilation is unavailable, a warning says so and the eager fused
@@ -452,7 +456,7 @@ class FFJORD(Flow):
         adjoint: bool = False,
         regularize: bool = False,
         context_proj_dim: int = 32,
-        fused: bool = False,
+        fused: bool | None = None,
         compile: bool | str = False,
     ) -> None:
         super().__init__(dim, context_dim)
@@ -478,7 +482,9 @@ class FFJORD(Flow):
         self.compile_mode: str | None = (
             compile if isinstance(compile, str) else ("default" if compile else None)
         )
-        self.fused = bool(fused) or self.compile_mode is not None
+        if fused not in (None, True, False):
+            raise ValueError(f"fused must be None, True or False, got {fused!r}")
+        self.fused: bool | None = True if self.compile_mode is not None else fused
         self._compiled: _CompiledField | None = None
         self.config = dict(
             dynamics=dynamics,
@@ -533,9 +539,12 @@ class FFJORD(Flow):
             return torch.randn_like(z)
         return torch.randint_like(z, 0, 2).mul_(2).sub_(1)
 
-    def _fused_field(self, dynamics: _Dynamics) -> Callable[..., tuple[Tensor, ...]] | None:
+    def _fused_field(
+        self, dynamics: _Dynamics, exact: bool
+    ) -> Callable[..., tuple[Tensor, ...]] | None:
         """The fused evaluation for ``dynamics`` (compiled if asked), or None for autograd."""
-        if not (self.fused and dynamics.supports_vjp):
+        fused = exact if self.fused is None else self.fused
+        if not (fused and dynamics.supports_vjp):
             return None
         if self.compile_mode is None:
             return fused_augmented_field
@@ -561,7 +570,7 @@ class FFJORD(Flow):
                 None if exact else self._noise(z),
                 self.regularize,
                 counter,
-                self._fused_field(dynamics),
+                self._fused_field(dynamics, exact),
             )
             state = (z, z.new_zeros(z.shape[0]))
             if self.regularize:
