@@ -14,7 +14,14 @@ from conftest import TINY_SPLITS
 
 import vaeflow.train as train_mod
 from vaeflow.ode import SolverError
-from vaeflow.train import TrainConfig, TrainingError, beta_at, evaluate_run, train
+from vaeflow.train import (
+    TrainConfig,
+    TrainingError,
+    beta_at,
+    evaluate_run,
+    train,
+    train_step,
+)
 
 
 def tiny_config(data_dir: Path, flow: str = "planar", **overrides: Any) -> TrainConfig:
@@ -254,6 +261,24 @@ def test_existing_run_is_not_overwritten(tiny_data_dir: Path, tmp_path: Path) ->
     train(config, tmp_path / "run", progress=False)
     with pytest.raises(FileExistsError, match="--resume"):
         train(config, tmp_path / "run", progress=False)
+
+
+def test_rnode_regularization_joins_the_loss(tiny_data_dir: Path, tmp_path: Path) -> None:
+    config = tiny_config(tiny_data_dir, "ffjord", kinetic_weight=0.5, jacobian_weight=0.25)
+    data = train_mod.load_dataset("static_mnist", tiny_data_dir, split_sizes=TINY_SPLITS)
+    model = train_mod.build_model(config, data)
+    assert model.flow.regularize
+    optimizer = train_mod.make_optimizer(config, model)
+    torch.manual_seed(0)
+    out = train_step(model, optimizer, data.train[:20], 1.0, None, config.regularization())
+    assert out["reg_kinetic"] > 0 and out["reg_jacobian_frobenius"] > 0
+    expected = out["recon"] + out["kl"] + 0.5 * out["reg_kinetic"]
+    expected = expected + 0.25 * out["reg_jacobian_frobenius"]
+    torch.testing.assert_close(out["loss"], expected)
+    results = train(config, tmp_path / "run", progress=False)
+    assert math.isfinite(results["test_nelbo"])
+    with pytest.raises(ValueError, match="regularize FFJORD's dynamics"):
+        TrainConfig(flow="planar", kinetic_weight=1.0)
 
 
 def test_config_errors_name_the_valid_values() -> None:

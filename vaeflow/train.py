@@ -105,6 +105,11 @@ class TrainConfig:
     progress bar), ``image_every`` epochs between sample/reconstruction grids (0: never),
     ``checkpoint_every`` steps between mid-epoch checkpoints (0: epoch ends only),
     ``nan_retries`` restarts from the last checkpoint with 10x tighter FFJORD tolerances.
+
+    RNODE regularization of FFJORD's dynamics (Finlay et al. 2020): ``kinetic_weight`` times the
+    integrated ``||f||^2`` plus ``jacobian_weight`` times the integrated (estimated)
+    ``||df/dz||_F^2``, batch-averaged, are added to the training loss (not to the NELBO that is
+    reported); either weight > 0 switches the flow's ``regularize`` on.
     """
 
     dataset: str = "static_mnist"
@@ -139,6 +144,8 @@ class TrainConfig:
     image_every: int = 10
     checkpoint_every: int = 0
     nan_retries: int = 0
+    kinetic_weight: float = 0.0
+    jacobian_weight: float = 0.0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -160,6 +167,11 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def regularization(self) -> dict[str, float]:
+        """The RNODE weights in use, keyed like ``FFJORD.last_regularization``."""
+        weights = {"kinetic": self.kinetic_weight, "jacobian_frobenius": self.jacobian_weight}
+        return {k: float(w) for k, w in weights.items() if w > 0}
 
     def validate(self) -> None:
         """Raise a ``ValueError`` naming the bad value and the valid ones."""
@@ -188,6 +200,14 @@ class TrainConfig:
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
         if self.max_minutes is not None and not self.max_minutes > 0:
             raise ValueError(f"max_minutes must be positive or None, got {self.max_minutes!r}")
+        for name in ("kinetic_weight", "jacobian_weight"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.regularization() and self.flow != "ffjord":
+            raise ValueError(
+                "kinetic_weight / jacobian_weight regularize FFJORD's dynamics; "
+                f"flow {self.flow!r} has none"
+            )
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be positive or None, got {self.max_grad_norm!r}")
         if self.split_sizes is not None and len(self.split_sizes) != 3:
@@ -234,7 +254,10 @@ def build_model(config: TrainConfig, data: Dataset) -> VAE:
         )
     except TypeError as err:  # an option the architecture does not take: bad input
         raise ValueError(f"net_kwargs: {err}") from err
-    flow = make_flow(config.flow, config.latent_dim, config.context_dim, **config.flow_kwargs)
+    flow_kwargs = dict(config.flow_kwargs)
+    if config.regularization():
+        flow_kwargs["regularize"] = True
+    flow = make_flow(config.flow, config.latent_dim, config.context_dim, **flow_kwargs)
     return VAE(encoder, decoder, data.likelihood, flow)
 
 
@@ -261,15 +284,23 @@ def train_step(
     x: Tensor,
     beta: float | Tensor,
     max_grad_norm: float | None = None,
+    regularization: Mapping[str, float] | None = None,
 ) -> dict[str, Tensor]:
     """One optimisation step on the batch ``x [B, C, H, W]``; no host synchronisation.
 
     Returns the batch-mean terms of :meth:`VAE.loss` (``loss``, ``recon``, ``kl``, ``logdet``,
     ``nelbo``, ...) and ``grad_norm`` (before clipping), as detached scalar tensors on the
     device. With ``max_grad_norm`` the gradients are clipped to that global norm.
+    ``regularization`` maps names of ``model.flow.last_regularization`` (FFJORD with
+    ``regularize=True``) to weights: their batch means, weighted, join the loss, and each is
+    returned as ``reg_<name>``.
     """
     optimizer.zero_grad(set_to_none=True)
     terms = model.loss(x, beta)
+    for name, weight in (regularization or {}).items():
+        value = model.flow.last_regularization[name].mean()
+        terms[f"reg_{name}"] = value
+        terms["loss"] = terms["loss"] + weight * value
     terms["loss"].backward()
     params = [p for group in optimizer.param_groups for p in group["params"]]
     if max_grad_norm is not None:
@@ -622,7 +653,9 @@ class _Trainer:
             self.end_of_epoch()
             return
         for x in self.loader:
-            out = train_step(self.model, self.optimizer, x, beta, cfg.max_grad_norm)
+            out = train_step(
+                self.model, self.optimizer, x, beta, cfg.max_grad_norm, cfg.regularization()
+            )
             st.step += 1
             st.epoch_steps += 1
             window.append(out)
