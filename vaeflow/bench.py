@@ -46,7 +46,7 @@ from vaeflow.flows import FFJORD, FLOWS, make_flow
 from vaeflow.flows.ffjord import _divergence
 from vaeflow.nets import make_networks
 from vaeflow.ode import NFECounter, SolverConfig, solve, uses_static_solver
-from vaeflow.train import train_step
+from vaeflow.train import resolve_device, train_step
 from vaeflow.vae import VAE
 
 __all__ = [
@@ -915,18 +915,6 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise ValueError(f"unknown device {name!r}: {err}") from err
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} asked for, but CUDA is not available here")
-    return device
-
-
 def _select(args: argparse.Namespace, device: torch.device) -> list[Variant]:
     if args.variants:
         chosen = [_get_variant(name) for name in args.variants]
@@ -965,7 +953,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         device = torch.device("cpu") if args.smoke and args.device == "auto" else None
-        device = device or _resolve_device(args.device)
+        device = device or resolve_device(args.device)
         size = args.size or ("small" if args.smoke or device.type != "cuda" else "paper")
         iters = args.iters if args.iters is not None else (5 if args.smoke else 50)
         warmup = args.warmup if args.warmup is not None else (2 if args.smoke else 5)

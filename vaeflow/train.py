@@ -827,7 +827,7 @@ class _NonFinite(RuntimeError):
 
 def _smoke_eval(config: TrainConfig) -> dict[str, int]:
     """A run limited by ``max_steps`` is a smoke run: unless the config says how much to
-    evaluate, evaluate on 500 test points and 100 IS points with 20 samples."""
+    evaluate, evaluate on 500 test points and 50 IS points with 10 samples."""
     if config.max_steps is None:
         return {}
     out: dict[str, int] = {}
@@ -835,9 +835,9 @@ def _smoke_eval(config: TrainConfig) -> dict[str, int]:
     if config.eval_points == defaults["eval_points"].default:
         out["eval_points"] = 500
     if config.is_points == defaults["is_points"].default:
-        out["is_points"] = 100
+        out["is_points"] = 50
     if config.is_samples == defaults["is_samples"].default:
-        out["is_samples"] = 20
+        out["is_samples"] = 10
     return out
 
 

@@ -63,7 +63,22 @@ class _Dynamics(nn.Module):
         raise NotImplementedError
 
     def forward(self, t: Tensor, z: Tensor, amortized: Sequence[Tensor]) -> Tensor:
+        return self._field(t, z, amortized, keep=False)[0]
+
+    def _field(
+        self, t: Tensor, z: Tensor, amortized: Sequence[Tensor], keep: bool
+    ) -> tuple[Tensor, list[Tensor]]:
+        """``f [B, D]`` and, when ``keep``, the activation derivatives of the hidden layers."""
         raise NotImplementedError
+
+    def _activate(self, pre: Tensor, is_last: bool, act_grads: list[Tensor] | None) -> Tensor:
+        """The layer output from its pre-activation; records ``act'(pre)`` in ``act_grads``."""
+        if is_last:
+            return pre
+        x = self.act(pre)
+        if act_grads is not None:
+            act_grads.append(self.act_grad(pre, x))
+        return x
 
     def forward_and_vjp(
         self, t: Tensor, z: Tensor, amortized: Sequence[Tensor], probes: Tensor
@@ -138,16 +153,8 @@ class LowRankDynamics(_Dynamics):
             u, v, c = amortized[3 * i : 3 * i + 3]  # [B, out, r], [B, in, r], [B, out]
             low_rank = torch.einsum("bor,br->bo", u, torch.einsum("bi,bir->br", x, v))
             pre = layer(torch.cat([x, tt], dim=-1)) + low_rank + c
-            if i < last:
-                x = self.act(pre)
-                if keep:
-                    act_grads.append(self.act_grad(pre, x))
-            else:
-                x = pre
+            x = self._activate(pre, i == last, act_grads if keep else None)
         return x, act_grads
-
-    def forward(self, t: Tensor, z: Tensor, amortized: Sequence[Tensor]) -> Tensor:
-        return self._field(t, z, amortized, keep=False)[0]
 
     def forward_and_vjp(
         self, t: Tensor, z: Tensor, amortized: Sequence[Tensor], probes: Tensor
@@ -209,16 +216,8 @@ class ConcatDynamics(_Dynamics):
         act_grads: list[Tensor] = []
         for i, layer in enumerate(self.layers):
             pre = layer(torch.cat([x, tt], dim=-1))
-            if i < last:
-                x = self.act(pre)
-                if keep:
-                    act_grads.append(self.act_grad(pre, x))
-            else:
-                x = pre
+            x = self._activate(pre, i == last, act_grads if keep else None)
         return x, act_grads
-
-    def forward(self, t: Tensor, z: Tensor, amortized: Sequence[Tensor]) -> Tensor:
-        return self._field(t, z, amortized, keep=False)[0]
 
     def forward_and_vjp(
         self, t: Tensor, z: Tensor, amortized: Sequence[Tensor], probes: Tensor
