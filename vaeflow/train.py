@@ -32,7 +32,6 @@ import logging
 import math
 import os
 import signal
-import subprocess
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
@@ -455,22 +454,6 @@ def _atomic_write_json(obj: Any, path: Path) -> None:
         json.dump(obj, f, indent=2, sort_keys=True)
         f.write("\n")
     os.replace(tmp, path)
-
-
-def _commit() -> str:
-    root = Path(__file__).resolve().parents[1]
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=True,
-        )
-        return out.stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def load_run(run_dir: str | os.PathLike[str]) -> TrainConfig:
@@ -933,6 +916,8 @@ def train(
                 )
     finally:
         trainer.writer.close()
+    from vaeflow.bench import git_commit  # bench imports this module: import at call time
+
     results = json.loads((directory / RESULTS).read_text())
     timing = {
         "wall_seconds_this_session": time.time() - start,
@@ -942,7 +927,7 @@ def train(
         if trainer.device.type == "cuda"
         else "cpu",
         "torch": torch.__version__,
-        "commit": _commit(),
+        "commit": git_commit(),
         "resumed": resume is not None,
     }
     _atomic_write_json(timing, directory / TIMING)
