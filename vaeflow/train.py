@@ -539,7 +539,6 @@ class _Trainer:
         self.loader: DeviceLoader = self.data.loader("train", config.batch_size, seed=config.seed)
         self.state = _Progress()
         self.writer: Any = None
-        self.params = [p for p in self.model.parameters()]
 
     # ---- checkpoints
 
@@ -609,7 +608,7 @@ class _Trainer:
 
     def run(self, signals: _Signals) -> None:
         cfg, st = self.config, self.state
-        bar = _progress_bar(self.progress_bar, cfg, st.step)
+        bar = _progress_bar(self.progress_bar, cfg, st.step, len(self.loader))
         try:
             while not st.done:
                 self.run_epoch(signals, bar)
@@ -835,12 +834,16 @@ class _NullBar:
         pass
 
 
-def _progress_bar(enabled: bool, config: TrainConfig, initial: int) -> Any:
+def _progress_bar(enabled: bool, config: TrainConfig, initial: int, per_epoch: int) -> Any:
+    """A tqdm bar over all steps the run may take (``max_epochs`` or ``max_steps``), or nothing."""
     if not enabled:
         return _NullBar()
     from tqdm.auto import tqdm
 
-    return tqdm(total=config.max_steps, initial=initial, unit="it", dynamic_ncols=True)
+    total = config.max_epochs * per_epoch
+    if config.max_steps is not None:
+        total = min(total, config.max_steps)
+    return tqdm(total=total, initial=initial, unit="it", dynamic_ncols=True)
 
 
 def train(
