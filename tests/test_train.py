@@ -229,6 +229,35 @@ def test_nan_retry_tightens_ffjord_tolerances(
     assert results["steps"] == 20
 
 
+@pytest.mark.parametrize("retries", [0, 1])
+def test_solver_failure_in_the_final_evaluation(
+    tiny_data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, retries: int
+) -> None:
+    real = train_mod.evaluate
+    calls = {"n": 0}
+
+    def fails_once(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise SolverError("step size underflow (simulated)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "evaluate", fails_once)
+    run = tmp_path / "run"
+    config = tiny_config(tiny_data_dir, "ffjord", max_epochs=1, nan_retries=retries)
+    if retries:
+        results = train(config, run, progress=False)
+        assert results["solver"][0]["atol"] == 1e-5  # evaluated again at 10x tighter tolerance
+    else:
+        with pytest.raises(TrainingError, match="underflow"):
+            train(config, run, progress=False)
+        assert not (run / "results.json").exists()
+        results = train(resume=run, progress=False)  # only evaluates again
+        assert results["solver"][0]["atol"] == 1e-4
+    assert results["steps"] == 10 and calls["n"] == 2
+    assert json.loads((run / "results.json").read_text()) == results
+
+
 def test_max_steps_makes_a_smoke_run(tiny_data_dir: Path, tmp_path: Path) -> None:
     config = tiny_config(tiny_data_dir, "ffjord", max_steps=5, eval_points=None)
     results = train(config, tmp_path / "run", progress=False)

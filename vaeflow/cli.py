@@ -161,7 +161,10 @@ def cmd_train(args: argparse.Namespace) -> int:
             )
         config = resolve_config(args)
         if args.print_config:
-            print(json.dumps(config.to_dict(), indent=2, sort_keys=True))
+            from vaeflow.train import count_parameters
+
+            shown = {**config.to_dict(), "num_parameters": count_parameters(config)}
+            print(json.dumps(shown, indent=2, sort_keys=True))
             return 0
         run_dir = Path(args.out) if args.out else _default_out(args.dataset, args.flow)
         print(f"run directory: {run_dir}", file=sys.stderr)
@@ -264,7 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--overwrite", action="store_true",
                    help="start afresh in an --out that already holds a run")
     t.add_argument("--print-config", action="store_true",
-                   help="print the resolved config and exit")
+                   help="print the resolved config and the model's number of trainable "
+                   "parameters (num_parameters) and exit; reads no data")
     t.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train)
 

@@ -146,8 +146,11 @@ class Encoder(nn.Module):
     """Base class: a feature network followed by the ``mu``, ``sigma`` and context heads.
 
     ``mu = Linear(features)``, ``sigma = softplus(Linear(features)) + min_sigma``; the floor keeps
-    ``log sigma`` finite when the softplus underflows. Subclasses build ``self.body`` mapping
-    ``x [B, C, H, W]`` to features ``[B, num_features]`` and pass the context head.
+    ``log sigma`` finite when the softplus underflows. With ``variance_bounds=(lo, hi)`` the
+    softplus is read as a variance clamped to ``[lo, hi]`` and ``sigma`` is its square root (the
+    papers' code does this for the 256-way likelihood, a hard tanh to [0.01, 7], which keeps a
+    Frey Faces posterior from collapsing onto one grey level). Subclasses build ``self.body``
+    mapping ``x [B, C, H, W]`` to features ``[B, num_features]`` and pass the context head.
 
     Attributes:
         input_shape: ``(C, H, W)``.
@@ -164,12 +167,19 @@ class Encoder(nn.Module):
         num_features: int,
         context: nn.Module,
         min_sigma: float = 1e-6,
+        variance_bounds: tuple[float, float] | None = None,
     ) -> None:
         super().__init__()
         self.input_shape = _check_shape(input_shape)
         self.latent_dim = latent_dim
         self.context_dim = context_dim
         self.min_sigma = float(min_sigma)
+        if variance_bounds is not None:
+            lo, hi = (float(v) for v in variance_bounds)
+            if not 0 < lo < hi:
+                raise ValueError(f"variance_bounds must be 0 < lo < hi, got {variance_bounds!r}")
+            variance_bounds = (lo, hi)
+        self.variance_bounds = variance_bounds
         self.body = body
         self.mean = nn.Linear(num_features, latent_dim)
         self.scale = nn.Linear(num_features, latent_dim)
@@ -184,7 +194,10 @@ class Encoder(nn.Module):
             )
         features = self.body(x)
         mu = self.mean(features)
-        sigma = F.softplus(self.scale(features)) + self.min_sigma
+        if self.variance_bounds is None:
+            sigma = F.softplus(self.scale(features)) + self.min_sigma
+        else:
+            sigma = F.softplus(self.scale(features)).clamp(*self.variance_bounds).sqrt()
         return mu, sigma, self.context(features)
 
 
@@ -234,7 +247,8 @@ class GatedConvEncoder(Encoder):
     Layers (``in, out, kernel, stride, padding``): (C,32,5,1,2), (32,32,5,2,2), (32,64,5,1,2),
     (64,64,5,2,2), (64,64,5,1,2), (64,256,H/4 x W/4,1,0): 7x7 for 28x28, 7x5 for 28x20.
     When ``context_dim != 256`` a ``Linear(256, context_dim)`` projects the features to the
-    context (``mu`` and ``sigma`` still read the 256 features).
+    context (``mu`` and ``sigma`` still read the 256 features). ``variance_bounds``: see
+    :class:`Encoder`.
     """
 
     def __init__(
@@ -243,6 +257,7 @@ class GatedConvEncoder(Encoder):
         latent_dim: int,
         context_dim: int = GATEDCONV_FEATURES,
         min_sigma: float = 1e-6,
+        variance_bounds: tuple[float, float] | None = None,
     ) -> None:
         shape = _check_shape(input_shape)
         kernel = _gatedconv_last_kernel(shape)
@@ -261,7 +276,8 @@ class GatedConvEncoder(Encoder):
             else nn.Linear(GATEDCONV_FEATURES, context_dim)
         )
         super().__init__(
-            shape, latent_dim, context_dim, body, GATEDCONV_FEATURES, context, min_sigma
+            shape, latent_dim, context_dim, body, GATEDCONV_FEATURES, context, min_sigma,
+            variance_bounds,
         )
 
 
@@ -269,13 +285,27 @@ class GatedConvDecoder(Decoder):
     """The Sylvester paper's gated-conv decoder, mirroring :class:`GatedConvEncoder`.
 
     ``z`` is read as a 1x1 image; layers: T(D,64,H/4 x W/4,1,0), T(64,64,5,1,2),
-    T(64,32,5,2,2,op=1), T(32,32,5,1,2), T(32,32,5,2,2,op=1), T(32,32,5,1,2), then
+    T(64,32,5,2,2,op=1), T(32,32,5,1,2), T(32,32,5,2,2,op=1), T(32,32,5,1,2), then the head
     ``Conv2d(32, out_channels, 1)`` for the likelihood parameters (T = GatedConvTranspose2d).
+    With ``head_channels`` the head is ``Conv2d(32, head_channels, 5, padding=2)`` followed by
+    ``Conv2d(head_channels, out_channels, 1)``, the papers' head for the 256-way likelihood.
     """
 
-    def __init__(self, input_shape: Sequence[int], latent_dim: int, out_channels: int) -> None:
+    def __init__(
+        self,
+        input_shape: Sequence[int],
+        latent_dim: int,
+        out_channels: int,
+        head_channels: int | None = None,
+    ) -> None:
         shape = _check_shape(input_shape)
         kernel = _gatedconv_last_kernel(shape)
+        head: list[nn.Module] = [nn.Conv2d(32, out_channels, 1)]
+        if head_channels is not None:
+            head = [
+                nn.Conv2d(32, head_channels, 5, 1, 2),
+                nn.Conv2d(head_channels, out_channels, 1),
+            ]
         body = nn.Sequential(
             nn.Unflatten(1, (latent_dim, 1, 1)),
             GatedConvTranspose2d(latent_dim, 64, kernel, 1, 0),
@@ -284,7 +314,7 @@ class GatedConvDecoder(Decoder):
             GatedConvTranspose2d(32, 32, 5, 1, 2),
             GatedConvTranspose2d(32, 32, 5, 2, 2, output_padding=1),
             GatedConvTranspose2d(32, 32, 5, 1, 2),
-            nn.Conv2d(32, out_channels, 1),
+            *head,
         )
         super().__init__(shape, latent_dim, out_channels, body)
 
@@ -318,12 +348,15 @@ class MLPEncoder(Encoder):
         hidden_sizes: Sequence[int] = (300, 300),
         activation: str = "relu",
         min_sigma: float = 1e-6,
+        variance_bounds: tuple[float, float] | None = None,
     ) -> None:
         shape = _check_shape(input_shape)
         sizes = _check_hidden(hidden_sizes)
         body = nn.Sequential(nn.Flatten(), _mlp((math.prod(shape), *sizes), activation))
         context = nn.Linear(sizes[-1], context_dim)
-        super().__init__(shape, latent_dim, context_dim, body, sizes[-1], context, min_sigma)
+        super().__init__(
+            shape, latent_dim, context_dim, body, sizes[-1], context, min_sigma, variance_bounds
+        )
 
 
 class MLPDecoder(Decoder):
@@ -349,6 +382,12 @@ class MLPDecoder(Decoder):
 
 ARCHITECTURES = ("gatedconv", "mlp")
 
+# What the papers' gated-conv VAE does differently per likelihood (by name): for the 256-way
+# categorical a 5x5 convolution to 256 channels before the logits, and a bounded variance.
+PAPER_NETS: dict[str, dict[str, object]] = {
+    "categorical256": {"head_channels": 256, "variance_bounds": (0.01, 7.0)},
+}
+
 
 def make_networks(
     arch: str,
@@ -368,8 +407,10 @@ def make_networks(
             projection of the 256 conv features.
         likelihood: a name in :data:`vaeflow.likelihoods.LIKELIHOODS` (or an instance): it fixes
             the decoder's ``out_channels``.
-        **kw: ``min_sigma`` (encoder, both archs); for ``"mlp"`` also ``hidden_sizes`` and
-            ``activation`` (shared by encoder and decoder).
+        **kw: ``min_sigma`` and ``variance_bounds`` (encoder, both archs); for ``"gatedconv"``
+            ``head_channels`` (decoder); for ``"mlp"`` also ``hidden_sizes`` and ``activation``
+            (shared by encoder and decoder). For ``"gatedconv"`` the defaults of
+            :data:`PAPER_NETS` for the likelihood apply unless given (``None`` turns one off).
 
     Raises:
         ValueError: for an unknown arch (listing the valid ones), bad shapes or options.
@@ -382,19 +423,26 @@ def make_networks(
     for name, value in (("latent_dim", latent_dim), ("context_dim", context_dim)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    out_channels = get_likelihood(likelihood).out_channels(shape[0])
-    allowed = {"gatedconv": {"min_sigma"}, "mlp": {"min_sigma", "hidden_sizes", "activation"}}
+    lik = get_likelihood(likelihood)
+    out_channels = lik.out_channels(shape[0])
+    allowed = {
+        "gatedconv": {"min_sigma", "variance_bounds", "head_channels"},
+        "mlp": {"min_sigma", "variance_bounds", "hidden_sizes", "activation"},
+    }
     unknown = set(kw) - allowed[arch]
     if unknown:
         raise TypeError(
             f"make_networks({arch!r}) got unexpected keyword(s) {sorted(unknown)}; it accepts "
             f"{sorted(allowed[arch])}"
         )
-    enc_kw = {k: v for k, v in kw.items() if k == "min_sigma"}
-    shared = {k: v for k, v in kw.items() if k != "min_sigma"}
+    if arch == "gatedconv":
+        kw = {**PAPER_NETS.get(lik.name, {}), **kw}
+    enc_keys = ("min_sigma", "variance_bounds")
+    enc_kw = {k: v for k, v in kw.items() if k in enc_keys}
+    shared = {k: v for k, v in kw.items() if k not in enc_keys}
     if arch == "gatedconv":
         encoder: Encoder = GatedConvEncoder(shape, latent_dim, context_dim, **enc_kw)  # type: ignore[arg-type]
-        decoder: Decoder = GatedConvDecoder(shape, latent_dim, out_channels)
+        decoder: Decoder = GatedConvDecoder(shape, latent_dim, out_channels, **shared)  # type: ignore[arg-type]
     else:
         encoder = MLPEncoder(shape, latent_dim, context_dim, **shared, **enc_kw)  # type: ignore[arg-type]
         decoder = MLPDecoder(shape, latent_dim, out_channels, **shared)  # type: ignore[arg-type]

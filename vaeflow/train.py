@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from vaeflow.data import Dataset, DeviceLoader, load_dataset
+from vaeflow.data import Dataset, DatasetSpec, DeviceLoader, get_spec, load_dataset
 from vaeflow.flows import FLOWS, check_hyperparameters, make_flow
 from vaeflow.flows.ffjord import FFJORD
 from vaeflow.nets import ARCHITECTURES, make_networks
@@ -53,6 +53,7 @@ __all__ = [
     "TrainConfig",
     "TrainingError",
     "build_model",
+    "count_parameters",
     "train",
     "train_step",
     "evaluate",
@@ -240,8 +241,9 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def build_model(config: TrainConfig, data: Dataset) -> VAE:
-    """The VAE of ``config`` for ``data``'s image shape and likelihood (on the CPU)."""
+def build_model(config: TrainConfig, data: Dataset | DatasetSpec) -> VAE:
+    """The VAE of ``config`` for ``data``'s image shape and likelihood (on the CPU, or on the
+    current default device)."""
     try:
         encoder, decoder = make_networks(
             config.arch,
@@ -258,6 +260,14 @@ def build_model(config: TrainConfig, data: Dataset) -> VAE:
         flow_kwargs["regularize"] = True
     flow = make_flow(config.flow, config.latent_dim, config.context_dim, **flow_kwargs)
     return VAE(encoder, decoder, data.likelihood, flow)
+
+
+def count_parameters(config: TrainConfig) -> int:
+    """Trainable parameters of the model that ``config`` trains, built on the meta device from
+    the data set's description (no data is read or downloaded, no memory allocated)."""
+    with torch.device("meta"):
+        model = build_model(config, get_spec(config.dataset))
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def make_optimizer(config: TrainConfig, model: VAE) -> torch.optim.Optimizer:
@@ -791,7 +801,7 @@ class _Trainer:
                 for n in ("nfe_forward", "nfe_backward")
                 if n in st.total_sums
             },
-            num_parameters=sum(p.numel() for p in self.model.parameters()),
+            num_parameters=sum(p.numel() for p in self.model.parameters() if p.requires_grad),
             solver=self._solver_state(),
         )
         self.model.load_state_dict(final_state)
@@ -896,18 +906,16 @@ def train(
                     trainer.state.step)
     else:
         trainer.save()  # step 0: a kill before the first epoch ends resumes from here
-    if trainer.state.done:  # killed during the final evaluation: only evaluate again
-        trainer.open_writer()
-        results = trainer.finish()
-        trainer.writer.close()
-        return results
-
     trainer.open_writer()
     try:
         with _Signals() as signals:
             while True:
                 try:
                     trainer.run(signals)
+                    # a run that stopped in (or was killed during) its final evaluation, and
+                    # was resumed or restarted from its done checkpoint: evaluate again
+                    if trainer.state.done and not (directory / RESULTS).is_file():
+                        trainer.finish()
                     break
                 except (_NonFinite, SolverError) as err:
                     _recover(trainer, err)

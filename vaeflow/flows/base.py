@@ -9,27 +9,17 @@ the encoder computes from ``x``. Every flow returns the log-determinant of that 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Flow", "Identity", "Sequential", "ContextHead", "check_inputs", "check_positive_int"]
+from vaeflow.checks import check_choice, check_positive_int
 
-
-def check_positive_int(name: str, value: int) -> int:
-    """Return ``value`` if it is a positive int, else raise a ``ValueError`` that names ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
-
-
-def check_choice(name: str, value: str, choices: Sequence[str] | Mapping[str, object]) -> str:
-    """Return ``value`` if it is one of ``choices``, else raise a ``ValueError`` listing them."""
-    if value not in choices:
-        valid = ", ".join(repr(c) for c in choices)
-        raise ValueError(f"unknown {name} {value!r}; valid values are {valid}")
-    return value
+__all__ = [
+    "Flow", "Identity", "Sequential", "ContextHead", "check_choice", "check_inputs",
+    "check_positive_int",
+]
 
 
 def check_inputs(flow: Flow, z: Tensor, h: Tensor) -> None:

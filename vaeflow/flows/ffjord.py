@@ -383,7 +383,8 @@ class _BlockODE:
 
 class FFJORD(Flow):
     """Amortized FFJORD: ``num_blocks`` continuous flows in sequence, each with dynamics
-    conditioned on the context ``h`` and its own learnable end time.
+    conditioned on the context ``h`` and its own end time (fixed by default, as in the paper's
+    amortized models; learnable with ``train_end_time=True``).
 
     Args:
         dim: latent size D.
@@ -395,8 +396,9 @@ class FFJORD(Flow):
         rank: rank of the per-sample weight update for ``"lowrank"`` (default 8).
         num_blocks: number of CNF blocks (default 1).
         nonlinearity: one of ``NONLINEARITIES`` (default ``"softplus"``).
-        end_time: initial integration time T of each block (default 0.5).
-        train_end_time: learn T (default True).
+        end_time: (initial) integration time T of each block (default 0.5).
+        train_end_time: learn T (default False: the FFJORD paper's amortized VAEs keep T = 0.5
+            fixed; learning it is a departure, one more parameter per block).
         trace: ``"hutchinson"`` or ``"exact"``, used in training mode (default hutchinson).
         exact_in_eval: use the exact trace in eval mode whatever ``trace`` says (default True).
         noise: ``"rademacher"`` or ``"gaussian"`` Hutchinson noise (default rademacher, the
@@ -444,7 +446,7 @@ class FFJORD(Flow):
         num_blocks: int = 1,
         nonlinearity: str = "softplus",
         end_time: float = 0.5,
-        train_end_time: bool = True,
+        train_end_time: bool = False,
         trace: str = "hutchinson",
         exact_in_eval: bool = True,
         noise: str = "rademacher",

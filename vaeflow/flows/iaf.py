@@ -1,4 +1,9 @@
-"""Inverse autoregressive flow (Kingma et al. 2016) with context-conditioned MADE steps."""
+"""Inverse autoregressive flow (Kingma et al. 2016) with context-conditioned MADE steps.
+
+The architecture is the one the Sylvester and FFJORD papers' IAF baseline uses: one projection of
+the encoder's context to the MADE width, shared by every step, and per step a MADE whose first
+masked layer reads ``z``; the projected context is added after that layer's activation.
+"""
 
 from __future__ import annotations
 
@@ -23,25 +28,22 @@ class MaskedLinear(nn.Linear):
 
 
 class MADE(nn.Module):
-    """An autoregressive network ``z [B, D], h [B, H] -> (m [B, D], s [B, D])`` where output ``i``
-    depends on the inputs before ``i`` in ``order`` only, and on the context through the first
-    hidden layer (the Sylvester paper's conditioning).
+    """An autoregressive network ``z [B, D], c [B, W] -> (m [B, D], s [B, D])`` where output
+    ``i`` depends on the inputs before ``i`` in ``order`` only.
+
+    Layers: ``x = elu(L1(z)) + c``, then ``x = elu(Lj(x))`` for the other hidden layers, then
+    the masked heads ``m = Lm(x)``, ``s = Ls(x)``. ``c`` is the context already projected to the
+    width ``W`` (the IAF shares one projection between its steps).
 
     Args:
         dim: D.
-        context_dim: H.
-        hidden_dim: width of each hidden layer.
-        num_hidden_layers: number of hidden layers (>= 1).
+        hidden_dim: W, the width of every hidden layer.
+        num_hidden_layers: masked hidden layers (>= 1); the papers' IAF uses 2.
         reverse: use the order D, ..., 1 instead of 1, ..., D.
     """
 
     def __init__(
-        self,
-        dim: int,
-        context_dim: int,
-        hidden_dim: int,
-        num_hidden_layers: int = 1,
-        reverse: bool = False,
+        self, dim: int, hidden_dim: int, num_hidden_layers: int = 2, reverse: bool = False
     ) -> None:
         super().__init__()
         degrees_in = torch.arange(1, dim + 1)
@@ -56,13 +58,13 @@ class MADE(nn.Module):
             layers.append(MaskedLinear(previous.numel(), hidden_dim, mask))
             previous = degrees_hidden
         self.hidden = nn.ModuleList(layers)
-        self.context = nn.Linear(context_dim, hidden_dim)
         out_mask = (degrees_in[:, None] > previous[None, :]).float()
         self.out_m = MaskedLinear(hidden_dim, dim, out_mask)
         self.out_s = MaskedLinear(hidden_dim, dim, out_mask)
 
-    def forward(self, z: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
-        x = F.elu(self.hidden[0](z) + self.context(h))
+    def forward(self, z: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+        """``z [B, D]``, projected context ``c [B, W]`` -> ``(m [B, D], s [B, D])``."""
+        x = F.elu(self.hidden[0](z)) + c
         for layer in self.hidden[1:]:
             x = F.elu(layer(x))
         return self.out_m(x), self.out_s(x)
@@ -73,15 +75,17 @@ class IAF(Flow):
 
         sigma = sigmoid(s + forget_bias),  z <- sigma * z + (1 - sigma) * m,
 
-    where ``(m, s) = MADE(z, h)``; ``logdet = sum log sigma``. Steps alternate the
-    autoregressive order so that every dimension can depend on every other.
+    where ``(m, s) = MADE(z, c)`` and ``c = Linear(h)`` is one context projection shared by all
+    steps; ``logdet = sum log sigma``. Steps alternate the autoregressive order so that every
+    dimension can depend on every other.
 
     Args:
         dim: D.
         context_dim: H.
         num_steps: number of IAF steps (default 4).
         hidden_dim: MADE width (default 320, as in the Sylvester paper's IAF).
-        num_hidden_layers: MADE depth (default 1).
+        num_hidden_layers: masked hidden layers per MADE (default 2, as in the papers' code:
+            ``z -> W``, context added, ``W -> W``).
         forget_bias: added to ``s`` so a fresh flow starts close to the identity (default 1.0).
     """
 
@@ -93,7 +97,7 @@ class IAF(Flow):
         context_dim: int,
         num_steps: int = 4,
         hidden_dim: int = 320,
-        num_hidden_layers: int = 1,
+        num_hidden_layers: int = 2,
         forget_bias: float = 1.0,
     ) -> None:
         super().__init__(dim, context_dim)
@@ -101,26 +105,29 @@ class IAF(Flow):
         check_positive_int("hidden_dim", hidden_dim)
         check_positive_int("num_hidden_layers", num_hidden_layers)
         self.forget_bias = float(forget_bias)
+        self.context = nn.Linear(context_dim, hidden_dim)
         self.steps = nn.ModuleList(
-            MADE(dim, context_dim, hidden_dim, num_hidden_layers, reverse=k % 2 == 1)
+            MADE(dim, hidden_dim, num_hidden_layers, reverse=k % 2 == 1)
             for k in range(num_steps)
         )
 
-    def _gate(self, made: MADE, z: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
-        m, s = made(z, h)
+    def _gate(self, made: MADE, z: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+        m, s = made(z, c)
         return m, s + self.forget_bias
 
     def _forward(self, z0: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+        c = self.context(h)
         z = z0
         logdet = z0.new_zeros(z0.shape[0])
         for made in self.steps:
-            m, s = self._gate(made, z, h)
+            m, s = self._gate(made, z, c)
             sigma = torch.sigmoid(s)
             z = sigma * z + (1.0 - sigma) * m
             logdet = logdet + F.logsigmoid(s).sum(-1)
         return z, logdet
 
     def _inverse(self, zK: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+        c = self.context(h)
         z = zK
         logdet = zK.new_zeros(zK.shape[0])
         for made in reversed(self.steps):
@@ -128,10 +135,10 @@ class IAF(Flow):
             # Output i depends on inputs before i only, so each pass fixes one more coordinate:
             # D passes recover the input exactly.
             for _ in range(self.dim):
-                m, s = self._gate(made, z, h)
+                m, s = self._gate(made, z, c)
                 sigma = torch.sigmoid(s)
                 z = (target - (1.0 - sigma) * m) / sigma
-            m, s = self._gate(made, z, h)
+            m, s = self._gate(made, z, c)
             logdet = logdet + F.logsigmoid(s).sum(-1)
         return z, logdet
 

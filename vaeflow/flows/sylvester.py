@@ -11,6 +11,7 @@ The three variants differ only in how ``Q`` is made; all parameters come from th
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import Tensor
@@ -76,7 +77,10 @@ class OrthogonalSylvester(_Sylvester):
         num_ortho_vecs: M, clipped to D (default 32).
         ortho_tol: stop when ``max |Q^T Q - I| < ortho_tol`` (default 1e-6 in float32; the
             float64 tolerance is 1e-12).
-        max_ortho_iters: give up (with an error) after this many iterations (default 100).
+        max_ortho_iters: stop after this many iterations even when the tolerance is not reached
+            (default 100). As in the papers' code, that is not an error: float32 rounding puts
+            the residual's floor near 5e-7 on some hardware, so a long run must not end on it.
+            A ``RuntimeWarning`` with the residual is issued once per flow.
     """
 
     def __init__(
@@ -92,6 +96,7 @@ class OrthogonalSylvester(_Sylvester):
         super().__init__(dim, context_dim, num_steps, m, {"q": (num_steps, dim, m)})
         self.ortho_tol = float(ortho_tol)
         self.max_ortho_iters = check_positive_int("max_ortho_iters", max_ortho_iters)
+        self._warned = False
 
     def _q(self, p: dict[str, Tensor]) -> Tensor:
         q = p["q"]  # [B, K, D, M]
@@ -101,18 +106,26 @@ class OrthogonalSylvester(_Sylvester):
         # The convergence test needs the host; checking every few iterations keeps the
         # synchronizations few while the iteration itself converges quadratically.
         check_every = 5
+        err = math.inf
         for it in range(1, self.max_ortho_iters + 1):
             qtq = q.transpose(-1, -2) @ q
             q = q @ (eye + 0.5 * (eye - qtq))
-            if it % check_every == 0:
+            if it % check_every == 0 or it == self.max_ortho_iters:
                 err = float(((q.transpose(-1, -2) @ q) - eye).abs().amax().detach())
                 if not math.isfinite(err):
                     raise FloatingPointError("orthogonalization of Q gave non-finite values")
                 if err < tol:
                     return q
-        raise RuntimeError(
-            f"orthogonalization of Q did not converge in {self.max_ortho_iters} iterations"
-        )
+        if not self._warned:
+            self._warned = True
+            warnings.warn(
+                f"orthogonalization of Q stopped after {self.max_ortho_iters} iterations at "
+                f"max |Q^T Q - I| = {err:.3g} (tolerance {tol:g}); going on with this Q "
+                "(warned once per flow)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        return q
 
 
 class HouseholderSylvester(_Sylvester):

@@ -1,0 +1,82 @@
+"""One home for the checks of user-supplied values: each returns the value (normalized) or
+raises a ``ValueError`` that names the argument, what it must be, and what it got.
+
+The CLI turns these ``ValueError``s into one-line messages; anything else is a bug and keeps its
+traceback.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+__all__ = [
+    "check_bool",
+    "check_choice",
+    "check_int",
+    "check_number",
+    "check_positive_int",
+]
+
+
+def check_int(name: str, value: Any, minimum: int | None = None) -> int:
+    """An ``int`` (not a bool) that is at least ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int) or (
+        minimum is not None and value < minimum
+    ):
+        if minimum == 1:
+            kind = "a positive integer"
+        elif minimum is None:
+            kind = "an integer"
+        else:
+            kind = f"an integer >= {minimum}"
+        raise ValueError(f"{name} must be {kind}, got {value!r}")
+    return value
+
+
+def check_positive_int(name: str, value: Any) -> int:
+    """An ``int`` >= 1."""
+    return check_int(name, value, minimum=1)
+
+
+def check_number(
+    name: str,
+    value: Any,
+    *,
+    positive: bool = False,
+    nonnegative: bool = False,
+    finite: bool = True,
+) -> float:
+    """A real number (int or float, not a bool), finite unless ``finite=False``."""
+    ok = isinstance(value, int | float) and not isinstance(value, bool)
+    if ok and finite and not math.isfinite(value):
+        ok = False
+    if ok and positive and not value > 0:
+        ok = False
+    if ok and nonnegative and not value >= 0:
+        ok = False
+    if not ok:
+        kind = "a positive" if positive else "a non-negative" if nonnegative else "a"
+        kind += " finite number" if finite else " number"
+        raise ValueError(f"{name} must be {kind}, got {value!r}")
+    return float(value)
+
+
+def check_bool(name: str, value: Any) -> bool:
+    """``True``/``False``; the strings ``true/false/True/False`` (from a command line or a
+    file written by hand) are read as booleans, anything else is refused: ``"False"`` must never
+    count as true."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    raise ValueError(f"{name} must be true or false, got {value!r}")
+
+
+def check_choice(name: str, value: Any, choices: Sequence[str] | Mapping[str, object]) -> str:
+    """One of ``choices``; the error lists them."""
+    if not isinstance(value, str) or value not in choices:
+        valid = ", ".join(repr(c) for c in choices)
+        raise ValueError(f"unknown {name} {value!r}; valid values are {valid}")
+    return value
