@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+
+# The experiment scripts live beside the library, not in it: tests import them by module name
+# (`import table_lib`, `import bench`) from this one place.
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+sys.path.insert(0, str(EXPERIMENTS))
 
 # Tiny tensors run fastest on one thread, and a machine shared with other jobs does not then
 # thrash OpenMP's spinning workers.

@@ -1,23 +1,46 @@
 """One home for the checks of user-supplied values: each returns the value (normalized) or
 raises a ``ValueError`` that names the argument, what it must be, and what it got.
 
-The CLI turns these ``ValueError``s into one-line messages; anything else is a bug and keeps its
-traceback.
+They raise :class:`InputError`, a ``ValueError``: the CLI turns it (and only it, with the other
+known failures) into a one-line message; any other exception is a bug and keeps its traceback.
+Code that validates user input with library calls that raise a plain ``ValueError`` (building a
+flow from hyperparameters, reading a data file) marks the boundary with :func:`input_errors`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 __all__ = [
+    "InputError",
+    "input_errors",
     "check_bool",
     "check_choice",
     "check_int",
     "check_number",
     "check_positive_int",
 ]
+
+
+class InputError(ValueError):
+    """A value given by the user (an option, a config key, a file) that cannot be used."""
+
+
+@contextlib.contextmanager
+def input_errors(prefix: str = "") -> Iterator[None]:
+    """Inside this block a ``ValueError`` (or ``TypeError``) means bad input: it is raised again
+    as an :class:`InputError`, with ``prefix`` before its message."""
+    try:
+        yield
+    except InputError as err:
+        if not prefix:
+            raise
+        raise InputError(f"{prefix}{err}") from err
+    except (ValueError, TypeError) as err:
+        raise InputError(f"{prefix}{err}") from err
 
 
 def check_int(name: str, value: Any, minimum: int | None = None) -> int:
@@ -31,7 +54,7 @@ def check_int(name: str, value: Any, minimum: int | None = None) -> int:
             kind = "an integer"
         else:
             kind = f"an integer >= {minimum}"
-        raise ValueError(f"{name} must be {kind}, got {value!r}")
+        raise InputError(f"{name} must be {kind}, got {value!r}")
     return value
 
 
@@ -59,7 +82,7 @@ def check_number(
     if not ok:
         kind = "a positive" if positive else "a non-negative" if nonnegative else "a"
         kind += " finite number" if finite else " number"
-        raise ValueError(f"{name} must be {kind}, got {value!r}")
+        raise InputError(f"{name} must be {kind}, got {value!r}")
     return float(value)
 
 
@@ -71,12 +94,21 @@ def check_bool(name: str, value: Any) -> bool:
         return value
     if isinstance(value, str) and value.lower() in ("true", "false"):
         return value.lower() == "true"
-    raise ValueError(f"{name} must be true or false, got {value!r}")
+    raise InputError(f"{name} must be true or false, got {value!r}")
 
 
-def check_choice(name: str, value: Any, choices: Sequence[str] | Mapping[str, object]) -> str:
-    """One of ``choices``; the error lists them."""
+def check_choice(
+    name: str,
+    value: Any,
+    choices: Sequence[str] | Mapping[str, object],
+    plural: str | None = None,
+) -> str:
+    """One of ``choices``; the error lists them ("valid flows are none, planar, ..." with
+    ``plural="flows"``, else "valid values are 'a', 'b'")."""
     if not isinstance(value, str) or value not in choices:
-        valid = ", ".join(repr(c) for c in choices)
-        raise ValueError(f"unknown {name} {value!r}; valid values are {valid}")
+        if plural is None:
+            raise InputError(
+                f"unknown {name} {value!r}; valid values are {', '.join(map(repr, choices))}"
+            )
+        raise InputError(f"unknown {name} {value!r}; valid {plural} are {', '.join(choices)}")
     return value

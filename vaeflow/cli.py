@@ -1,4 +1,4 @@
-"""The ``vaeflow`` command: ``train``, ``eval``, ``flows``, ``bench``.
+"""The ``vaeflow`` command: ``train``, ``eval``, ``flows``.
 
     vaeflow train --dataset static_mnist --flow ffjord                 # the paper's protocol
     vaeflow train --dataset static_mnist --flow ffjord --max-steps 50 --out runs/smoke
@@ -6,10 +6,11 @@
     vaeflow eval runs/smoke                                            # test NELBO and IS LL
     vaeflow flows                                                      # flows and their options
 
-The settings of a run come, lowest priority first, from :class:`vaeflow.train.TrainConfig`'s
-defaults, the data set's file in ``experiments/configs/`` (its ``[train]`` table and the
-``[flows.<flow>]`` table), ``--config FILE``, and the command line (named options, then
-``--set KEY=VALUE`` for any config key and ``--flow-opt KEY=VALUE`` for any flow
+The settings of a run come, lowest priority first, from :class:`vaeflow.configs.TrainConfig`'s
+defaults, the papers' settings that ship with vaeflow (``vaeflow/configs/``: the shared
+``protocol.toml`` and the data set's ``datasets/DATASET.toml``), a named ``--preset``,
+``--config FILE`` (``[train]`` and ``[flows.<flow>]`` tables), and the command line (named
+options, then ``--set KEY=VALUE`` for any config key and ``--flow-opt KEY=VALUE`` for any flow
 hyperparameter; VALUE is read as TOML: ``--flow-opt hidden_dims=[64,64]``, ``adjoint=true``).
 """
 
@@ -18,13 +19,14 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
-import os
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from vaeflow.checks import InputError
+from vaeflow.configs import TrainConfig, presets, resolve
 from vaeflow.data import DATASETS, DataNotFoundError
 from vaeflow.flows import FLOWS
 from vaeflow.nets import ARCHITECTURES
@@ -34,46 +36,12 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-__all__ = ["main", "resolve_config", "find_config_dir"]
-
-CONFIG_ENV = "VAEFLOW_CONFIGS"
+__all__ = ["main", "resolve_config", "parse_value", "build_parser"]
 
 
-class CLIError(ValueError):
+
+class CLIError(InputError):
     """Bad command-line input (exit status 2)."""
-
-
-def find_config_dir() -> Path | None:
-    """The folder of per-data-set TOML configs: ``$VAEFLOW_CONFIGS``, else the repository's
-    ``experiments/configs`` (next to the installed package or in the working directory)."""
-    env = os.environ.get(CONFIG_ENV)
-    if env:
-        return Path(env)
-    for base in (Path(__file__).resolve().parents[1], Path.cwd()):
-        candidate = base / "experiments" / "configs"
-        if candidate.is_dir():
-            return candidate
-    return None
-
-
-def _read_toml(path: Path) -> dict[str, Any]:
-    try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
-    except FileNotFoundError as err:
-        raise CLIError(f"config file {path} does not exist") from err
-    except tomllib.TOMLDecodeError as err:
-        raise CLIError(f"config file {path} is not valid TOML: {err}") from err
-
-
-def _merge_file(values: dict[str, Any], table: dict[str, Any], flow: str, source: str) -> None:
-    unknown = sorted(set(table) - {"train", "flows"})
-    if unknown:
-        raise CLIError(f"{source}: unknown table(s) {unknown}; valid tables are [train], [flows.*]")
-    values.update(table.get("train", {}))
-    flow_table = table.get("flows", {}).get(flow)
-    if flow_table is not None:
-        values["flow_kwargs"] = {**values.get("flow_kwargs", {}), **flow_table}
 
 
 def parse_value(text: str) -> Any:
@@ -110,31 +78,21 @@ _NAMED = {
 }
 
 
-def resolve_config(args: argparse.Namespace) -> Any:
-    """The :class:`TrainConfig` of ``vaeflow train`` arguments (see the module docstring)."""
-    from vaeflow.train import TrainConfig
-
-    values: dict[str, Any] = {"dataset": args.dataset, "flow": args.flow}
-    config_dir = find_config_dir()
-    if not args.no_dataset_config and config_dir is not None:
-        path = config_dir / f"{args.dataset}.toml"
-        if path.is_file():
-            _merge_file(values, _read_toml(path), args.flow, str(path))
-    if args.config:
-        _merge_file(values, _read_toml(Path(args.config)), args.flow, args.config)
-    values["dataset"], values["flow"] = args.dataset, args.flow
-    for dest, key in _NAMED.items():
-        value = getattr(args, dest)
-        if value is not None:
-            values[key] = value
-    values.update(_pairs(args.set, "--set"))
-    flow_opts = _pairs(args.flow_opt, "--flow-opt")
-    if flow_opts:
-        values["flow_kwargs"] = {**values.get("flow_kwargs", {}), **flow_opts}
-    for key in ("flow_kwargs", "net_kwargs"):
-        if key in values and not isinstance(values[key], dict):
-            raise CLIError(f"{key} must be a table, got {values[key]!r}")
-    return TrainConfig.from_dict(values)
+def resolve_config(args: argparse.Namespace) -> TrainConfig:
+    """The :class:`TrainConfig` of ``vaeflow train`` arguments, through
+    :func:`vaeflow.configs.resolve` (see the module docstring)."""
+    overrides = {key: getattr(args, dest) for dest, key in _NAMED.items()
+                 if getattr(args, dest) is not None}
+    overrides.update(_pairs(args.set, "--set"))
+    return resolve(
+        args.dataset,
+        args.flow,
+        overrides,
+        flow_options=_pairs(args.flow_opt, "--flow-opt"),
+        preset=args.preset,
+        config_file=args.config,
+        paper=not args.no_dataset_config,
+    )
 
 
 def _default_out(dataset: str, flow: str) -> Path:
@@ -145,10 +103,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from vaeflow.train import train
 
     if args.resume:
-        if args.dataset or args.flow or args.config or args.set or args.flow_opt:
+        if args.dataset or args.flow or args.config or args.set or args.flow_opt or args.preset:
             raise CLIError(
                 "--resume continues a run with its saved config; drop --dataset/--flow/"
-                "--config/--set/--flow-opt (start a new run with --out to change them)"
+                "--preset/--config/--set/--flow-opt (start a new run with --out to change them)"
             )
         results = train(resume=args.resume, progress=not args.quiet)
         run_dir = Path(args.resume)
@@ -161,7 +119,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             )
         config = resolve_config(args)
         if args.print_config:
-            from vaeflow.train import count_parameters
+            from vaeflow.model import count_parameters
 
             shown = {**config.to_dict(), "num_parameters": count_parameters(config)}
             print(json.dumps(shown, indent=2, sort_keys=True))
@@ -222,14 +180,6 @@ def cmd_flows(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench(argv: Sequence[str]) -> int:
-    try:
-        from vaeflow import bench
-    except ImportError as err:  # pragma: no cover
-        raise CLIError(f"the benchmark is not available: {err}") from err
-    return int(bench.main(list(argv)) or 0)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vaeflow",
@@ -247,9 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--flow", choices=list(FLOWS), help="posterior flow")
     t.add_argument("--out", help="run directory (default runs/DATASET-FLOW-TIME)")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its checkpoint")
+    t.add_argument("--preset", choices=presets() or None,
+                   help="a named configuration that ships with vaeflow (over the paper's)")
     t.add_argument("--config", help="a TOML file with [train] and [flows.NAME] tables")
     t.add_argument("--no-dataset-config", action="store_true",
-                   help="ignore experiments/configs/DATASET.toml")
+                   help="ignore the papers' settings (vaeflow/configs): TrainConfig defaults")
     t.add_argument("--arch", choices=ARCHITECTURES, help="encoder/decoder architecture")
     t.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
     t.add_argument("--seed", type=int)
@@ -286,8 +238,6 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("flows", help="list the flows and their hyperparameters")
     f.set_defaults(func=cmd_flows)
 
-    sub.add_parser("bench", help="time training iterations per flow (see vaeflow bench -h)",
-                   add_help=False)
     return parser
 
 
@@ -296,15 +246,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     from vaeflow.train import TrainingError
 
+    # Known failures become one line; anything else is a bug and shows its traceback.
     try:
-        if argv and argv[0] == "bench":
-            return cmd_bench(argv[1:])
         args = build_parser().parse_args(argv)
         return int(args.func(args))
-    except (CLIError, ValueError, FileExistsError) as err:
-        print(f"vaeflow: error: {err}", file=sys.stderr)
-        return 2
-    except (DataNotFoundError, FileNotFoundError) as err:
+    except (InputError, FileExistsError, DataNotFoundError) as err:
         print(f"vaeflow: error: {err}", file=sys.stderr)
         return 2
     except TrainingError as err:

@@ -57,6 +57,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from vaeflow.atomic import atomic_write
+
 __all__ = [
     "DATASETS",
     "ChecksumError",
@@ -204,24 +206,6 @@ def _download(source: Source, dest: Path) -> list[str]:
             )
         return []
     return errors or ["no URL to download from"]
-
-
-def _save_npz_atomic(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
-    """Write ``arrays`` with ``np.savez_compressed`` to a temp file, then rename it to ``path``.
-
-    The rename is atomic within one directory, so a killed process never leaves a half-written
-    ``.npz`` under the final name for a later run to trip over.
-    """
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez_compressed(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _loadmat(path: Path) -> dict[str, Any]:
@@ -779,7 +763,7 @@ def _download_dataset(spec: DatasetSpec, data_dir: Path, origin: str, sizes: Spl
             arrays = spec.convert(raw)
             # validate before anything lands under the final name
             spec.read(arrays, spec.filename, sizes)
-            _save_npz_atomic(data_dir / spec.filename, arrays)
+            atomic_write(data_dir / spec.filename, lambda f: np.savez_compressed(f, **arrays))
     except BaseException:
         if created:  # keep nothing: drop the folder this call made, if it is still empty
             with contextlib.suppress(OSError):

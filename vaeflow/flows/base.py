@@ -8,8 +8,9 @@ the encoder computes from ``x``. Every flow returns the log-determinant of that 
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -87,8 +88,53 @@ class Flow(nn.Module):
     def _inverse(self, zK: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
 
+    # What a training loop needs to know of a flow, without knowing its class. The defaults
+    # combine the flows inside this one (a Sequential, a flow made of flows), so a flow that
+    # has no solver of its own needs to override none of them.
+
+    def subflows(self) -> list[Flow]:
+        """The flows directly inside this one (not looking inside those)."""
+        return list(_subflows(self))
+
+    def statistics(self) -> dict[str, int]:
+        """Counters of the last call, summed over the flows inside, read without touching the
+        device: for a continuous flow ``nfe_forward`` and ``nfe_backward`` (function
+        evaluations of the solves in the last forward, and in its backward). Empty for flows
+        with no such counters."""
+        total: dict[str, int] = {}
+        for flow in self.subflows():
+            for name, value in flow.statistics().items():
+                total[name] = total.get(name, 0) + value
+        return total
+
+    @contextlib.contextmanager
+    def evaluation_trace(self, exact: bool = True) -> Iterator[None]:
+        """Within this context, eval mode computes the exact log-determinant (``exact``) or the
+        training estimator (flows whose log-determinant is always exact ignore it)."""
+        with contextlib.ExitStack() as stack:
+            for flow in self.subflows():
+                stack.enter_context(flow.evaluation_trace(exact))
+            yield
+
+    def tighten_solver(self, factor: float = 10.0) -> dict[str, float] | None:
+        """Divide the ODE solver tolerances by ``factor``; return the new ``{"atol", "rtol"}``
+        (of the last flow changed), or ``None`` when the flow solves no ODE. The tolerances
+        are part of :meth:`state_dict`, so a model saved after this is evaluated with them."""
+        out = None
+        for flow in self.subflows():
+            out = flow.tighten_solver(factor) or out
+        return out
+
     def extra_repr(self) -> str:
         return f"dim={self.dim}, context_dim={self.context_dim}"
+
+
+def _subflows(module: nn.Module) -> Iterator[Flow]:
+    for child in module.children():
+        if isinstance(child, Flow):
+            yield child
+        else:
+            yield from _subflows(child)
 
 
 class Identity(Flow):

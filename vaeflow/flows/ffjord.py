@@ -13,9 +13,11 @@ drawn once per solve) in training, and computed exactly in evaluation.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -530,6 +532,38 @@ class FFJORD(Flow):
     def nfe_backward(self) -> int:
         """Function evaluations of the adjoint solves in the backward of the last call."""
         return self._counter.backward
+
+    def statistics(self) -> dict[str, int]:
+        return {"nfe_forward": self._counter.forward, "nfe_backward": self._counter.backward}
+
+    @contextlib.contextmanager
+    def evaluation_trace(self, exact: bool = True) -> Iterator[None]:
+        saved, self.exact_in_eval = self.exact_in_eval, exact
+        try:
+            yield
+        finally:
+            self.exact_in_eval = saved
+
+    def tighten_solver(self, factor: float = 10.0) -> dict[str, float]:
+        self.solver = dataclasses.replace(
+            self.solver, atol=self.solver.atol / factor, rtol=self.solver.rtol / factor
+        )
+        return {"atol": self.solver.atol, "rtol": self.solver.rtol}
+
+    # The solver's tolerances travel in the state_dict (``_extra_state``): a model trained on
+    # after a NaN retry tightened them is evaluated at the tolerances it was trained with.
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"method": self.solver.method, "atol": self.solver.atol, "rtol": self.solver.rtol}
+
+    def set_extra_state(self, state: Any) -> None:
+        if not isinstance(state, dict) or state.get("method") != self.solver.method:
+            raise ValueError(
+                f"the saved FFJORD solver state {state!r} does not belong to a flow solved with "
+                f"{self.solver.method!r}"
+            )
+        self.solver = dataclasses.replace(
+            self.solver, atol=float(state["atol"]), rtol=float(state["rtol"])
+        )
 
     def uses_exact_trace(self) -> bool:
         """Whether the next call computes the exact trace (eval mode, or ``trace="exact"``)."""

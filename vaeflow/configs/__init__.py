@@ -1,0 +1,138 @@
+"""The papers' settings as package data, and the one resolver that turns a data set, a flow and
+overrides into a :class:`TrainConfig`.
+
+    from vaeflow.configs import resolve
+    config = resolve("static_mnist", "ffjord", {"max_steps": 50}, flow_options={"adjoint": True})
+
+Layers, lowest priority first:
+
+1. :class:`TrainConfig`'s defaults (the papers' training protocol);
+2. ``protocol.toml`` (the baselines' and FFJORD's settings shared by every data set);
+3. ``datasets/<dataset>.toml`` (what differs for the data set: FFJORD's sizes);
+4. a named preset, ``presets/<name>.toml`` (for example ``quick``);
+5. a user's file (``config_file``, the CLI's ``--config``);
+6. ``overrides`` (config keys) and ``flow_options`` (flow hyperparameters).
+
+Every file holds a ``[train]`` table of config keys and ``[flows.<flow>]`` tables of
+hyperparameters; a file's ``[flows.<flow>]`` applies only to runs of that flow. The CLI, the
+comparison table, the benchmark and Python users all resolve through :func:`resolve`, so the
+papers' settings are written once, here, and travel with an installed wheel.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from vaeflow.checks import InputError
+from vaeflow.configs.train_config import OPTIMIZERS, TrainConfig
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+__all__ = ["TrainConfig", "OPTIMIZERS", "ConfigError", "resolve", "presets", "read_config_file"]
+
+_TABLES = ("train", "flows")
+
+
+class ConfigError(InputError):
+    """A config file that cannot be read, or holds tables or keys that mean nothing."""
+
+
+def _package_file(*parts: str) -> Any:
+    return resources.files(__name__).joinpath(*parts)
+
+
+def presets() -> list[str]:
+    """The names of the presets that ship with vaeflow."""
+    folder = _package_file("presets")
+    return sorted(p.name[: -len(".toml")] for p in folder.iterdir() if p.name.endswith(".toml"))
+
+
+def _parse(text: str, source: str) -> dict[str, Any]:
+    try:
+        table = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"config file {source} is not valid TOML: {err}") from err
+    unknown = sorted(set(table) - set(_TABLES))
+    if unknown:
+        raise ConfigError(
+            f"{source}: unknown table(s) {unknown}; valid tables are [train] and [flows.<flow>]"
+        )
+    flows = table.get("flows", {})
+    if not isinstance(table.get("train", {}), dict) or not isinstance(flows, dict) or not all(
+        isinstance(v, dict) for v in flows.values()
+    ):
+        raise ConfigError(f"{source}: [train] and [flows.<flow>] must be tables")
+    return table
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A user's TOML config file as ``{"train": {...}, "flows": {...}}``."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError as err:
+        raise ConfigError(f"config file {path} does not exist") from err
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as err:
+        raise ConfigError(f"config file {path} cannot be read: {err}") from err
+    return _parse(text, str(path))
+
+
+def _package_table(*parts: str) -> dict[str, Any] | None:
+    item = _package_file(*parts)
+    if not item.is_file():
+        return None
+    return _parse(item.read_text(), f"vaeflow/configs/{'/'.join(parts)}")
+
+
+def _merge(values: dict[str, Any], table: Mapping[str, Any], flow: str) -> None:
+    values.update(table.get("train", {}))
+    flow_table = table.get("flows", {}).get(flow)
+    if flow_table is not None:
+        values["flow_kwargs"] = {**values.get("flow_kwargs", {}), **flow_table}
+
+
+def resolve(
+    dataset: str,
+    flow: str,
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    flow_options: Mapping[str, Any] | None = None,
+    preset: str | None = None,
+    config_file: str | Path | None = None,
+    paper: bool = True,
+) -> TrainConfig:
+    """The :class:`TrainConfig` of a run of ``flow`` on ``dataset`` (layers in the module
+    docstring). ``paper=False`` skips the package's paper settings (layers 2 and 3).
+
+    Raises:
+        ValueError: an unknown data set, flow, preset, key or hyperparameter, or a bad value;
+            the message names it and the valid ones.
+    """
+    values: dict[str, Any] = {"dataset": dataset, "flow": flow}
+    TrainConfig.check_names(dataset, flow)
+    layers: list[Mapping[str, Any] | None] = []
+    if paper:
+        layers += [_package_table("protocol.toml"), _package_table("datasets", f"{dataset}.toml")]
+    if preset is not None:
+        if preset not in presets():
+            raise ConfigError(
+                f"unknown preset {preset!r}; valid presets are {', '.join(presets()) or '(none)'}"
+            )
+        layers.append(_package_table("presets", f"{preset}.toml"))
+    if config_file is not None:
+        layers.append(read_config_file(config_file))
+    for table in layers:
+        if table is not None:
+            _merge(values, table, flow)
+    values.update(overrides or {})
+    values["dataset"], values["flow"] = dataset, flow
+    if flow_options:
+        values["flow_kwargs"] = {**values.get("flow_kwargs", {}), **flow_options}
+    return TrainConfig.from_dict(values)

@@ -1,0 +1,177 @@
+"""Pictures of runs as PNG files, so that a run can be looked at without TensorBoard:
+
+- ``samples.png``: 64 images decoded from the prior;
+- ``reconstructions.png``: test images (odd columns) beside their reconstructions (even);
+- ``learning_curve.png``: training and validation NELBO against steps and against wall-clock;
+
+and :func:`plot_learning_curves`, the curves of several runs on one figure (``vaeflow
+compare``). Image grids need only torchvision; the curves need matplotlib (drawn off-screen).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from vaeflow.checks import InputError
+from vaeflow.evaluate import eval_mode, fork_rng
+from vaeflow.runs import Run
+from vaeflow.vae import VAE
+
+__all__ = [
+    "SAMPLES",
+    "RECONSTRUCTIONS",
+    "LEARNING_CURVE",
+    "image_grids",
+    "write_run_pictures",
+    "plot_learning_curves",
+]
+
+SAMPLES = "samples.png"
+RECONSTRUCTIONS = "reconstructions.png"
+LEARNING_CURVE = "learning_curve.png"
+
+
+def image_grids(model: VAE, x: Tensor, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """``(samples [3, H', W'], pairs [3, H'', W''])`` grids: 64 prior samples, and each image of
+    ``x [B, C, H, W]`` beside its reconstruction; under a fixed seed, in eval mode (exact trace)."""
+    from torchvision.utils import make_grid
+
+    with fork_rng(x.device, seed), eval_mode(model), torch.no_grad():
+        samples = model.sample(64)
+        recon = model.reconstruct(x)
+    pairs = torch.stack([x, recon], 1).flatten(0, 1)  # original, reconstruction, ...
+    return (
+        make_grid(samples.float().cpu(), nrow=8, pad_value=0.5),
+        make_grid(pairs.float().cpu(), nrow=8, pad_value=0.5),
+    )
+
+
+def write_run_pictures(
+    run_dir: str | os.PathLike[str], model: VAE | None = None, x: Tensor | None = None,
+    seed: int = 0,
+) -> list[Path]:
+    """Write the run's PNGs: the image grids when ``model`` and test images ``x`` are given, and
+    the learning curve when an epoch has finished and matplotlib is installed. Returns the
+    paths written."""
+    from torchvision.utils import save_image
+
+    run = Run(Path(run_dir))
+    written: list[Path] = []
+    if model is not None and x is not None:
+        samples, pairs = image_grids(model, x, seed)
+        for grid, name in ((samples, SAMPLES), (pairs, RECONSTRUCTIONS)):
+            save_image(grid, run.path / name)
+            written.append(run.path / name)
+    if run.history and _has_matplotlib():
+        path = run.path / LEARNING_CURVE
+        _learning_curve(run, path)
+        written.append(path)
+    return written
+
+
+def _has_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no screen needed
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _label(run: Run) -> str:
+    config = run.config
+    return f"{config.dataset} / {config.flow} ({run.name})"
+
+
+def _curves(run: Run) -> tuple[list[float], list[float], list[float], list[float]]:
+    history = run.history
+    steps = [float(h["step"]) for h in history]
+    minutes = [h["seconds"] / 60 for h in history]
+    valid = [h["valid_nelbo"] for h in history]
+    train = [h.get("train_nelbo", math.nan) for h in history]
+    return steps, minutes, valid, train
+
+
+def _learning_curve(run: Run, path: Path) -> None:
+    plt = _pyplot()
+    steps, minutes, valid, train = _curves(run)
+    results = run.results
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, xs, xlabel in ((axes[0], steps, "optimizer steps"),
+                           (axes[1], minutes, "wall-clock minutes (training and validation)")):
+        ax.plot(xs, train, "--", label="train (epoch mean)", alpha=0.7)
+        ax.plot(xs, valid, "-o", markersize=3, label="validation")
+        if results is not None:
+            ax.scatter([xs[-1]], [results["test_nelbo"]], marker="*", s=90, zorder=3, color="k",
+                       label=f"test {results['test_nelbo']:.2f}")
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("negative ELBO (nats)")
+    axes[0].legend(fontsize=8)
+    _zoom(axes[0], valid + train)
+    fig.suptitle(_label(run))
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _zoom(ax: Any, values: Sequence[float]) -> None:
+    """Leave out the first epochs' very high losses, so that the part that matters is legible."""
+    finite = sorted(v for v in values if math.isfinite(v))
+    if len(finite) >= 4:
+        low, high = finite[0], finite[int(0.9 * (len(finite) - 1))]
+        margin = 0.1 * max(high - low, 1.0)
+        ax.set_ylim(low - margin, high + margin)
+
+
+def plot_learning_curves(
+    run_dirs: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str]
+) -> Path:
+    """Validation (solid) and training (dashed) NELBO of each run against wall-clock minutes on
+    one figure, the test NELBO of a finished run as a star; runs with no finished epoch are
+    left out. Needs matplotlib."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    values: list[float] = []
+    runs = [Run(Path(run_dir)) for run_dir in run_dirs]
+    if not any(run.history for run in runs):
+        plt.close(fig)
+        raise InputError("no epoch has finished in any of these runs yet: nothing to plot")
+    for run in runs:
+        if not run.history:
+            continue
+        _, minutes, valid, train = _curves(run)
+        values += valid
+        (line,) = ax.plot(minutes, valid, label=f"{_label(run)} valid")
+        ax.plot(minutes, train, linestyle="--", color=line.get_color(), alpha=0.6)
+        results = run.results
+        if results is not None:
+            ax.scatter([minutes[-1]], [results["test_nelbo"]], color=line.get_color(),
+                       marker="*", s=80, zorder=3, label=f"test {results['test_nelbo']:.2f}")
+    ax.set_xlabel("wall-clock minutes (training and validation)")
+    ax.set_ylabel("negative ELBO (nats)")
+    ax.set_title("validation (solid), training (dashed), test (star)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _zoom(ax, values)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out

@@ -1,0 +1,245 @@
+"""The run directory as one API: its file names, how each file is written and read, and the
+model a run trained. The training loop writes runs through it; ``vaeflow eval``, ``vaeflow
+compare``, the comparison table and the plots read them through it, and nobody else parses
+checkpoints or event files.
+
+A run directory holds:
+
+- ``config.json``: the resolved :class:`~vaeflow.configs.TrainConfig`;
+- ``checkpoint.pt``: everything needed to resume (model, optimizer, loader position, RNG states,
+  progress), written atomically after every epoch and on a signal;
+- ``best.pt``: the parameters with the best validation NELBO;
+- ``history.json``: one record per epoch (step, seconds, train terms, validation NELBO);
+- ``results.json``: the final test figures; ``timing.json``: wall-clock and provenance;
+- TensorBoard event files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import subprocess
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vaeflow.atomic import atomic_save, atomic_write_json
+from vaeflow.checks import InputError
+from vaeflow.configs import TrainConfig
+from vaeflow.model import build_model
+from vaeflow.vae import VAE
+
+__all__ = [
+    "CHECKPOINT",
+    "BEST",
+    "CONFIG",
+    "RESULTS",
+    "TIMING",
+    "HISTORY",
+    "CHECKPOINT_FORMAT",
+    "RunError",
+    "Run",
+    "atomic_save",
+    "atomic_write_json",
+    "find_runs",
+    "git_commit",
+    "load_checkpoint",
+    "load_model",
+    "load_state",
+    "read_config",
+]
+
+CHECKPOINT = "checkpoint.pt"
+BEST = "best.pt"
+CONFIG = "config.json"
+RESULTS = "results.json"
+TIMING = "timing.json"
+HISTORY = "history.json"
+# Bumped when a checkpoint of an older vaeflow can no longer be resumed as it is.
+CHECKPOINT_FORMAT = 2
+
+
+class RunError(InputError):
+    """A run directory, or a file in it, that cannot be used (the message says which and why)."""
+
+
+def read_config(run_dir: str | os.PathLike[str]) -> TrainConfig:
+    """The config of the run in ``run_dir`` (its ``config.json``)."""
+    path = Path(run_dir) / CONFIG
+    if not path.is_file():
+        raise RunError(f"{run_dir} is not a vaeflow run directory: no {CONFIG} in it")
+    try:
+        values = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise RunError(f"{path} is damaged (not valid JSON: {err})") from err
+    if not isinstance(values, dict):
+        raise RunError(f"{path} is damaged (not a JSON object)")
+    try:
+        return TrainConfig.from_dict(values)
+    except ValueError as err:
+        raise RunError(f"{path} does not hold a valid config: {err}") from err
+
+
+def _read_json(path: Path) -> Any:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise RunError(f"{path} is damaged (not valid JSON: {err})") from err
+
+
+def load_checkpoint(path: str | os.PathLike[str], device: torch.device | str = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)`` with a sentence, not a traceback, for a file that
+    is missing, truncated or not a checkpoint."""
+    path = Path(path)
+    if not path.is_file():
+        raise RunError(f"{path} does not exist")
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError) as err:
+        others = [p.name for p in (path.parent / BEST, path.parent / CHECKPOINT)
+                  if p.is_file() and p != path]
+        also = f"; the run also holds {', '.join(others)}" if others else ""
+        raise RunError(
+            f"{path} is damaged or not a vaeflow checkpoint ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else 'no detail'}){also}"
+        ) from err
+
+
+def load_state(model: torch.nn.Module, state: Mapping[str, Any], source: str | Path) -> None:
+    """``model.load_state_dict(state)`` with a message that names the file and the parameters
+    that do not match (an older vaeflow, or another model's file)."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        first = str(err).splitlines()
+        detail = " ".join(line.strip() for line in first[1:3])
+        raise RunError(
+            f"{source} does not fit the model of its run's config.json (written by another "
+            f"vaeflow version, or for another model): {detail}"
+        ) from err
+
+
+def check_checkpoint_format(ckpt: Mapping[str, Any], source: str | Path) -> None:
+    """Refuse a checkpoint written by a vaeflow whose checkpoints this one cannot resume."""
+    found = ckpt.get("format", 1) if isinstance(ckpt, Mapping) else None
+    if found != CHECKPOINT_FORMAT:
+        raise RunError(
+            f"{source} was written by an older vaeflow (checkpoint format {found}, this version "
+            f"reads {CHECKPOINT_FORMAT}: the IAF, FFJORD end-time and 256-way decoder models "
+            "changed to match the papers' code). Start the run afresh with --overwrite."
+        )
+
+
+def load_model(
+    run_dir: str | os.PathLike[str],
+    checkpoint: str = "best",
+    device: torch.device | str = "cpu",
+) -> tuple[VAE, TrainConfig]:
+    """The model of a run with the parameters of ``best.pt`` (``"best"``) or of the last
+    ``checkpoint.pt`` (``"last"``), on ``device``, and the run's config."""
+    if checkpoint not in ("best", "last"):
+        raise InputError(f"checkpoint must be 'best' or 'last', got {checkpoint!r}")
+    directory = Path(run_dir)
+    config = read_config(directory)
+    path = directory / (BEST if checkpoint == "best" else CHECKPOINT)
+    if not path.is_file():
+        raise RunError(f"{directory} holds no {path.name} to evaluate")
+    state = load_checkpoint(path, device)
+    if checkpoint == "last":
+        check_checkpoint_format(state, path)
+        state = state["model"]
+    with torch.device(device):
+        model = build_model(config)
+    load_state(model, state, path)
+    return model, config
+
+
+@dataclass(frozen=True)
+class Run:
+    """A run directory, read lazily: ``Run(path).config``, ``.results``, ``.history``."""
+
+    path: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def config(self) -> TrainConfig:
+        return read_config(self.path)
+
+    @property
+    def results(self) -> dict[str, Any] | None:
+        """``results.json`` (the final test figures), or ``None`` while unfinished."""
+        return _read_json(self.path / RESULTS)
+
+    @property
+    def timing(self) -> dict[str, Any] | None:
+        return _read_json(self.path / TIMING)
+
+    @property
+    def finished(self) -> bool:
+        return (self.path / RESULTS).is_file()
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """One record per finished epoch (``epoch``, ``step``, ``seconds``, ``valid_nelbo``,
+        ``train_<term>``...), from ``history.json``; runs of an older vaeflow keep theirs
+        inside ``checkpoint.pt``, which is read then."""
+        if not (self.path / CONFIG).is_file():
+            raise RunError(f"{self.path} is not a vaeflow run directory: no {CONFIG} in it")
+        history = _read_json(self.path / HISTORY)
+        if history is not None:
+            return list(history)
+        path = self.path / CHECKPOINT
+        if not path.is_file():
+            return []
+        return list(load_checkpoint(path)["progress"]["history"])
+
+    def write_history(self, history: list[dict[str, Any]]) -> None:
+        atomic_write_json(history, self.path / HISTORY)
+
+    def write_results(self, results: Mapping[str, Any]) -> None:
+        atomic_write_json(dict(results), self.path / RESULTS)
+
+    def write_timing(self, timing: Mapping[str, Any]) -> None:
+        atomic_write_json(dict(timing), self.path / TIMING)
+
+    def write_config(self, config: TrainConfig) -> None:
+        atomic_write_json(config.to_dict(), self.path / CONFIG)
+
+
+def find_runs(root: str | os.PathLike[str]) -> list[Run]:
+    """Every run directory (one holding ``config.json``) at or below ``root``, sorted."""
+    root = Path(root)
+    return [Run(p.parent) for p in sorted(root.rglob(CONFIG))]
+
+
+def git_commit(repo: str | os.PathLike[str] | None = None) -> str:
+    """``git rev-parse --short HEAD`` of ``repo`` (default: this package's checkout), with
+    ``+dirty`` when tracked files have changed; ``"unknown"`` where git or the checkout is
+    missing (an installed wheel). ``--no-optional-locks`` keeps the query from writing to the
+    repository."""
+    cwd = Path(repo) if repo is not None else Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=cwd, capture_output=True, text=True, timeout=10, check=True,
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "--no-optional-locks", "status", "--porcelain", "--untracked-files=no"],
+            cwd=cwd, capture_output=True, text=True, timeout=10, check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"{sha}+dirty" if status else (sha or "unknown")
