@@ -1,9 +1,10 @@
-"""The ``vaeflow`` command: ``train``, ``eval``, ``flows``.
+"""The ``vaeflow`` command: ``train``, ``eval``, ``compare``, ``flows``.
 
     vaeflow train --dataset static_mnist --flow ffjord                 # the paper's protocol
     vaeflow train --dataset static_mnist --flow ffjord --max-steps 50 --out runs/smoke
     vaeflow train --resume runs/smoke                                  # continue a killed run
     vaeflow eval runs/smoke                                            # test NELBO and IS LL
+    vaeflow compare runs/mnist-planar runs/mnist-ffjord                # table and curves
     vaeflow flows                                                      # flows and their options
 
 The settings of a run come, lowest priority first, from :class:`vaeflow.configs.TrainConfig`'s
@@ -25,6 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from vaeflow import report
 from vaeflow.checks import InputError
 from vaeflow.configs import TrainConfig, presets, resolve
 from vaeflow.data import DATASETS, DataNotFoundError
@@ -127,24 +129,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         run_dir = Path(args.out) if args.out else _default_out(args.dataset, args.flow)
         print(f"run directory: {run_dir}", file=sys.stderr)
         results = train(config, run_dir, progress=not args.quiet, overwrite=args.overwrite)
-    _print_results(results)
-    print(f"results written to {run_dir / 'results.json'}", file=sys.stderr)
+    print(report.summary(run_dir, results))
     return 0
-
-
-def _print_results(results: dict[str, Any]) -> None:
-    unit = results.get("unit", "nats")
-    if unit == "bits/dim":
-        print(f"test NELBO: {results['test_nelbo_bpd']:.4f} bits/dim "
-              f"({results['test_nelbo']:.2f} nats)")
-    else:
-        print(f"test NELBO: {results['test_nelbo']:.2f} nats")
-    if "test_nll_is" in results:
-        value = results["test_nll_is_bpd"] if unit == "bits/dim" else results["test_nll_is"]
-        print(
-            f"test NLL (importance sampling, {results['is_samples']} samples, "
-            f"{results['is_points']} points): {value:.4f} {unit}"
-        )
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -158,13 +144,32 @@ def cmd_eval(args: argparse.Namespace) -> int:
         is_points=args.is_points,
         data_dir=args.data_dir,
         checkpoint=args.checkpoint,
+        progress=not args.json,
     )
     if args.json:
         print(json.dumps(results, indent=2, sort_keys=True))
     else:
         print(f"{results['dataset']} / {results['flow']} ({args.checkpoint} model, "
               f"{results['test_points']} test points)")
-        _print_results(results)
+        print(report.summary(args.run_dir, results))
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    runs = report.expand_runs(args.runs)
+    if args.json:
+        print(json.dumps(report.compare_rows(runs), indent=2))
+    else:
+        print(report.compare_table(runs))
+    if args.plot != "none":
+        from vaeflow.plots import plot_learning_curves
+
+        try:
+            path = plot_learning_curves([run.path for run in runs], args.plot)
+        except InputError as err:  # no epoch finished anywhere: the table is still useful
+            print(f"no plot: {err}", file=sys.stderr)
+        else:
+            print(f"learning curves: {path}", file=sys.stderr)
     return 0
 
 
@@ -234,6 +239,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", choices=("best", "last"), default="best")
     e.add_argument("--json", action="store_true", help="print all figures as JSON")
     e.set_defaults(func=cmd_eval)
+
+    c = sub.add_parser("compare", help="a table and learning curves of finished runs")
+    c.add_argument("runs", nargs="+", metavar="RUN",
+                   help="run directories, or folders holding runs")
+    c.add_argument("--plot", default="compare.png",
+                   help="where to write the learning curves (PNG; 'none' for no plot)")
+    c.add_argument("--json", action="store_true", help="print the table as JSON")
+    c.set_defaults(func=cmd_compare)
 
     f = sub.add_parser("flows", help="list the flows and their hyperparameters")
     f.set_defaults(func=cmd_flows)

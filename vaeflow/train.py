@@ -686,8 +686,11 @@ def evaluate_run(
     is_points: int | None = None,
     data_dir: str | None = None,
     checkpoint: str = "best",
+    progress: bool = False,
+    pictures: bool = True,
 ) -> dict[str, Any]:
-    """Evaluate the best (or last) model of a run on the test set; see :func:`evaluate`."""
+    """Evaluate the best (or last) model of a run on the test set (see :func:`evaluate`), and
+    (``pictures``) write its PNGs into the run directory."""
     config = read_config(run_dir)
     if device is not None:
         config.device = device
@@ -704,11 +707,14 @@ def evaluate_run(
         "is_samples": is_samples if is_samples is not None else smoke.get("is_samples"),
         "is_points": is_points if is_points is not None else smoke.get("is_points"),
     }
-    results = evaluate(model, data, config, **kw)
+    results = evaluate(model, data, config, **kw, progress=progress)
     results.update(
         dataset=config.dataset, flow=config.flow, checkpoint=checkpoint,
         solver=_solver_state(model),
+        num_parameters=sum(p.numel() for p in model.parameters() if p.requires_grad),
     )
+    if pictures:
+        write_run_pictures(run_dir, model, data.test[:32], config.seed + 2)
     return results
 
 

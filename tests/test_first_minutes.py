@@ -1,0 +1,160 @@
+"""A newcomer's first minutes: the quick preset, a progress bar that moves every step, PNGs in
+the run directory, the closing summary, and ``vaeflow compare``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import TINY_SPLITS
+from PIL import Image
+from test_train import tiny_config
+
+from vaeflow import report
+from vaeflow.cli import main
+from vaeflow.configs import presets, resolve
+from vaeflow.plots import LEARNING_CURVE, RECONSTRUCTIONS, SAMPLES
+from vaeflow.runs import Run
+from vaeflow.train import train
+
+PNGS = (SAMPLES, RECONSTRUCTIONS, LEARNING_CURVE)
+
+
+def test_quick_preset_is_a_small_real_ffjord() -> None:
+    assert "quick" in presets()
+    config = resolve("static_mnist", "ffjord", preset="quick")
+    paper = resolve("static_mnist", "ffjord")
+    assert config.arch == "mlp" and config.max_minutes is not None
+    assert config.flow_kwargs["hidden_dims"] != paper.flow_kwargs["hidden_dims"]
+    # still the amortized low-rank CNF with the Hutchinson estimator and the exact test trace
+    assert config.flow_kwargs["dynamics"] == "lowrank"
+    assert config.flow_kwargs.get("trace", "hutchinson") == "hutchinson"
+    assert config.flow_kwargs.get("exact_in_eval", True) is True
+    # the paper-size model stays the data set's default
+    assert paper.flow_kwargs["hidden_dims"] == [1024, 1024]
+
+
+def test_quick_preset_trains_and_leaves_pictures(
+    tiny_data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "quick"
+    args = [
+        "train", "--preset", "quick", "--dataset", "static_mnist", "--flow", "ffjord",
+        "--data-dir", str(tiny_data_dir), "--set", f"split_sizes={list(TINY_SPLITS)}",
+        "--set", "eval_points=20", "--set", "is_points=4", "--set", "valid_points=20",
+        "--batch-size", "50", "--max-epochs", "2", "--device", "cpu", "--quiet",
+        "--out", str(run),
+    ]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    for name in PNGS:
+        with Image.open(run / name) as image:
+            assert image.size[0] > 50 and image.size[1] > 50
+        assert name in out  # the summary names the files
+    assert "test NELBO" in out and "parameters" in out and "NFE" in out
+    assert f"vaeflow train --resume {run}" in out and f"tensorboard --logdir {run}" in out
+    results = json.loads((run / "results.json").read_text())
+    assert results["epochs"] == 2 and results["train_nfe_forward_mean"] > 0
+
+
+def test_eval_writes_the_pictures_of_an_existing_run(tiny_data_dir: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    train(tiny_config(tiny_data_dir, "planar", is_samples=0, max_epochs=1), run, progress=False)
+    for name in PNGS:
+        (run / name).unlink()
+    assert main(["eval", str(run)]) == 0
+    assert all((run / name).is_file() for name in PNGS)
+    assert "test NELBO" in capsys.readouterr().out
+
+
+class _Recorder:
+    """Stands in for tqdm: records what the training bar is told."""
+
+    instances: list[_Recorder] = []
+
+    def __init__(self, iterable: Any = None, total: float | None = None, initial: float = 0,
+                 **kw: Any) -> None:
+        self.iterable = iterable
+        if total is None and iterable is not None:
+            total = len(iterable)
+        self.total, self.n, self.kw, self.updates = total, initial, kw, []
+        _Recorder.instances.append(self)
+
+    def __iter__(self) -> Any:
+        for item in self.iterable:
+            yield item
+            self.update(1)
+
+    def update(self, n: float) -> None:
+        self.updates.append(n)
+        self.n += n
+
+    def set_postfix(self, *args: Any, **kw: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.fixture
+def recorder(monkeypatch: pytest.MonkeyPatch) -> type[_Recorder]:
+    import tqdm.auto
+
+    _Recorder.instances = []
+    monkeypatch.setattr(tqdm.auto, "tqdm", _Recorder)
+    return _Recorder
+
+
+def test_the_bar_advances_every_step(tiny_data_dir: Path, tmp_path: Path, recorder) -> None:
+    # log_every 5: the loss is read back every 5 steps, but the bar moves at each one
+    config = tiny_config(tiny_data_dir, "planar", is_samples=0, max_steps=7, log_every=5)
+    train(config, tmp_path / "run", progress=True)
+    bar = next(b for b in recorder.instances if b.total == 7)
+    assert bar.updates == [1] * 7 and bar.n == 7
+
+
+def test_under_a_time_budget_the_bar_measures_the_budget(
+    tiny_data_dir: Path, tmp_path: Path, recorder
+) -> None:
+    config = tiny_config(tiny_data_dir, "planar", is_samples=0, max_minutes=0.5, max_epochs=2)
+    train(config, tmp_path / "run", progress=True)
+    bar = next(b for b in recorder.instances if b.kw.get("unit") == "s")
+    assert bar.total == 30  # seconds of budget, not max_epochs x steps
+    assert len(bar.updates) == 2 * TINY_SPLITS[0] // 20  # one update per step
+    assert 0 < bar.n <= 30
+
+
+def test_evaluation_shows_its_own_progress(tiny_data_dir: Path, tmp_path: Path,
+                                           recorder) -> None:
+    config = tiny_config(tiny_data_dir, "planar", max_epochs=1, eval_points=None, is_points=10)
+    train(config, tmp_path / "run", progress=True)
+    descs = {b.kw.get("desc") for b in recorder.instances}
+    assert {"test NELBO", "importance sampling"} <= descs
+
+
+def test_compare_two_runs(tiny_data_dir: Path, tmp_path: Path,
+                          capsys: pytest.CaptureFixture[str]) -> None:
+    for flow in ("none", "planar"):
+        train(tiny_config(tiny_data_dir, flow, is_samples=0), tmp_path / "runs" / flow,
+              progress=False)
+    plot = tmp_path / "cmp.png"
+    assert main(["compare", str(tmp_path / "runs"), "--plot", str(plot)]) == 0
+    out = capsys.readouterr().out
+    lines = out.strip().splitlines()
+    assert "test NELBO" in lines[0] and "NFE" in lines[0] and "wall-clock" in lines[0]
+    assert any(" none " in f" {line} " for line in lines[2:])
+    assert any(" planar " in f" {line} " for line in lines[2:])
+    with Image.open(plot) as image:
+        assert image.size[0] > 100
+    rows = report.compare_rows([Run(tmp_path / "runs" / f) for f in ("none", "planar")])
+    assert [r["flow"] for r in rows] == ["none", "planar"]
+    assert all(float(r["test NELBO"]) > 0 and r["epochs"] == "3" for r in rows)
+
+
+def test_compare_refuses_a_folder_without_runs(tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["compare", str(tmp_path)]) == 2
+    assert "holds none" in capsys.readouterr().err

@@ -1,0 +1,132 @@
+"""What ``vaeflow train``, ``vaeflow eval`` and ``vaeflow compare`` print: the closing summary of
+a run, and a table of runs side by side. Everything is read through :mod:`vaeflow.runs`."""
+
+from __future__ import annotations
+
+import math
+import os
+import shlex
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from vaeflow.plots import LEARNING_CURVE, RECONSTRUCTIONS, SAMPLES
+from vaeflow.runs import BEST, CHECKPOINT, RESULTS, Run, find_runs
+
+__all__ = ["figures", "summary", "compare_rows", "compare_table", "expand_runs"]
+
+
+def _minutes(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "-"
+    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
+
+
+def figures(results: Mapping[str, Any]) -> list[str]:
+    """The headline figures of ``results.json`` as lines (bits/dim for Frey Faces)."""
+    unit = results.get("unit", "nats")
+    lines = []
+    if unit == "bits/dim":
+        lines.append(f"test NELBO: {results['test_nelbo_bpd']:.4f} bits/dim "
+                     f"({results['test_nelbo']:.2f} nats)")
+    else:
+        lines.append(f"test NELBO: {results['test_nelbo']:.2f} nats")
+    if "test_nll_is" in results:
+        value = results["test_nll_is_bpd"] if unit == "bits/dim" else results["test_nll_is"]
+        lines.append(
+            f"test NLL (importance sampling, {results['is_samples']} samples, "
+            f"{results['is_points']} points): {value:.4f} {unit}"
+        )
+    return lines
+
+
+def summary(run_dir: str | os.PathLike[str], results: Mapping[str, Any]) -> str:
+    """The closing summary of a run: what was trained, its figures, its files, what next."""
+    run = Run(Path(run_dir))
+    config = run.config
+    timing = run.timing or {}
+    where = shlex.quote(str(run.path))
+    lines = [
+        "",
+        f"== {config.dataset} / {config.flow}: {results.get('num_parameters', 0):,} "
+        f"parameters, {config.arch} networks, latent {config.latent_dim}",
+        *(f"   {line}" for line in figures(results)),
+    ]
+    trained = [f"{results.get('epochs', '-')} epochs", f"{results.get('steps', '-')} steps"]
+    if timing.get("train_seconds") is not None:
+        trained.append(f"{_minutes(timing['train_seconds'])} of training")
+    if "train_nfe_forward_mean" in results:
+        trained.append(f"NFE {results['train_nfe_forward_mean']:.1f} per forward solve")
+    if results.get("stop_reason"):
+        trained.append(f"stopped: {results['stop_reason']}")
+    if "epochs" in results:
+        lines.append(f"   {', '.join(trained)}")
+    files = [RESULTS, BEST, CHECKPOINT, SAMPLES, RECONSTRUCTIONS, LEARNING_CURVE]
+    present = [name for name in files if (run.path / name).is_file()]
+    lines += [
+        f"   files in {run.path}: {', '.join(present)}, TensorBoard events",
+        "   next:",
+        f"     tensorboard --logdir {where}",
+        f"     vaeflow eval {where}",
+        f"     vaeflow train --resume {where}    # continue (e.g. after a kill)",
+        f"     vaeflow compare {where} OTHER_RUN...",
+    ]
+    return "\n".join(lines)
+
+
+def expand_runs(paths: Sequence[str | os.PathLike[str]]) -> list[Run]:
+    """Run directories, or folders holding runs (searched below), in the order given."""
+    runs: list[Run] = []
+    for path in paths:
+        found = [Run(Path(path))] if (Path(path) / "config.json").is_file() else find_runs(path)
+        if not found:
+            from vaeflow.runs import RunError
+
+            raise RunError(f"{path} is not a vaeflow run directory and holds none")
+        runs += found
+    return runs
+
+
+_COLUMNS = ("run", "dataset", "flow", "parameters", "test NELBO", "IS NLL", "epochs",
+            "wall-clock", "NFE")
+
+
+def compare_rows(runs: Sequence[Run]) -> list[dict[str, str]]:
+    """One row per run with the columns of :func:`compare_table` (unfinished runs show their
+    best validation NELBO so far)."""
+    from vaeflow.model import count_parameters
+
+    rows = []
+    for run in runs:
+        config, results, timing = run.config, run.results, run.timing or {}
+        row = {"run": str(run.path), "dataset": config.dataset, "flow": config.flow}
+        bpd = config.dataset == "freyfaces"
+        if results is not None:
+            key = "test_nelbo_bpd" if bpd else "test_nelbo"
+            row["test NELBO"] = f"{results[key]:.4f}" if bpd else f"{results[key]:.2f}"
+            if "test_nll_is" in results:
+                key = "test_nll_is_bpd" if bpd else "test_nll_is"
+                row["IS NLL"] = f"{results[key]:.4f}" if bpd else f"{results[key]:.2f}"
+            row["parameters"] = f"{results['num_parameters']:,}"
+            row["epochs"] = str(results.get("epochs", "-"))
+            if "train_nfe_forward_mean" in results:
+                row["NFE"] = f"{results['train_nfe_forward_mean']:.1f}"
+        else:
+            history = run.history
+            best = min((h["valid_nelbo"] for h in history), default=math.nan)
+            row["test NELBO"] = f"unfinished (valid {best:.2f})" if history else "unfinished"
+            row["parameters"] = f"{count_parameters(config):,}"
+            row["epochs"] = str(len(history))
+        row["wall-clock"] = _minutes(timing.get("train_seconds"))
+        rows.append({c: row.get(c, "-") for c in _COLUMNS})
+    return rows
+
+
+def compare_table(runs: Sequence[Run]) -> str:
+    """A plain-text table of ``runs`` (test NELBO in nats; bits/dim for Frey Faces)."""
+    rows = compare_rows(runs)
+    widths = {c: max(len(c), *(len(r[c]) for r in rows)) for c in _COLUMNS}
+    line = "  ".join(c.ljust(widths[c]) for c in _COLUMNS)
+    out = [line, "  ".join("-" * widths[c] for c in _COLUMNS)]
+    out += ["  ".join(r[c].ljust(widths[c]) for c in _COLUMNS) for r in rows]
+    return "\n".join(out)
