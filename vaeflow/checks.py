@@ -22,6 +22,7 @@ __all__ = [
     "check_int",
     "check_number",
     "check_positive_int",
+    "resolve_device",
 ]
 
 
@@ -112,3 +113,28 @@ def check_choice(
             )
         raise InputError(f"unknown {name} {value!r}; valid {plural} are {', '.join(choices)}")
     return value
+
+
+def resolve_device(name: str) -> Any:
+    """A ``torch.device``: ``"auto"`` -> CUDA when available, else CPU; anything else must name
+    a device that exists here."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as err:
+        raise InputError(
+            f"invalid device {name!r} (try 'auto', 'cpu', 'cuda', 'cuda:1')"
+        ) from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device {name!r} asked for, but CUDA is not available here")
+    if device.type == "cuda" and device.index is not None and (
+        device.index >= torch.cuda.device_count()
+    ):
+        raise InputError(
+            f"device {name!r} asked for, but this machine has "
+            f"{torch.cuda.device_count()} CUDA device(s)"
+        )
+    return device

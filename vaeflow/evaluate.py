@@ -5,18 +5,21 @@ of the parameters.
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
+import os
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from vaeflow.checks import check_int
+from vaeflow.checks import check_int, input_errors, resolve_device
 from vaeflow.configs import TrainConfig
-from vaeflow.data import Dataset
-from vaeflow.vae import VAE
+from vaeflow.data import Dataset, load_dataset
+from vaeflow.plots import write_run_pictures
+from vaeflow.progress import eval_batches
+from vaeflow.rng import fork_rng
+from vaeflow.runs import load_model, read_config, solver_state
+from vaeflow.vae import VAE, eval_mode
 
 __all__ = [
     "eval_mode",
@@ -25,20 +28,9 @@ __all__ = [
     "dataset_log_likelihood",
     "evaluate",
     "fork_rng",
+    "evaluate_run",
+    "smoke_eval_counts",
 ]
-
-
-@contextlib.contextmanager
-def eval_mode(model: VAE, exact: bool = True) -> Iterator[None]:
-    """Eval mode, with the flow's exact log-determinant (a continuous flow's exact trace)
-    unless ``exact`` is False; the previous mode after."""
-    was_training = model.training
-    model.eval()
-    try:
-        with model.flow.evaluation_trace(exact):
-            yield
-    finally:
-        model.train(was_training)
 
 
 def subset(x: Tensor, points: int | None, seed: int = 0) -> Tensor:
@@ -50,17 +42,6 @@ def subset(x: Tensor, points: int | None, seed: int = 0) -> Tensor:
     g = torch.Generator().manual_seed(seed)
     index = torch.randperm(len(x), generator=g)[:points].sort().values
     return x[index.to(x.device)]
-
-
-def _batches(n: int, size: int, progress: bool, desc: str) -> Iterator[int]:
-    """The start of each batch of ``size`` rows out of ``n``, with a progress bar (that
-    disappears when done) when ``progress``."""
-    starts = range(0, n, size)
-    if not progress:
-        return iter(starts)
-    from tqdm.auto import tqdm
-
-    return iter(tqdm(starts, desc=desc, unit="batch", leave=False, dynamic_ncols=True))
 
 
 def dataset_nelbo(
@@ -78,7 +59,7 @@ def dataset_nelbo(
     """
     total = torch.zeros((), dtype=torch.float64, device=x.device)
     with eval_mode(model, exact), torch.no_grad():
-        for start in _batches(len(x), batch_size, progress, "test NELBO"):
+        for start in eval_batches(len(x), batch_size, progress, "test NELBO"):
             xb = x[start : start + batch_size]
             nelbo = model.nelbo(xb, n_samples, batch_size=batch_size * n_samples).detach()
             total = total + nelbo.double().sum()
@@ -92,7 +73,7 @@ def dataset_log_likelihood(
     total = torch.zeros((), dtype=torch.float64, device=x.device)
     per_batch = max(1, batch_rows // n_samples)
     with eval_mode(model, exact=True), torch.no_grad():
-        for start in _batches(len(x), per_batch, progress, "importance sampling"):
+        for start in eval_batches(len(x), per_batch, progress, "importance sampling"):
             xb = x[start : start + per_batch]
             ll = model.importance_log_likelihood(xb, n_samples, batch_size=batch_rows)
             total = total + ll.double().sum()
@@ -152,11 +133,58 @@ def evaluate(
     return out
 
 
-@contextlib.contextmanager
-def fork_rng(device: torch.device, seed: int) -> Iterator[None]:
-    """Run the block with the global RNGs (CPU, and ``device``'s when CUDA) seeded with
-    ``seed``; the previous states are restored after."""
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices, device_type=device.type):
-        torch.manual_seed(seed)
-        yield
+def smoke_eval_counts(config: TrainConfig) -> dict[str, int]:
+    """A run limited by ``max_steps`` is a smoke run: unless the config says how much to
+    evaluate, evaluate on 500 test points and 50 IS points with 10 samples."""
+    if config.max_steps is None:
+        return {}
+    out: dict[str, int] = {}
+    defaults = TrainConfig.__dataclass_fields__
+    if config.eval_points == defaults["eval_points"].default:
+        out["eval_points"] = 500
+    if config.is_points == defaults["is_points"].default:
+        out["is_points"] = 50
+    if config.is_samples == defaults["is_samples"].default:
+        out["is_samples"] = 10
+    return out
+
+
+def evaluate_run(
+    run_dir: str | os.PathLike[str],
+    *,
+    device: str | None = None,
+    eval_points: int | None = None,
+    is_samples: int | None = None,
+    is_points: int | None = None,
+    data_dir: str | None = None,
+    checkpoint: str = "best",
+    progress: bool = False,
+    pictures: bool = True,
+) -> dict[str, Any]:
+    """Evaluate the best (or last) model of a run on the test set (see :func:`evaluate`), and
+    (``pictures``) write its PNGs into the run directory."""
+    config = read_config(run_dir)
+    if device is not None:
+        config.device = device
+    if data_dir is not None:
+        config.data_dir = data_dir
+    dev = resolve_device(config.device)
+    model, _ = load_model(run_dir, checkpoint, dev)
+    split_sizes = tuple(config.split_sizes) if config.split_sizes is not None else None
+    with input_errors():
+        data = load_dataset(config.dataset, config.data_dir, dev, split_sizes=split_sizes)
+    smoke = smoke_eval_counts(config)
+    kw = {
+        "eval_points": eval_points if eval_points is not None else smoke.get("eval_points"),
+        "is_samples": is_samples if is_samples is not None else smoke.get("is_samples"),
+        "is_points": is_points if is_points is not None else smoke.get("is_points"),
+    }
+    results = evaluate(model, data, config, **kw, progress=progress)
+    results.update(
+        dataset=config.dataset, flow=config.flow, checkpoint=checkpoint,
+        solver=solver_state(model),
+        num_parameters=sum(p.numel() for p in model.parameters() if p.requires_grad),
+    )
+    if pictures:
+        write_run_pictures(run_dir, model, data.test[:32], config.seed + 2)
+    return results

@@ -20,9 +20,9 @@ import torch
 from torch import Tensor
 
 from vaeflow.checks import InputError
-from vaeflow.evaluate import eval_mode, fork_rng
+from vaeflow.rng import fork_rng
 from vaeflow.runs import Run
-from vaeflow.vae import VAE
+from vaeflow.vae import VAE, eval_mode
 
 __all__ = [
     "SAMPLES",

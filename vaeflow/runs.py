@@ -52,6 +52,7 @@ __all__ = [
     "load_model",
     "load_state",
     "read_config",
+    "solver_state",
 ]
 
 CHECKPOINT = "checkpoint.pt"
@@ -223,6 +224,15 @@ def find_runs(root: str | os.PathLike[str]) -> list[Run]:
     """Every run directory (one holding ``config.json``) at or below ``root``, sorted."""
     root = Path(root)
     return [Run(p.parent) for p in sorted(root.rglob(CONFIG))]
+
+
+def solver_state(model: torch.nn.Module) -> list[dict[str, Any]]:
+    """The solver settings saved with the model (one entry per continuous flow)."""
+    return [
+        dict(v) for k, v in model.state_dict().items()
+        if k.endswith("_extra_state") and isinstance(v, dict) and "atol" in v
+    ]
+
 
 
 def git_commit(repo: str | os.PathLike[str] | None = None) -> str:

@@ -1,4 +1,9 @@
-"""Training and evaluating a flow VAE: the papers' protocol, run directories, exact resume.
+"""The training loop of a flow VAE: the papers' protocol, checkpoints, exact resume, and the
+one place that decides why a run stops.
+
+This module is over 500 lines because the loop's parts (the step, the epoch, validation, the
+stop rules, checkpoint and resume, signals, NaN recovery) share one progress state and are read
+best together; what is not the loop lives elsewhere (configs, runs, evaluate, plots, progress).
 
 A run is described by a :class:`TrainConfig` (a dataclass, saved as ``config.json`` in the run
 directory and inside every checkpoint). :func:`train` fits the VAE:
@@ -20,7 +25,7 @@ Inside an epoch the loop never synchronises with the GPU: the loss terms are acc
 device and read back (one transfer) every ``log_every`` steps, which is also when a NaN loss is
 noticed. A NaN loss or a solver failure stops the run, keeps the last good checkpoint, and says
 what happened; with ``nan_retries > 0`` the run instead restarts from the last good checkpoint
-with the FFJORD solver tolerances divided by 10.
+with the flow's solver tolerances divided by 10 (the tolerances are saved with the model).
 """
 
 from __future__ import annotations
@@ -40,13 +45,21 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from vaeflow.checks import InputError, input_errors
+from vaeflow.checks import input_errors, resolve_device
 from vaeflow.configs import TrainConfig
 from vaeflow.data import DeviceLoader, load_dataset
-from vaeflow.evaluate import dataset_nelbo, evaluate, fork_rng, subset
+from vaeflow.evaluate import (
+    dataset_nelbo,
+    evaluate,
+    evaluate_run,
+    smoke_eval_counts,
+    subset,
+)
 from vaeflow.model import build_model, count_parameters
 from vaeflow.ode import SolverError
 from vaeflow.plots import image_grids, write_run_pictures
+from vaeflow.progress import TrainingBar
+from vaeflow.rng import fork_rng, rng_state, set_rng_state
 from vaeflow.runs import (
     BEST,
     CHECKPOINT,
@@ -60,9 +73,9 @@ from vaeflow.runs import (
     check_checkpoint_format,
     git_commit,
     load_checkpoint,
-    load_model,
     load_state,
     read_config,
+    solver_state,
 )
 from vaeflow.vae import VAE
 
@@ -88,19 +101,6 @@ logger = logging.getLogger(__name__)
 
 class TrainingError(RuntimeError):
     """The run cannot go on (NaN loss, solver failure); the last good checkpoint is kept."""
-
-
-def resolve_device(name: str) -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU; anything else must be a valid device."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise InputError(f"invalid device {name!r} (try 'auto', 'cpu', 'cuda', 'cuda:1')") from err
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"device {name!r} asked for, but CUDA is not available here")
-    return device
 
 
 def make_optimizer(config: TrainConfig, model: VAE) -> torch.optim.Optimizer:
@@ -153,19 +153,6 @@ def train_step(
     out = {k: v.detach() for k, v in terms.items() if v.dim() == 0}
     out["grad_norm"] = norm.detach()
     return out
-
-
-def _rng_state(device: torch.device) -> dict[str, Tensor]:
-    state = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng_state(state: Mapping[str, Tensor], device: torch.device) -> None:
-    torch.set_rng_state(state["cpu"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 # --------------------------------------------------------------------------------------------
@@ -239,7 +226,7 @@ class _Trainer:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "loader": self.loader.state_dict(),
-            "rng": _rng_state(self.device),
+            "rng": rng_state(self.device),
             "progress": asdict(self.state),
             "format": CHECKPOINT_FORMAT,
         }
@@ -253,7 +240,7 @@ class _Trainer:
         load_state(self.model, ckpt["model"], path)  # the solver tolerances come with it
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.loader.load_state_dict(ckpt["loader"])
-        _set_rng_state(ckpt["rng"], self.device)
+        set_rng_state(ckpt["rng"], self.device)
         self.state = _Progress(**ckpt["progress"])
 
     def load_checkpoint(self) -> dict[str, Any]:
@@ -286,7 +273,7 @@ class _Trainer:
 
     def run(self, signals: _Signals) -> None:
         cfg, st = self.config, self.state
-        bar = _Bar(self.progress_bar, cfg, st, len(self.loader))
+        bar = TrainingBar(self.progress_bar, cfg, st.step, st.seconds, len(self.loader))
         try:
             while not st.done:
                 self.run_epoch(signals, bar)
@@ -299,7 +286,7 @@ class _Trainer:
         self.state.done = True
         self.state.stop_reason = reason
 
-    def run_epoch(self, signals: _Signals, bar: _Bar) -> None:
+    def run_epoch(self, signals: _Signals, bar: TrainingBar) -> None:
         cfg, st = self.config, self.state
         beta = beta_at(st.epoch, cfg.warmup_epochs)
         sums: dict[str, Tensor] = {}
@@ -317,7 +304,7 @@ class _Trainer:
             )
             st.step += 1
             st.epoch_steps += 1
-            bar.step()  # host-side counting only: no device read
+            bar.step(st.step)  # host-side counting only: no device read
             window.append(out)
             stats = self.model.flow.statistics()  # plain ints: no device read
             if "nfe_forward" in stats:
@@ -359,7 +346,7 @@ class _Trainer:
         sums: dict[str, Tensor],
         beta: float,
         sec_per_iter: float,
-        bar: _Bar,
+        bar: TrainingBar,
     ) -> None:
         """Read back the window's loss terms in one transfer; log; stop on a NaN."""
         if not window:
@@ -461,7 +448,7 @@ class _Trainer:
             atomic_save(best_state, best)
         load_state(self.model, best_state, best)
         results = evaluate(
-            self.model, self.data, cfg, **_smoke_eval(cfg), progress=self.progress_bar
+            self.model, self.data, cfg, **smoke_eval_counts(cfg), progress=self.progress_bar
         )
         results.update(
             dataset=cfg.dataset,
@@ -477,7 +464,7 @@ class _Trainer:
                 if n in st.total_sums
             },
             num_parameters=sum(p.numel() for p in self.model.parameters() if p.requires_grad),
-            solver=_solver_state(self.model),
+            solver=solver_state(self.model),
             world_size=1,
         )
         Run(self.run_dir).write_results(results)
@@ -489,73 +476,6 @@ class _Trainer:
 
 class _NonFinite(RuntimeError):
     pass
-
-
-def _smoke_eval(config: TrainConfig) -> dict[str, int]:
-    """A run limited by ``max_steps`` is a smoke run: unless the config says how much to
-    evaluate, evaluate on 500 test points and 50 IS points with 10 samples."""
-    if config.max_steps is None:
-        return {}
-    out: dict[str, int] = {}
-    defaults = TrainConfig.__dataclass_fields__
-    if config.eval_points == defaults["eval_points"].default:
-        out["eval_points"] = 500
-    if config.is_points == defaults["is_points"].default:
-        out["is_points"] = 50
-    if config.is_samples == defaults["is_samples"].default:
-        out["is_samples"] = 10
-    return out
-
-
-class _Bar:
-    """The training progress bar: it advances every step (a host-side count, no device read),
-    and measures what ends the run: ``max_steps`` steps, else the ``max_minutes`` budget (in
-    seconds of training, so its ETA is the budget's), else ``max_epochs`` epochs of steps."""
-
-    def __init__(self, enabled: bool, config: TrainConfig, state: _Progress, per_epoch: int):
-        self.state = state
-        self.by_time = config.max_steps is None and config.max_minutes is not None
-        self.bar: Any = None
-        if not enabled:
-            return
-        from tqdm.auto import tqdm
-
-        if self.by_time:
-            assert config.max_minutes is not None
-            total: float = round(60 * config.max_minutes)
-            initial: float = min(state.seconds, total)
-            fmt = "{l_bar}{bar}| {n:.0f}/{total:.0f} s of budget [{remaining} left{postfix}]"
-            self.bar = tqdm(total=total, initial=initial, unit="s", bar_format=fmt,
-                            dynamic_ncols=True)
-        else:
-            total = config.max_epochs * per_epoch
-            if config.max_steps is not None:
-                total = min(total, config.max_steps)
-            self.bar = tqdm(total=total, initial=state.step, unit="it", dynamic_ncols=True)
-        self._tick = time.perf_counter()
-        self._postfix: dict[str, Any] = {}
-
-    def step(self) -> None:
-        if self.bar is None:
-            return
-        if self.by_time:
-            now = time.perf_counter()
-            self.bar.update(min(now - self._tick, self.bar.total - self.bar.n))
-            self._tick = now
-            self.bar.set_postfix({"step": self.state.step, **self._postfix}, refresh=False)
-        else:
-            self.bar.update(1)
-
-    def set_postfix(self, postfix: dict[str, Any]) -> None:
-        if self.bar is not None:
-            self._postfix = postfix
-            self.bar.set_postfix(
-                {"step": self.state.step, **postfix} if self.by_time else postfix, refresh=False
-            )
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 def train(
@@ -675,52 +595,3 @@ def _recover(trainer: _Trainer, err: Exception) -> None:
         f"training stopped {where}: {err}. The last good checkpoint (step "
         f"{ckpt['progress']['step']}) is kept in {trainer.run_dir / CHECKPOINT}. {hint}"
     ) from err
-
-
-def evaluate_run(
-    run_dir: str | os.PathLike[str],
-    *,
-    device: str | None = None,
-    eval_points: int | None = None,
-    is_samples: int | None = None,
-    is_points: int | None = None,
-    data_dir: str | None = None,
-    checkpoint: str = "best",
-    progress: bool = False,
-    pictures: bool = True,
-) -> dict[str, Any]:
-    """Evaluate the best (or last) model of a run on the test set (see :func:`evaluate`), and
-    (``pictures``) write its PNGs into the run directory."""
-    config = read_config(run_dir)
-    if device is not None:
-        config.device = device
-    if data_dir is not None:
-        config.data_dir = data_dir
-    dev = resolve_device(config.device)
-    model, _ = load_model(run_dir, checkpoint, dev)
-    split_sizes = tuple(config.split_sizes) if config.split_sizes is not None else None
-    with input_errors():
-        data = load_dataset(config.dataset, config.data_dir, dev, split_sizes=split_sizes)
-    smoke = _smoke_eval(config)
-    kw = {
-        "eval_points": eval_points if eval_points is not None else smoke.get("eval_points"),
-        "is_samples": is_samples if is_samples is not None else smoke.get("is_samples"),
-        "is_points": is_points if is_points is not None else smoke.get("is_points"),
-    }
-    results = evaluate(model, data, config, **kw, progress=progress)
-    results.update(
-        dataset=config.dataset, flow=config.flow, checkpoint=checkpoint,
-        solver=_solver_state(model),
-        num_parameters=sum(p.numel() for p in model.parameters() if p.requires_grad),
-    )
-    if pictures:
-        write_run_pictures(run_dir, model, data.test[:32], config.seed + 2)
-    return results
-
-
-def _solver_state(model: torch.nn.Module) -> list[dict[str, Any]]:
-    """The solver settings saved with the model (one entry per continuous flow)."""
-    return [
-        dict(v) for k, v in model.state_dict().items()
-        if k.endswith("_extra_state") and isinstance(v, dict) and "atol" in v
-    ]

@@ -16,7 +16,9 @@ stay on the input's device so that a training loop can log them without synchron
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
@@ -24,7 +26,7 @@ from torch import Tensor, nn
 from vaeflow.flows.base import Flow, Identity
 from vaeflow.likelihoods import Likelihood, get_likelihood
 
-__all__ = ["VAE", "bits_per_dim", "log_standard_normal"]
+__all__ = ["VAE", "bits_per_dim", "eval_mode", "log_standard_normal"]
 
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 
@@ -286,3 +288,16 @@ class VAE(nn.Module):
         mu, _, h = self.encoder(x)
         zK, _ = self.flow(mu, h)
         return self.likelihood.mean(self.decoder(zK)).detach()
+
+
+@contextlib.contextmanager
+def eval_mode(model: VAE, exact: bool = True) -> Iterator[None]:
+    """Eval mode, with the flow's exact log-determinant (a continuous flow's exact trace)
+    unless ``exact`` is False; the previous mode after."""
+    was_training = model.training
+    model.eval()
+    try:
+        with model.flow.evaluation_trace(exact):
+            yield
+    finally:
+        model.train(was_training)

@@ -5,10 +5,14 @@ Each block solves, over ``s`` in [0, 1] with ``t = s T``,
 
     dz/ds = T f(z, t; h),    d logdet/ds = T tr(df/dz),
 
-so the learnable end time ``T`` is an ordinary parameter of the dynamics: both direct
-backpropagation and the adjoint give its exact gradient. The trace is estimated with
+so an end time ``T`` that is learned (``train_end_time=True``; fixed by default, as in the
+paper) is an ordinary parameter of the dynamics: both direct backpropagation and the adjoint
+give its exact gradient. The trace is estimated with
 Hutchinson's estimator ``eps^T (df/dz) eps`` (one vector-Jacobian product per evaluation, ``eps``
 drawn once per solve) in training, and computed exactly in evaluation.
+
+This module is over 500 lines because each dynamics' hand-written vector-Jacobian product (the
+fast path of the trace) must mirror its forward pass line for line, so the two sit together.
 """
 
 from __future__ import annotations
