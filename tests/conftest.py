@@ -10,7 +10,7 @@ import pytest
 import torch
 
 # The experiment scripts live beside the library, not in it: tests import them by module name
-# (`import table_lib`, `import bench`) from this one place.
+# (`import table`, `import bench`) from this one place.
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 sys.path.insert(0, str(EXPERIMENTS))
 

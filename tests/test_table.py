@@ -2,7 +2,9 @@
 
 One grid runs once for the module (2 flows x 1 data set x 2 seeds, 2 cells at once, as real
 ``vaeflow train`` subprocesses on the tiny structured MNIST), with one cell left half-trained
-beforehand and a second data set whose file is missing; the tests then read what it left.
+beforehand and a second data set whose file is missing; the tests then read what it left. The
+placement of cells on devices is tested with stand-in subprocesses and a made-up number of
+visible GPUs, so that no GPU is needed.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import csv
 import io
 import json
 import os
+import re
 import signal
 import statistics
 import sys
@@ -19,15 +22,17 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import table
+import table_grid
+import table_options
+import table_pool
+import table_records
 from conftest import TINY_SPLITS
+from table_grid import Cell
+from table_pool import Job, Placement
 
 import vaeflow.train as train_mod
 from vaeflow import cli
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
-import table  # noqa: E402
-import table_lib  # noqa: E402
-from table_lib import Cell, Job  # noqa: E402
 
 TINY = [
     "--device", "cpu",
@@ -70,8 +75,8 @@ def run(argv: list[str]) -> tuple[int, str]:
     """``experiments/table.py ARGV`` in this process: (exit status, what it reported)."""
     echo = io.StringIO()
     try:
-        code = table_lib.run_table(table.options_from_args(argv), echo=echo)
-    except table_lib.TableError as err:
+        code = table.run_table(table.options_from_args(argv), echo=echo)
+    except table_options.TableError as err:
         return 2, str(err)
     return code, echo.getvalue()
 
@@ -80,7 +85,7 @@ def leave_half_trained(argv: list[str], cell: Cell) -> Path:
     """Train ``cell`` exactly as the grid would start it, and SIGTERM it after 3 steps: the run
     directory then holds a checkpoint and no results."""
     options = table.options_from_args(argv)
-    args = table_lib.cell_train_args(cell, options)
+    args = table_grid.cell_train_args(cell, options)
     real = train_mod.train_step
     steps = {"n": 0}
 
@@ -127,7 +132,7 @@ def results(runs: Path, cell: Cell) -> dict:
 
 
 def attempts(runs: Path, cell: Cell) -> list[dict]:
-    path = cell.run_dir(runs) / table_lib.ATTEMPTS_FILE
+    path = cell.run_dir(runs) / table_grid.ATTEMPTS_FILE
     return json.loads(path.read_text()) if path.is_file() else []
 
 
@@ -167,7 +172,7 @@ def test_cells_ran_two_at_once(grid: SimpleNamespace) -> None:
 def test_a_half_trained_cell_is_resumed(grid: SimpleNamespace) -> None:
     tries = attempts(grid.runs, PARTIAL)
     assert [a["mode"] for a in tries] == ["resume"] and tries[0]["returncode"] == 0
-    assert "--resume" in tries[0]["command"]
+    assert "--resume" in tries[0]["command"] and tries[0]["device"] == "cpu"
     done = results(grid.runs, PARTIAL)
     assert done["steps"] == 8 and done["epochs"] == 2  # 200 points, batch 50, 2 epochs
     fresh = attempts(grid.runs, Cell("static_mnist", "none", 0))
@@ -276,7 +281,7 @@ def test_failed_and_unfinished_cells_are_reported(grid: SimpleNamespace, tmp_pat
         "command": "python -m vaeflow.cli train",
         "started": "now",
     }
-    (failed / table_lib.ATTEMPTS_FILE).write_text(json.dumps([attempt]))
+    (failed / table_grid.ATTEMPTS_FILE).write_text(json.dumps([attempt]))
     out = tmp_path / "out"
     argv = [*report_args(grid, out, "planar"), "--runs-dir", str(tmp_path / "runs")]
     assert run(argv)[0] == 0
@@ -301,13 +306,13 @@ def test_run_jobs_goes_on_after_a_failure(tmp_path: Path) -> None:
         live[0] += 1
         peak[0] = max(peak[0], live[0])
 
-    def finished(result: table_lib.JobResult) -> None:
+    def finished(result: table_pool.JobResult) -> None:
         live[0] -= 1
 
     cwd = os.getcwd()
     os.chdir(tmp_path)
     try:
-        done = table_lib.run_jobs(jobs, 2, on_start=started, on_finish=finished, poll_seconds=0.02)
+        done = table_pool.run_jobs(jobs, 2, on_start=started, on_finish=finished, poll_seconds=0.02)
     finally:
         os.chdir(cwd)
     codes = {r.job.name: r.returncode for r in done}
@@ -319,13 +324,13 @@ def test_run_jobs_goes_on_after_a_failure(tmp_path: Path) -> None:
 
 def test_run_jobs_stops_running_jobs_on_an_interrupt(tmp_path: Path) -> None:
     sleeper = Job("s", [sys.executable, "-c", "import time; time.sleep(60)"], tmp_path / "log")
-    finished: list[table_lib.JobResult] = []
+    finished: list[table_pool.JobResult] = []
 
     def interrupt(job: Job) -> None:
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        table_lib.run_jobs([sleeper], 1, on_start=interrupt, on_finish=finished.append)
+        table_pool.run_jobs([sleeper], 1, on_start=interrupt, on_finish=finished.append)
     assert [r.returncode for r in finished] == [-signal.SIGTERM]
     assert finished[0].seconds < 30
 
@@ -335,11 +340,102 @@ def test_run_jobs_stops_at_the_deadline(tmp_path: Path) -> None:
         return Job(name, [sys.executable, "-c", "import time; time.sleep(60)"], tmp_path / name)
 
     t0 = time.monotonic()
-    done = table_lib.run_jobs([job("a"), job("b"), job("c")], 2, deadline=t0 + 1.0,
+    done = table_pool.run_jobs([job("a"), job("b"), job("c")], 2, deadline=t0 + 1.0,
                               poll_seconds=0.02)
     assert sorted(r.job.name for r in done) == ["a", "b"]  # c never started
     assert all(r.returncode == -signal.SIGTERM for r in done)
     assert time.monotonic() - t0 < 30
+
+
+def test_devices_are_parsed_against_the_visible_gpus() -> None:
+    four = tuple(f"cuda:{i}" for i in range(4))
+    assert table_pool.parse_devices("auto", cuda_count=4) == four
+    assert table_pool.parse_devices("cuda", cuda_count=4) == four
+    assert table_pool.parse_devices("auto", cuda_count=0) == ("cpu",)
+    assert table_pool.parse_devices("cuda:1, cuda:3", cuda_count=4) == ("cuda:1", "cuda:3")
+    assert table_pool.parse_devices("cpu,cpu", cuda_count=0) == ("cpu", "cpu")
+    for text, message in (
+        ("cuda:4", "only 4 CUDA device(s) are visible"),
+        ("cuda:x", "expected cuda:N"),
+        ("tpu", "unknown device 'tpu'"),
+        (",", "at least one device"),
+    ):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            table_pool.parse_devices(text, cuda_count=4)
+    with pytest.raises(ValueError, match="no CUDA device is visible"):
+        table_pool.parse_devices("cuda:0", cuda_count=0)
+
+
+def test_the_placement_rule() -> None:
+    two = ("cuda:0", "cuda:1")
+    assert Placement.of(two) == Placement(two, per_device=1, parallel=2)  # one per device
+    assert Placement.of(("cuda:0",), parallel=7) == Placement(("cuda:0",), 7, 7)  # share one GPU
+    assert Placement.of(two, parallel=3) == Placement(two, 2, 3)  # P spread over the devices
+    assert Placement.of(two, per_device=3) == Placement(two, 3, 6)
+    assert Placement.of(two, parallel=4, per_device=3) == Placement(two, 3, 4)
+    with pytest.raises(ValueError, match=re.escape("cannot run at once on 2 device(s)")):
+        Placement.of(two, parallel=5, per_device=2)
+    with pytest.raises(ValueError, match="--per-device must be a positive integer"):
+        Placement.of(two, per_device=0)
+    # the least loaded device with room, the first on ties; none once the grid is full
+    placement = Placement.of(two, parallel=3)
+    assert [placement.pick(load) for load in ([0, 0], [1, 0], [1, 1], [2, 0])] == [0, 1, 0, 1]
+    assert placement.pick([2, 1]) is None and placement.pick([2, 2]) is None
+    options = table.options_from_args(["--smoke", "--devices", "cuda:0,cuda:1", "--per-device",
+                                       "2"])
+    assert options.placement(cuda_count=2) == Placement(two, 2, 4)
+
+
+def test_a_cell_sees_only_its_device() -> None:
+    assert table_pool.device_env({}, "cuda:2")["CUDA_VISIBLE_DEVICES"] == "2"
+    # numbered as the parent sees them: cuda:1 of a parent that sees GPUs 5 and 7 is GPU 7
+    assert table_pool.device_env({"CUDA_VISIBLE_DEVICES": "5,7"}, "cuda:1") == {
+        "CUDA_VISIBLE_DEVICES": "7"
+    }
+    assert table_pool.device_env({"CUDA_VISIBLE_DEVICES": "5"}, "cpu") == {
+        "CUDA_VISIBLE_DEVICES": ""
+    }
+    assert table_pool.device_env({"A": "1"}, None) == {"A": "1"}
+
+
+@pytest.mark.parametrize(
+    ("devices", "per_device", "parallel", "peak"),
+    [(("cuda:0", "cuda:1"), 2, 3, {"0": 2, "1": 1}), (("cpu", "cpu"), 1, 2, {"": 2})],
+)
+def test_run_jobs_places_the_jobs_on_the_devices(
+    tmp_path: Path, devices: tuple[str, ...], per_device: int, parallel: int, peak: dict
+) -> None:
+    """Stand-in jobs print the GPUs they may see; the placement caps each device and the
+    total, and every job ran on a device of the list (no GPU needed: nothing touches CUDA)."""
+    code = ("import os, time; print('sees', repr(os.environ['CUDA_VISIBLE_DEVICES'])); "
+            "time.sleep(0.4)")
+    jobs = [Job(f"j{i}", [sys.executable, "-c", code], tmp_path / f"j{i}.log") for i in range(6)]
+    live: dict[str, int] = {}
+    most: dict[str, int] = {}
+    total = [0, 0]
+
+    def started(job: Job) -> None:
+        assert job.device in devices
+        key = table_pool.device_env({}, job.device)["CUDA_VISIBLE_DEVICES"]
+        live[key] = live.get(key, 0) + 1
+        most[key] = max(most.get(key, 0), live[key])
+        total[0] += 1
+        total[1] = max(total[1], total[0])
+
+    def finished(result: table_pool.JobResult) -> None:
+        key = table_pool.device_env({}, result.job.device)["CUDA_VISIBLE_DEVICES"]
+        live[key] -= 1
+        total[0] -= 1
+
+    placement = Placement.of(devices, parallel, per_device)
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+    done = table_pool.run_jobs(jobs, placement, env, started, finished, poll_seconds=0.02)
+    assert sorted(r.returncode for r in done) == [0] * 6
+    assert most == peak and total[1] == parallel
+    for r in done:
+        seen = table_pool.device_env({}, r.job.device)["CUDA_VISIBLE_DEVICES"]
+        assert f"sees {seen!r}" in r.job.log.read_text()
+        assert f"(on {r.job.device})" in r.job.log.read_text()
 
 
 def test_smoke_dry_run_prints_the_cells_and_runs_nothing(
@@ -366,7 +462,13 @@ def test_smoke_dry_run_prints_the_cells_and_runs_nothing(
     assert "4 cell(s) to run" in log
     assert "--max-steps 5" in log and "--seed 3" in log
     assert "runs/table-smoke/static_mnist/ffjord/seed3" in log
+    assert "--device" not in log  # placed by the pool, so that a cell resumes on any device
     assert not (tmp_path / "out").exists()
+    code, log = run(["--smoke", "--dry-run", "--datasets", "static_mnist", "--flows", "none",
+                     "--devices", "cpu,cpu", "--per-device", "1", "--data-dir",
+                     str(tiny_data_dir), "--out", str(tmp_path / "out")])
+    assert code == 0, log
+    assert "2 at once on cpu, cpu (1 per device)" in log
 
 
 @pytest.mark.parametrize(
@@ -383,6 +485,12 @@ def test_smoke_dry_run_prints_the_cells_and_runs_nothing(
         ),
         (["--max-epochs", "2", "--set", "nope=1"], "unknown config key(s) 'nope'"),
         (["--max-epochs", "2", "--seeds", "x"], "--seeds takes a count"),
+        (["--max-epochs", "2", "--set", "device=cuda"], "chosen by --devices"),
+        (["--max-epochs", "2", "--devices", "tpu"], "unknown device 'tpu'"),
+        (
+            ["--max-epochs", "2", "--devices", "cpu,cpu", "--per-device", "1", "--parallel", "3"],
+            "--parallel 3 cells cannot run at once on 2 device(s)",
+        ),
     ],
 )
 def test_bad_input_is_refused_before_anything_runs(
@@ -413,11 +521,11 @@ def test_main_reports_bad_input_with_status_2(capsys: pytest.CaptureFixture[str]
 
 
 def test_seeds_and_flow_options() -> None:
-    assert table_lib.parse_seeds(["3"]) == [0, 1, 2]
-    assert table_lib.parse_seeds(["0", "4"]) == [0, 4]
-    assert table_lib.parse_seeds(["0,4"]) == [0, 4]
-    assert table_lib.parse_seeds(["5,"]) == [5]
-    opts = table_lib.flow_opts_by_flow(["ffjord:rank=2", "num_steps=4"], ["planar", "ffjord"])
+    assert table_options.parse_seeds(["3"]) == [0, 1, 2]
+    assert table_options.parse_seeds(["0", "4"]) == [0, 4]
+    assert table_options.parse_seeds(["0,4"]) == [0, 4]
+    assert table_options.parse_seeds(["5,"]) == [5]
+    opts = table_options.flow_opts_by_flow(["ffjord:rank=2", "num_steps=4"], ["planar", "ffjord"])
     assert opts == {"planar": ["num_steps=4"], "ffjord": ["rank=2", "num_steps=4"]}
 
 
@@ -431,9 +539,9 @@ def test_smoke_runs_stay_out_of_results() -> None:
 
 
 def test_paper_numbers() -> None:
-    assert table_lib.paper_value("static_mnist", "ffjord") == 82.82
-    assert table_lib.paper_value("freyfaces", "none") == 4.53
+    assert table_records.paper_value("static_mnist", "ffjord") == 82.82
+    assert table_records.paper_value("freyfaces", "none") == 4.53
     for variant in ("orthogonal", "householder", "triangular"):  # the paper's one Sylvester row
-        assert table_lib.paper_value("caltech", variant) == 104.62
-    assert table_lib.paper_value("omniglot_rederived", "ffjord") is None
-    assert set(table_lib.TABLE_FLOWS) == set(table_lib.PAPER_ROW)
+        assert table_records.paper_value("caltech", variant) == 104.62
+    assert table_records.paper_value("omniglot_rederived", "ffjord") is None
+    assert set(table_options.TABLE_FLOWS) == set(table_records.PAPER_ROW)

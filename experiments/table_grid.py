@@ -1,0 +1,340 @@
+"""The grid of ``experiments/table.py``: its cells, their configs, their run directories, and
+the plan of a call (which cells start, resume, restart, or are done).
+
+A cell (data set x flow x seed) is one ``vaeflow train`` run in ``RUNS_DIR/<dataset>/<flow>/
+seed<k>``. Its config is resolved here with :func:`vaeflow.configs.resolve` from exactly the
+settings that its subprocess gets on its command line, so that a bad setting is refused before
+anything runs and a cell already run with other settings is found (the "mismatch").
+
+Bookkeeping files of the grid, beside the run directories' own files (``vaeflow.runs``):
+``RUNS_DIR/grid.json`` (one record per call that ran cells), and in each cell ``table.log``
+(its subprocesses' output) and ``table_attempts.json`` (one record per subprocess).
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from table_options import (
+    SCRIPT,
+    SMOKE_STEPS,
+    TableError,
+    TableOptions,
+    flow_opts_by_flow,
+    parse_items,
+)
+from table_pool import Job, JobResult, Placement, utc_now
+
+from vaeflow.configs import TrainConfig, resolve
+from vaeflow.data import DataNotFoundError, get_spec, load_dataset, resolve_data_dir
+from vaeflow.runs import CHECKPOINT, CONFIG, RESULTS, atomic_write_json
+
+__all__ = [
+    "ATTEMPTS_FILE",
+    "GRID_FILE",
+    "LOG_FILE",
+    "Cell",
+    "Plan",
+    "cell_config",
+    "cell_state",
+    "cell_train_args",
+    "config_diff",
+    "download_missing",
+    "how_to_get",
+    "missing_data",
+    "plan_grid",
+    "read_json",
+]
+
+GRID_FILE = "grid.json"
+ATTEMPTS_FILE = "table_attempts.json"
+LOG_FILE = "table.log"
+
+# config keys that change neither what a run learns nor its test NELBO (the importance-sampled
+# likelihood is not in the paper's table)
+NEUTRAL_KEYS = {
+    "device", "data_dir", "log_every", "image_every", "checkpoint_every", "is_samples",
+    "is_points", "eval_batch_rows",
+}  # fmt: skip
+# ... and those that are the budget, reported on their own
+BUDGET_KEYS = {"max_epochs", "max_minutes", "max_steps"}
+# a smoke cell: a tiny budget and a small evaluation, to check that every cell runs
+SMOKE_SETS = ("eval_points=100", "valid_points=100", "is_samples=0", "image_every=0")
+
+
+def read_json(path: Path) -> Any:
+    """The JSON in ``path``, or None when it is missing or damaged (the grid's own records:
+    a damaged one must not stop a grid or a report)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+@dataclass(frozen=True, order=True)
+class Cell:
+    """One run of the grid."""
+
+    dataset: str
+    flow: str
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.dataset}/{self.flow}/seed{self.seed}"
+
+    def run_dir(self, runs_dir: Path) -> Path:
+        return Path(runs_dir) / self.dataset / self.flow / f"seed{self.seed}"
+
+
+@dataclass
+class CellSettings:
+    """What the table sets for one cell: config keys given by ``vaeflow train``'s named options
+    (``named``: key -> (option, value)), ``--set`` items and ``--flow-opt`` items."""
+
+    named: dict[str, tuple[str, Any]]
+    sets: list[str]
+    flow_opts: list[str]
+
+
+def cell_settings(cell: Cell, options: TableOptions) -> CellSettings:
+    """The settings of ``cell``; the user's ``--set`` items come last, so that they win."""
+    named: dict[str, tuple[str, Any]] = {"seed": ("--seed", cell.seed)}
+    if options.data_dir is not None:
+        named["data_dir"] = ("--data-dir", str(options.data_dir))
+    if options.max_epochs is not None:
+        named["max_epochs"] = ("--max-epochs", options.max_epochs)
+    sets = []
+    if options.budget_minutes is not None:
+        sets.append(f"max_minutes={options.budget_minutes:g}")
+    if options.smoke:
+        named["max_steps"] = ("--max-steps", SMOKE_STEPS)
+        sets += SMOKE_SETS
+    sets += options.sets
+    flow_opts = flow_opts_by_flow(options.flow_opts, [cell.flow])[cell.flow]
+    return CellSettings(named, sets, flow_opts)
+
+
+def cell_train_args(cell: Cell, options: TableOptions) -> list[str]:
+    """The ``vaeflow train`` arguments (after ``train``) that start ``cell`` afresh. No
+    ``--device``: the pool places the cell (``CUDA_VISIBLE_DEVICES``) and its config keeps
+    the device-neutral ``auto``, so that it may resume on any device."""
+    s = cell_settings(cell, options)
+    args = ["--dataset", cell.dataset, "--flow", cell.flow]
+    for option, value in s.named.values():
+        args += [option, str(value)]
+    args += ["--out", str(cell.run_dir(options.runs_dir)), "--quiet"]
+    for item in s.sets:
+        args += ["--set", item]
+    for item in s.flow_opts:
+        args += ["--flow-opt", item]
+    return args
+
+
+def cell_config(cell: Cell, options: TableOptions) -> TrainConfig:
+    """The config that ``cell``'s subprocess will resolve from :func:`cell_train_args` (the
+    same layers, the same values read the same way); bad input raises a :class:`TableError`."""
+    s = cell_settings(cell, options)
+    overrides = {key: value for key, (_, value) in s.named.items()}
+    try:
+        overrides.update(parse_items(s.sets, "--set"))
+        flow_options = parse_items(s.flow_opts, "--flow-opt")
+        return resolve(cell.dataset, cell.flow, overrides, flow_options=flow_options)
+    except ValueError as err:
+        raise TableError(f"cell {cell.name}: {err}") from err
+
+
+def paper_config(dataset: str, flow: str) -> dict[str, Any]:
+    """The papers' settings of a cell, as a dict (what the report compares runs against)."""
+    return resolve(dataset, flow).to_dict()
+
+
+def cell_state(run_dir: Path) -> str:
+    """``"done"`` (results.json), ``"partial"`` (a checkpoint to resume) or ``"new"``."""
+    if (run_dir / RESULTS).is_file():
+        return "done"
+    if (run_dir / CHECKPOINT).is_file():
+        return "partial"
+    return "new"
+
+
+# --------------------------------------------------------------------------------------------
+# Data availability
+# --------------------------------------------------------------------------------------------
+
+
+def missing_data(datasets: list[str], data_dir: str | None) -> dict[str, str]:
+    """The data sets of ``datasets`` whose file is not in the data directory, with the reason."""
+    directory = resolve_data_dir(data_dir)
+    out = {}
+    for name in datasets:
+        spec = get_spec(name)
+        if not (directory / spec.filename).is_file():
+            out[name] = f"{spec.filename} is not in {directory}"
+    return out
+
+
+def download_missing(missing: Mapping[str, str], data_dir: str | None) -> dict[str, str]:
+    """Try to download each missing data set once, here, before the cells start (so that
+    parallel cells do not race to download it); return those still missing, with why."""
+    still = {}
+    for name, reason in missing.items():
+        print(f"table: {reason}; downloading it", file=sys.stderr)
+        try:
+            load_dataset(name, data_dir, "cpu", download=True)
+        except (DataNotFoundError, OSError, ValueError, RuntimeError) as err:
+            first = str(err).splitlines()[0] if str(err) else type(err).__name__
+            still[name] = f"{reason}, and downloading it failed ({first})"
+    return still
+
+
+def how_to_get(dataset: str, data_dir: str | None) -> str:
+    """Where the file of ``dataset`` comes from, in a sentence."""
+    spec = get_spec(dataset)
+    directory = resolve_data_dir(data_dir)
+    if spec.sources:
+        urls = ", ".join(s.urls[0] for s in spec.sources)
+        return (
+            f"on a machine with network access vaeflow downloads it ({urls}), checks it and "
+            f"converts it to {spec.filename}; or copy a prepared {spec.filename} into {directory}"
+        )
+    return f"it has no public download: copy {spec.filename} into {directory}"
+
+
+# --------------------------------------------------------------------------------------------
+# The plan of a call, and its records
+# --------------------------------------------------------------------------------------------
+
+
+def config_diff(saved: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[str]:
+    """``key: saved -> wanted`` for each setting that changes what a run computes."""
+    out = []
+    for key in sorted(set(saved) | set(wanted)):
+        if key in NEUTRAL_KEYS or key == "seed":
+            continue
+        if saved.get(key) != wanted.get(key):
+            out.append(f"{key}: {saved.get(key)!r} -> {wanted.get(key)!r}")
+    return out
+
+
+@dataclass
+class Plan:
+    """What a call will do: the jobs to run, the cells left as they are, the data sets that
+    cannot run here (with why), and warnings."""
+
+    jobs: list[Job] = field(default_factory=list)
+    skipped: list[Cell] = field(default_factory=list)
+    not_run: dict[str, str] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+
+def plan_grid(options: TableOptions, missing: Mapping[str, str]) -> Plan:
+    """The jobs of the grid; every cell's config is resolved (and so checked) first."""
+    plan = Plan(not_run=dict(missing))
+    cells = [
+        Cell(d, f, s)
+        for s in options.seed_list
+        for d in options.datasets
+        if d not in missing
+        # FFJORD first: the slowest cells start first, so the grid ends sooner
+        for f in sorted(options.flows, key=lambda f: f != "ffjord")
+    ]
+    mismatched = []
+    for cell in cells:
+        run_dir = cell.run_dir(options.runs_dir)
+        wanted = cell_config(cell, options).to_dict()
+        state = cell_state(run_dir)
+        saved = read_json(run_dir / CONFIG) if state != "new" else None
+        diff = config_diff(saved, wanted) if isinstance(saved, dict) else []
+        if diff:
+            message = f"{cell.name} ({state}) was run with other settings: {'; '.join(diff)}"
+            if options.on_mismatch == "error":
+                mismatched.append(message)
+                continue
+            if options.on_mismatch == "keep":  # a partial cell goes on with its own settings
+                plan.warnings.append(f"{message}; kept with its own settings (--on-mismatch keep)")
+            else:
+                plan.warnings.append(f"{message}; trained afresh (--on-mismatch restart)")
+                state = "restart"
+        train = [options.python, "-m", "vaeflow.cli", "train"]
+        log = run_dir / LOG_FILE
+        if state == "done":
+            plan.skipped.append(cell)
+        elif state == "partial":
+            command = [*train, "--resume", str(run_dir), "--quiet"]
+            plan.jobs.append(Job(cell.name, command, log, "resume", run_dir))
+        else:
+            args = cell_train_args(cell, options)
+            mode, extra = ("restart", ["--overwrite"]) if state == "restart" else ("start", [])
+            plan.jobs.append(Job(cell.name, [*train, *args, *extra], log, mode, run_dir))
+    if mismatched:
+        raise TableError(
+            "cells in " + str(options.runs_dir) + " were run with other settings than asked:\n  "
+            + "\n  ".join(mismatched)
+            + "\nUse another --runs-dir, delete those cells, or pass --on-mismatch keep (keep "
+            "their own settings) or --on-mismatch restart (train them afresh)."
+        )
+    return plan
+
+
+def forget_old_runs(plan: Plan) -> None:
+    """Before a cell restarts: its old attempts would mix into the new run's wall-clock, and
+    its old TensorBoard events into the new run's curves (``--overwrite`` removes the run's
+    other files)."""
+    for job in plan.jobs:
+        if job.mode == "restart" and job.run_dir is not None:
+            for path in [*job.run_dir.glob("events.out.tfevents*"), job.run_dir / ATTEMPTS_FILE]:
+                path.unlink(missing_ok=True)
+
+
+def record_attempt(result: JobResult) -> None:
+    """Append one subprocess's record to its cell's ``table_attempts.json``."""
+    if result.job.run_dir is None:
+        return
+    path = result.job.run_dir / ATTEMPTS_FILE
+    attempts = read_json(path) or []
+    attempts.append(
+        {
+            "started": result.started,
+            "mode": result.job.mode,
+            "device": result.job.device,
+            "command": shlex.join(result.job.command),
+            "returncode": result.returncode,
+            "seconds": round(result.seconds, 3),
+            "error": result.error,
+        }
+    )
+    atomic_write_json(attempts, path)
+
+
+def record_invocation(options: TableOptions, plan: Plan, placement: Placement) -> None:
+    """Append this call to ``RUNS_DIR/grid.json`` (a report of the grid quotes it)."""
+    path = Path(options.runs_dir) / GRID_FILE
+    grid = read_json(path) or {"invocations": []}
+    grid["invocations"].append(
+        {
+            "date": utc_now(),
+            "command": shlex.join([*shlex.split(SCRIPT), *(options.argv or [])]),
+            "devices": options.devices,
+            "parallel": options.parallel,
+            "per_device": options.per_device,
+            "placed_on": list(placement.devices),
+            "at_once": placement.parallel,
+            "budget_minutes": options.budget_minutes,
+            "max_epochs": options.max_epochs,
+            "smoke": options.smoke,
+            "stop_after_minutes": options.stop_after_minutes,
+            "seeds": options.seed_list,
+            "sets": options.sets,
+            "flow_opts": options.flow_opts,
+            "jobs": [job.name for job in plan.jobs],
+        }
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(grid, path)
