@@ -81,8 +81,9 @@ def check_number(
     if ok and nonnegative and not value >= 0:
         ok = False
     if not ok:
-        kind = "a positive" if positive else "a non-negative" if nonnegative else "a"
-        kind += " finite number" if finite else " number"
+        kind = "positive" if positive else ">= 0" if nonnegative else "a number"
+        if finite:
+            kind += " and finite" if positive or nonnegative else " (finite)"
         raise InputError(f"{name} must be {kind}, got {value!r}")
     return float(value)
 

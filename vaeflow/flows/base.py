@@ -9,6 +9,7 @@ the encoder computes from ``x``. Every flow returns the log-determinant of that 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 from collections.abc import Iterator, Mapping
 
@@ -34,6 +35,17 @@ def check_inputs(flow: Flow, z: Tensor, h: Tensor) -> None:
             f"{type(flow).__name__} expects a context h of shape [{z.shape[0]}, "
             f"{flow.context_dim}], got {tuple(h.shape)}"
         )
+    # One rule for every flow: inputs in the flow's own floating dtype (no silent promotion,
+    # no raw matmul error from deep inside a solver).
+    ref = next(itertools.chain(flow.parameters(), flow.buffers()), None)
+    if ref is not None and ref.is_floating_point():
+        for name, t in (("z", z), ("h", h)):
+            if t.dtype != ref.dtype:
+                raise ValueError(
+                    f"{type(flow).__name__} holds {ref.dtype} parameters but got {name} of dtype "
+                    f"{t.dtype}; convert the inputs (e.g. {name}.to({ref.dtype})) or the flow "
+                    f"(flow.to({t.dtype}))"
+                )
 
 
 class Flow(nn.Module):
@@ -63,6 +75,8 @@ class Flow(nn.Module):
             flow in training mode: an unbiased estimate of it).
         """
         check_inputs(self, z0, h)
+        if z0.shape[0] == 0:  # an empty batch: nothing to transform (a solver would fail on it)
+            return z0.clone(), z0.new_zeros(0)
         return self._forward(z0, h)
 
     def inverse(self, zK: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
@@ -80,6 +94,8 @@ class Flow(nn.Module):
                 f"{type(self).__name__} has no inverse that can be computed; only samples it "
                 "produced itself can be scored"
             )
+        if zK.shape[0] == 0:
+            return zK.clone(), zK.new_zeros(0)
         return self._inverse(zK, h)
 
     def _forward(self, z0: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:

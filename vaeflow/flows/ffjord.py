@@ -21,13 +21,14 @@ import contextlib
 import dataclasses
 import math
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..checks import InputError, check_bool, check_number
 from ..ode import NFECounter, SolverConfig, solve
 from .base import ContextHead, Flow, check_choice, check_positive_int
 
@@ -471,10 +472,29 @@ class FFJORD(Flow):
         check_choice("nonlinearity", nonlinearity, NONLINEARITIES)
         check_choice("trace", trace, TRACES)
         check_choice("noise", noise, NOISES)
+        if isinstance(hidden_dims, str | bytes) or not isinstance(hidden_dims, Sequence):
+            raise InputError(
+                f"hidden_dims must be a list of positive integers, got {hidden_dims!r}"
+            )
         hidden_dims = tuple(check_positive_int("hidden_dims entry", w) for w in hidden_dims)
         check_positive_int("num_blocks", num_blocks)
-        if not end_time > 0:
-            raise ValueError(f"end_time must be positive, got {end_time!r}")
+        end_time = check_number("end_time", end_time, positive=True)
+        atol = check_number("atol", atol, positive=True)
+        rtol = check_number("rtol", rtol, positive=True)
+        if solver_options is not None and not isinstance(solver_options, Mapping):
+            raise InputError(
+                f"solver_options must be a table such as {{step_size = 0.1}}, got "
+                f"{solver_options!r}"
+            )
+        # Booleans from a command line or a hand-written file: "False" must not count as true.
+        train_end_time = check_bool("train_end_time", train_end_time)
+        exact_in_eval = check_bool("exact_in_eval", exact_in_eval)
+        adjoint = check_bool("adjoint", adjoint)
+        regularize = check_bool("regularize", regularize)
+        if fused is not None:
+            fused = check_bool("fused", fused)
+        if isinstance(compile, str) and compile.lower() in ("true", "false"):
+            compile = check_bool("compile", compile)
         if isinstance(compile, str):
             check_choice("compile mode", compile, COMPILE_MODES)
         elif not isinstance(compile, bool):

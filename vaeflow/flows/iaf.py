@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..checks import check_number
 from .base import Flow, check_positive_int
 
 __all__ = ["IAF", "MADE"]
@@ -104,7 +105,7 @@ class IAF(Flow):
         self.num_steps = check_positive_int("num_steps", num_steps)
         check_positive_int("hidden_dim", hidden_dim)
         check_positive_int("num_hidden_layers", num_hidden_layers)
-        self.forget_bias = float(forget_bias)
+        self.forget_bias = check_number("forget_bias", forget_bias)
         self.context = nn.Linear(context_dim, hidden_dim)
         self.steps = nn.ModuleList(
             MADE(dim, hidden_dim, num_hidden_layers, reverse=k % 2 == 1)

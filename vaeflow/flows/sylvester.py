@@ -16,6 +16,7 @@ import warnings
 import torch
 from torch import Tensor
 
+from ..checks import check_number
 from .base import ContextHead, Flow, check_positive_int
 
 __all__ = ["OrthogonalSylvester", "HouseholderSylvester", "TriangularSylvester"]
@@ -94,7 +95,7 @@ class OrthogonalSylvester(_Sylvester):
     ) -> None:
         m = min(check_positive_int("num_ortho_vecs", num_ortho_vecs), dim)
         super().__init__(dim, context_dim, num_steps, m, {"q": (num_steps, dim, m)})
-        self.ortho_tol = float(ortho_tol)
+        self.ortho_tol = check_number("ortho_tol", ortho_tol, positive=True)
         self.max_ortho_iters = check_positive_int("max_ortho_iters", max_ortho_iters)
         self._warned = False
 
