@@ -129,13 +129,13 @@ def test_unknown_choice_names_the_valid_ones(capsys: pytest.CaptureFixture[str])
 
 def test_missing_data_offline_says_where(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     args = ["train", "--dataset", "caltech", "--flow", "none", "--data-dir", str(tmp_path / "x")]
-    from vaeflow import data
+    from vaeflow.data import download
 
     def offline(url: str, dest: Path) -> None:
         raise OSError("network is unreachable (test)")
 
     mp = pytest.MonkeyPatch()
-    mp.setattr(data, "_fetch", offline)
+    mp.setattr(download, "_fetch", offline)
     try:
         assert main([*args, "--out", str(tmp_path / "run"), "--quiet"]) == 2
     finally:

@@ -8,6 +8,7 @@ import hashlib
 import io
 import os
 import urllib.error
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -18,12 +19,14 @@ from vaeflow import data
 from vaeflow.data import (
     DATASETS,
     ChecksumError,
+    DataFileError,
     DataNotFoundError,
     DeviceLoader,
     Source,
     load_dataset,
     resolve_data_dir,
 )
+from vaeflow.data import download as download_mod  # where _fetch is called: patch it there
 
 # small split sizes for the tiny files: (train, valid, test)
 SIZES = {
@@ -111,7 +114,7 @@ def no_network(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         tried.append(url)
         raise urllib.error.URLError("[Errno -2] Name or service not known")
 
-    monkeypatch.setattr(data, "_fetch", fetch)
+    monkeypatch.setattr(download_mod, "_fetch", fetch)
     return tried
 
 
@@ -391,7 +394,7 @@ def test_rederived_omniglot_has_no_download(tmp_path: Path, no_network: list[str
 def test_wrong_checksum_is_refused_and_nothing_kept(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(data, "_fetch", lambda url, dest: Path(dest).write_bytes(b"<html>"))
+    monkeypatch.setattr(download_mod, "_fetch", lambda url, dest: Path(dest).write_bytes(b"<html>"))
     with pytest.raises(ChecksumError) as info:
         load_dataset("caltech", tmp_path)
     msg = str(info.value)
@@ -486,7 +489,9 @@ def test_download_converts_and_writes_npz(
         sources.append(dataclasses.replace(s, checksum=(kind, digest) if kind else None))
     monkeypatch.setitem(DATASETS, name, dataclasses.replace(spec, sources=tuple(sources)))
     by_url = {u: files[s.filename] for s in sources for u in s.urls[:1]}
-    monkeypatch.setattr(data, "_fetch", lambda url, dest: Path(dest).write_bytes(by_url[url]))
+    monkeypatch.setattr(
+        download_mod, "_fetch", lambda url, dest: Path(dest).write_bytes(by_url[url])
+    )
 
     out = tmp_path / "out"
     ds = load_tiny(name, out)
@@ -508,7 +513,7 @@ def test_download_converts_and_writes_npz(
         else:
             assert torch.allclose(got, torch.from_numpy(np.asarray(want, np.float64)), atol=1e-6)
     # a second load reads the file and does not download again
-    monkeypatch.setattr(data, "_fetch", lambda url, dest: pytest.fail("downloaded twice"))
+    monkeypatch.setattr(download_mod, "_fetch", lambda url, dest: pytest.fail("downloaded twice"))
     load_tiny(name, out)
 
 
@@ -518,7 +523,7 @@ def test_download_without_known_checksum_logs_sha256(
     files, _ = _fake_sources("freyfaces", np.random.default_rng(2), tmp_path)
     payload = files["frey_rawface.mat"]
     assert DATASETS["freyfaces"].sources[0].checksum is None
-    monkeypatch.setattr(data, "_fetch", lambda url, dest: Path(dest).write_bytes(payload))
+    monkeypatch.setattr(download_mod, "_fetch", lambda url, dest: Path(dest).write_bytes(payload))
     with caplog.at_level("WARNING", logger="vaeflow.data"):
         load_tiny("freyfaces", tmp_path)
     assert hashlib.sha256(payload).hexdigest() in caplog.text
@@ -535,14 +540,9 @@ def test_source_mirrors_are_tried_in_order(tmp_path: Path, monkeypatch: pytest.M
             raise urllib.error.URLError("down")
         Path(dest).write_bytes(payload)
 
-    monkeypatch.setattr(data, "_fetch", fetch)
+    monkeypatch.setattr(download_mod, "_fetch", fetch)
     assert data._download(source, tmp_path / "f") == []
     assert tried == list(source.urls) and (tmp_path / "f").read_bytes() == payload
-
-
-# ------------------------------------------------------------------------------------------
-# Validation of the .npz files
-# ------------------------------------------------------------------------------------------
 
 
 def test_wrong_row_length_is_refused(tmp_path: Path) -> None:
@@ -612,6 +612,54 @@ def test_pickled_or_corrupt_files_are_refused(tmp_path: Path) -> None:
     (tmp_path / "freyfaces.npz").write_bytes(b"not a zip file")
     with pytest.raises(ValueError, match="freyfaces.npz"):
         load_tiny("freyfaces", tmp_path)
+
+
+def _damage(path: Path, how: str) -> None:
+    """Damage the data file at ``path`` as a failed copy or a stray write would."""
+    payload = path.read_bytes()
+    if how == "truncated":
+        path.write_bytes(payload[: len(payload) // 2])
+    elif how == "empty":
+        path.write_bytes(b"")
+    elif how == "random bytes":
+        noise = np.random.default_rng(0).bytes(len(payload))
+        assert not noise.startswith(b"PK")
+        path.write_bytes(noise)
+    elif how == "corrupted member":  # the archive is whole, the images' deflate stream is not
+        with zipfile.ZipFile(path) as archive:
+            info = archive.getinfo("x_train.npy")
+        local = bytearray(payload)
+        header = info.header_offset  # 30 fixed bytes, then the name and the extra field
+        name_len = int.from_bytes(local[header + 26 : header + 28], "little")
+        extra_len = int.from_bytes(local[header + 28 : header + 30], "little")
+        middle = header + 30 + name_len + extra_len + info.compress_size // 2
+        for i in range(middle, middle + 16):
+            local[i] ^= 0xFF
+        path.write_bytes(bytes(local))
+    else:
+        raise AssertionError(how)
+
+
+@pytest.mark.filterwarnings("ignore:omniglot_rederived is NOT")
+@pytest.mark.parametrize("how", ["truncated", "empty", "random bytes", "corrupted member"])
+@pytest.mark.parametrize("name", ["caltech", "omniglot_rederived"])
+def test_damaged_file_says_so_and_how_to_get_it_again(
+    name: str, how: str, tmp_path: Path, no_network: list[str]
+) -> None:
+    write_tiny(name, tmp_path)
+    path = tmp_path / DATASETS[name].filename
+    _damage(path, how)
+    with pytest.raises(DataFileError) as info:
+        load_dataset(name, tmp_path, split_sizes=SIZES[name])
+    assert isinstance(info.value, ValueError)
+    msg = str(info.value)
+    assert str(path) in msg and "is damaged" in msg
+    assert "delete it" in msg and "copy it again from where it came from" in msg
+    if DATASETS[name].sources:
+        assert "let vaeflow download it" in msg
+    else:
+        assert "no public download" in msg and "download it" not in msg
+    assert no_network == [] and path.is_file()  # nothing fetched, the file left to the user
 
 
 # ------------------------------------------------------------------------------------------

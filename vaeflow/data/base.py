@@ -1,0 +1,39 @@
+"""What every module of :mod:`vaeflow.data` shares: split names, type aliases and the errors."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+__all__ = [
+    "LIKELIHOODS",
+    "SPLITS",
+    "Arrays",
+    "ChecksumError",
+    "DataFileError",
+    "DataNotFoundError",
+    "SplitSizes",
+]
+
+SPLITS = ("train", "valid", "test")
+LIKELIHOODS = ("bernoulli", "categorical256")
+
+SplitSizes = tuple[int, int, int]
+Arrays = Mapping[str, np.ndarray]
+
+
+class DataNotFoundError(FileNotFoundError):
+    """A data file is missing and could not be downloaded (no network, or no public source)."""
+
+
+class ChecksumError(RuntimeError):
+    """A downloaded file does not have the published checksum; nothing was kept."""
+
+
+class DataFileError(ValueError):
+    """A data file is damaged (truncated, emptied, overwritten): it cannot be read as an ``.npz``.
+
+    The message names the file and how to get it again. A file that reads fine but holds the
+    wrong keys, shapes or values raises a plain ``ValueError`` instead.
+    """

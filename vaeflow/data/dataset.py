@@ -1,0 +1,140 @@
+"""Loading a data set: :func:`load_dataset` finds (or downloads) its file, reads its splits and
+puts them on the training device once, as a :class:`Dataset`.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from vaeflow.data.base import SPLITS, DataNotFoundError, SplitSizes
+from vaeflow.data.download import _download_dataset, _missing_message
+from vaeflow.data.loader import DeviceLoader
+from vaeflow.data.paths import _resolve_with_origin
+from vaeflow.data.readers import open_npz
+from vaeflow.data.registry import DatasetSpec, get_spec
+
+__all__ = ["EVAL_BINARIZATION_SEED", "Dataset", "load_dataset"]
+
+EVAL_BINARIZATION_SEED = 777  # the seed the VampPrior/Sylvester code binarizes valid/test with
+
+
+@dataclass
+class Dataset:
+    """One data set, all splits resident on one device.
+
+    ``train``, ``valid``, ``test``: float32 ``[N, 1, H, W]`` in [0, 1]. With
+    ``dynamic_binarization`` the train split holds grey levels (binarize each batch, e.g. with
+    ``loader("train", ...)``) while valid/test are already binarized with a fixed seed.
+    ``likelihood`` is ``"bernoulli"`` or ``"categorical256"`` (values k/255; recover k with
+    ``round(x * 255)``); ``bits_per_dim`` says results are reported in bits/dim.
+    """
+
+    name: str
+    train: Tensor = field(repr=False)
+    valid: Tensor = field(repr=False)
+    test: Tensor = field(repr=False)
+    input_shape: tuple[int, int, int]
+    likelihood: str
+    dynamic_binarization: bool
+    bits_per_dim: bool
+    note: str = ""
+
+    @property
+    def split_sizes(self) -> SplitSizes:
+        return len(self.train), len(self.valid), len(self.test)
+
+    def split(self, split: str) -> Tensor:
+        """The tensor of ``split`` ("train", "valid" or "test")."""
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; valid splits are {', '.join(SPLITS)}")
+        return getattr(self, split)
+
+    def loader(
+        self,
+        split: str,
+        batch_size: int,
+        *,
+        shuffle: bool | None = None,
+        drop_last: bool = False,
+        seed: int = 0,
+    ) -> DeviceLoader:
+        """A :class:`DeviceLoader` over ``split``.
+
+        Training batches are shuffled and (for dynamically binarized sets) binarized afresh;
+        valid/test are read in order, as stored. ``shuffle`` overrides the default.
+        """
+        is_train = split == "train"
+        return DeviceLoader(
+            self.split(split),
+            batch_size,
+            shuffle=is_train if shuffle is None else shuffle,
+            drop_last=drop_last,
+            dynamic_binarization=self.dynamic_binarization and is_train,
+            seed=seed,
+        )
+
+
+def _read_npz(spec: DatasetSpec, path: Path, sizes: SplitSizes) -> list[np.ndarray]:
+    """The splits of ``spec``'s file at ``path``; a damaged file raises ``DataFileError``."""
+    with open_npz(path, downloadable=bool(spec.sources) and spec.convert is not None) as arrays:
+        return spec.read(arrays, spec.filename, sizes)
+
+
+def load_dataset(
+    name: str,
+    data_dir: str | os.PathLike[str] | None = None,
+    device: str | torch.device = "cpu",
+    download: bool = True,
+    *,
+    split_sizes: SplitSizes | None = None,
+) -> Dataset:
+    """Load data set ``name`` with every split on ``device``.
+
+    ``data_dir``: see :func:`~vaeflow.data.resolve_data_dir`. A missing file is downloaded when
+    ``download`` is true, else (or when offline) a :class:`DataNotFoundError` says where to get
+    it. ``split_sizes``: ``(n_train, n_valid, n_test)``; ``None`` means the protocol sizes of
+    ``DATASETS[name]``. The file must hold exactly these (a stored split) or their totals (a
+    split cut here), else a ``ValueError`` names the key and both shapes. A damaged file (cut
+    short, emptied, overwritten) raises :class:`DataFileError`, which says how to get it again.
+    """
+    spec = get_spec(name)
+    sizes = spec.split_sizes if split_sizes is None else tuple(int(n) for n in split_sizes)
+    if len(sizes) != 3 or min(sizes) < 1:
+        raise ValueError(f"split_sizes must be three positive integers, got {split_sizes!r}")
+    directory, origin = _resolve_with_origin(data_dir)
+    path = directory / spec.filename
+    if not path.is_file():
+        if not download:
+            raise DataNotFoundError(
+                _missing_message(
+                    spec, directory, origin, "Downloading is switched off (download=False)."
+                )
+            )
+        _download_dataset(spec, directory, origin, sizes)
+    if spec.warning:
+        warnings.warn(spec.warning, UserWarning, stacklevel=2)
+    splits = [torch.from_numpy(a) for a in _read_npz(spec, path, sizes)]
+    if spec.dynamic_binarization:
+        # on the CPU with a fixed generator: the same evaluation sets on every device
+        g = torch.Generator().manual_seed(EVAL_BINARIZATION_SEED)
+        splits[1] = torch.bernoulli(splits[1], generator=g)
+        splits[2] = torch.bernoulli(splits[2], generator=g)
+    train, valid, test = (s.to(device=device, dtype=torch.float32) for s in splits)
+    return Dataset(
+        name=spec.name,
+        train=train,
+        valid=valid,
+        test=test,
+        input_shape=spec.input_shape,
+        likelihood=spec.likelihood,
+        dynamic_binarization=spec.dynamic_binarization,
+        bits_per_dim=spec.bits_per_dim,
+        note=spec.note,
+    )
