@@ -1,15 +1,19 @@
-"""The benchmark: the paper model per flow, the CPU smoke mode end to end (a well-formed table
-and CSV with positive timings and NFE), several runs at once, and clear errors for bad options."""
+"""The benchmark (experiments/bench*.py): the paper model per flow, the CPU smoke mode end to
+end (a well-formed table and CSV with positive timings and NFE), several runs at once, and clear
+errors for bad options."""
 
 from __future__ import annotations
 
 import csv
 import inspect
 
+import bench
+import bench_timing
+import bench_variants
 import pytest
 import torch
 
-from vaeflow import bench
+from vaeflow import runs
 from vaeflow.flows import FLOWS
 
 FAST = ["--smoke", "--commit", "test", "--iters", "2", "--warmup", "1", "--batch-size", "10"]
@@ -19,7 +23,7 @@ def test_paper_ffjord_is_the_papers_model() -> None:
     """Two blocks whose amortization heads are Linear(256, 272448): 145.5 M parameters in
     all, as in the paper's code (built on the meta device: no memory)."""
     with torch.device("meta"):
-        model = bench.build_model("ffjord", "paper")
+        model = bench_variants.build_model("ffjord", "paper")
     heads = [block.head.linear for block in model.flow.blocks]
     assert [(h.in_features, h.out_features) for h in heads] == [(256, 272448)] * 2
     assert sum(p.numel() for p in model.parameters()) == 145_473_121
@@ -33,7 +37,7 @@ def test_paper_ffjord_is_the_papers_model() -> None:
 @pytest.mark.parametrize("flow", ["planar", "iaf", "orthogonal", "householder", "triangular"])
 def test_paper_settings_are_the_flow_defaults(flow: str) -> None:
     """The baselines' paper settings are what ``FLOWS[name]()`` builds by default."""
-    settings = bench.paper_model(flow, "paper")["flow"]
+    settings = bench_variants.model_config(flow, "paper").flow_kwargs
     defaults = inspect.signature(FLOWS[flow].__init__).parameters
     assert settings and all(defaults[k].default == v for k, v in settings.items())
 
@@ -84,12 +88,14 @@ def test_rounds_pool_the_steps_of_each_variant(tmp_path) -> None:
 
 
 def test_cuda_only_variants_are_skipped_on_cpu() -> None:
-    result = bench.bench_variant("ffjord-rk4-cudagraph", "small", "cpu", iters=1, warmup=0)
+    result = bench_timing.bench_variant("ffjord-rk4-cudagraph", "small", "cpu", iters=1, warmup=0)
     assert result.ms_median is None and result.note == "skipped: needs CUDA (CUDA graphs)"
 
 
 def test_parallel_runs_report_aggregate_throughput() -> None:
-    p = bench.run_parallel("none", 2, "small", "cpu", iters=2, warmup=0, batch_size=10, threads=1)
+    p = bench_timing.run_parallel(
+        "none", 2, "small", "cpu", iters=2, warmup=0, batch_size=10, threads=1
+    )
     assert p["processes"] == 2 and p["aggregate"] > 0 and p["single"] > 0
     assert p["speedup"] == pytest.approx(p["aggregate"] / p["single"])
 
@@ -126,9 +132,9 @@ def test_cuda_without_a_gpu_is_a_clear_error(tmp_path, capsys) -> None:
 
 def test_paper_model_rejects_unknown_names() -> None:
     with pytest.raises(ValueError, match="unknown size 'huge'"):
-        bench.paper_model("planar", "huge")
+        bench_variants.model_config("planar", "huge")
     with pytest.raises(ValueError, match="unknown flow 'glow'"):
-        bench.paper_model("glow")
+        bench_variants.model_config("glow")
 
 
 def test_git_commit_reports_dirty_and_falls_back(monkeypatch) -> None:
@@ -139,18 +145,18 @@ def test_git_commit_reports_dirty_and_falls_back(monkeypatch) -> None:
         def __init__(self, stdout: str) -> None:
             self.stdout = stdout
 
-    answers = {"rev-parse": "abc1234\n", "status": " M vaeflow/bench.py\n"}
+    answers = {"rev-parse": "abc1234\n", "status": " M experiments/bench.py\n"}
 
     def fake_run(cmd, **kwargs):
         return Done(next(v for k, v in answers.items() if k in cmd))
 
     monkeypatch.setattr(subprocess, "run", fake_run)
-    assert bench.git_commit() == "abc1234+dirty"
+    assert runs.git_commit() == "abc1234+dirty"
     answers["status"] = ""
-    assert bench.git_commit() == "abc1234"
+    assert runs.git_commit() == "abc1234"
 
     def no_git(cmd, **kwargs):
         raise FileNotFoundError("git")
 
     monkeypatch.setattr(subprocess, "run", no_git)
-    assert bench.git_commit() == "unknown"
+    assert runs.git_commit() == "unknown"

@@ -278,7 +278,7 @@ def test_fixed_step_training_step_never_syncs(flow: str) -> None:
     no values, so any ``.item()``, ``bool(tensor)`` or host copy raises. This is what lets a
     GPU run ahead of the host, and CUDA-graph capture of the step. The adaptive solver must
     read its error estimate on the host, so it cannot pass (checked last)."""
-    from vaeflow.bench import build_model
+    from bench_variants import build_model
 
     def step(name: str) -> None:
         model = build_model(name, "small").to("meta")

@@ -1,0 +1,126 @@
+"""The GPU run's reports from its summary: ``bench.md`` (vaeflow's step times, through the
+benchmark's own report writer, beside the reference code's) and ``table.md`` (the row of the
+table with the paper's numbers and the budget), and the speed-up over the reference per flow.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from bench_report import Result, write_report
+from bench_variants import VARIANTS
+
+__all__ = ["render_bench", "render_table", "speedups"]
+
+
+def _fmt(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return ""
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def _bench_results(summary: Mapping[str, Any]) -> list[Result]:
+    bench = summary.get("bench", {})
+    out = []
+    for record in bench.get("variants", []):
+        if record.get("result"):
+            result = Result(**record["result"])
+            if record["status"] != "ok":
+                result.note = record.get("error", "")
+        else:
+            name = record["variant"]
+            flow = VARIANTS[name].flow if name in VARIANTS else "?"
+            result = Result(name, flow, bench.get("size", ""), bench.get("device", ""),
+                            bench.get("batch_size") or 100, 0, 0)  # fmt: skip
+            result.note = f"{record['status']}: {record.get('error', '')}"
+        out.append(result)
+    return out
+
+
+def speedups(summary: Mapping[str, Any]) -> dict[str, dict[str, float]]:
+    """Per flow measured by both: vaeflow's default variant's ms per step, the reference's ms
+    per iteration, ``speedup`` = reference / vaeflow (above 1: vaeflow is faster) and its
+    inverse ``vaeflow_over_reference``."""
+    ms = {r.variant: r.ms_median for r in _bench_results(summary) if r.ms_median}
+    out = {}
+    for flow, ref in summary.get("reference", {}).get("flows", {}).items():
+        if ref.get("s_per_iter") and ms.get(flow):
+            ref_ms = ref["s_per_iter"] * 1e3
+            out[flow] = {"vaeflow_ms": ms[flow], "reference_ms": ref_ms,
+                         "speedup": ref_ms / ms[flow],
+                         "vaeflow_over_reference": ms[flow] / ref_ms}
+    return out
+
+
+def render_bench(summary: Mapping[str, Any]) -> str:
+    """``bench.md``: the benchmark's table of vaeflow's variants, then the reference's times
+    and the speed-ups."""
+    env = {k: str(v) for k, v in summary.get("environment", {}).items()}
+    env = {k: v for k, v in env.items() if k not in Result.__dataclass_fields__}
+    with tempfile.TemporaryDirectory() as tmp:
+        md, _ = write_report(_bench_results(summary), env, tmp, "bench", summary["command"])
+        lines = Path(md).read_text().splitlines()
+    smoke = " (SMOKE, CPU)" if summary["smoke"] else ""
+    lines[0] = f"# GPU run: training step of every flow{smoke}"
+    ref = summary.get("reference", {})
+    lines += ["", "## The reference code on the same device", ""]
+    if "skipped" in ref:
+        lines.append(f"Skipped: {ref['skipped']}.")
+    elif not ref:
+        stage = summary["stages"].get("reference")
+        lines.append(f"Not run: {stage.get('error', '')}" if stage else "Not run (--stages).")
+    else:
+        lines += [ref["note"] + ".", "",
+                  "| flow | reference args | s/iter | batches | NFE fwd | NFE bwd | status |",
+                  "|---|---|---:|---:|---:|---:|---|"]  # fmt: skip
+        for flow, r in ref["flows"].items():
+            args = " ".join(a for a in r["args"] if not a.startswith(("/", "--out_dir")))
+            lines.append(
+                f"| {flow} | `{args}` | {_fmt(r.get('s_per_iter'), 4)} | {_fmt(r.get('iters'))} "
+                f"| {_fmt(r.get('nfe_forward'), 1)} | {_fmt(r.get('nfe_backward'), 1)} "
+                f"| {r['status']} {r.get('error', '')} |"
+            )
+    ratios = summary.get("ratios", {})
+    if ratios:
+        same = "SMOKE: other sizes, NOT comparable" if summary["smoke"] else "same device and model"
+        lines += ["", f"## vaeflow against the reference ({same})", "",
+                  "| flow | vaeflow ms/step | reference ms/iter | speed-up |",
+                  "|---|---:|---:|---:|"]
+        for flow, r in ratios.items():
+            lines.append(f"| {flow} | {r['vaeflow_ms']:.1f} | {r['reference_ms']:.1f} "
+                         f"| {r['speedup']:.2f}x |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def render_table(summary: Mapping[str, Any]) -> str:
+    """``table.md``: one row of the paper's table, ours beside the paper's, with the budget."""
+    table = summary.get("table")
+    smoke = " (SMOKE: NOT comparable)" if summary["smoke"] else ""
+    head = [f"# GPU run: one row of the table{smoke}",
+            "", f"- device: {summary.get('device')}", f"- commit: {summary['commit']}",
+            f"- command: `{summary['command']}`"]  # fmt: skip
+    if not table:
+        error = summary["stages"].get("table", {}).get("error", "not run")
+        return "\n".join([*head, "", f"Not run: {error}"]) + "\n"
+    minutes = table["cell_minutes"]
+    budget = "5 steps (smoke)" if minutes is None else f"{minutes:.2f} min"
+    head += [f"- data set: {table['dataset']}; one seed; all cells at once on the one device",
+             f"- per-cell budget: {budget} of training and validation (then the best model is "
+             "evaluated)",
+             f"- cell settings: `{' '.join(table['sets'])}`",
+             "- test NELBO in nats, FFJORD with the exact trace; the paper's is Table 3 of the "
+             "FFJORD paper (days of training per cell: far beyond this budget)"]  # fmt: skip
+    rows = ["", "| flow | paper | ours | budget | epochs | steps | NFE fwd | NFE bwd "
+            "| train s | status |", "|---|---:|---:|---|---:|---:|---:|---:|---:|---|"]
+    for c in table["cells"]:
+        rows.append(
+            f"| {c['flow']} | {_fmt(c.get('paper_nelbo'))} | {_fmt(c.get('test_nelbo'))} "
+            f"| {c.get('budget', '')} | {_fmt(c.get('epochs'))} | {_fmt(c.get('steps'))} "
+            f"| {_fmt(c.get('train_nfe_forward_mean'), 1)} "
+            f"| {_fmt(c.get('train_nfe_backward_mean'), 1)} | {_fmt(c.get('train_seconds'), 0)} "
+            f"| {c['status']} |"
+        )
+    return "\n".join(head + rows) + "\n"

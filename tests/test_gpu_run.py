@@ -1,0 +1,90 @@
+"""The GPU run's CPU rehearsal: ``experiments/gpu_run.py --smoke`` runs every stage at tiny
+sizes and writes its few files; a variant that raises and one that hangs are recorded with
+their errors while the run goes on; the reference stage is skipped (with the reason) only
+where its dependencies or its code are missing."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+from gpu_guard import Deadline, LineWorker, StageTimeout, stream_lines
+from gpu_reference import missing_dependencies, parse_times
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+
+def test_smoke_run_writes_every_file_and_survives_failures(tmp_path) -> None:
+    out, work = tmp_path / "out", tmp_path / "work"
+    reference = SHARED / "reference"
+    cmd = [
+        sys.executable, str(REPO / "experiments" / "gpu_run.py"), str(out), "--smoke",
+        "--minutes", "3", "--work", str(work), "--data-dir", str(SHARED / "data"),
+        "--reference", str(reference), "--reference-flows", "none", "--reference-iters", "2",
+        "--variants", "none", "planar", "iaf", "ffjord-rk4", "ffjord-rk4-cudagraph",
+        "--fault", "planar=raise", "--fault", "iaf=hang", "--variant-timeout", "8",
+        "--table-flows", "none", "ffjord",
+    ]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["bench.md", "logs.tar.gz", "nelbo_vs_time.png", "summary.json", "table.md"]
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["smoke"] and summary["environment"]["cuda_available"] in (True, False)
+    assert summary["commit"] and summary["device"].startswith("CPU")
+    variants = {r["variant"]: r for r in summary["bench"]["variants"]}
+    assert variants["planar"]["status"] == "failed"
+    assert "injected fault in planar" in variants["planar"]["error"]
+    assert variants["iaf"]["status"] == "timeout"
+    assert variants["ffjord-rk4-cudagraph"]["status"] == "skipped"
+    for name in ("none", "ffjord-rk4"):  # before and after the failures: the run went on
+        assert variants[name]["status"] == "ok" and variants[name]["result"]["ms_median"] > 0
+    assert variants["ffjord-rk4"]["result"]["nfe_forward"] == 2 * 4 * 4
+
+    stages = summary["stages"]
+    if missing_dependencies() or not (reference / "refbench.py").is_file():
+        assert stages["reference"]["status"] in ("skipped", "failed")
+    else:
+        ref = summary["reference"]["flows"]["none"]
+        assert stages["reference"]["status"] == "ok", stages["reference"]
+        assert ref["status"] == "ok" and ref["s_per_iter"] > 0, ref
+        assert summary["ratios"]["none"]["speedup"] > 0
+
+    cells = {c["flow"]: c for c in summary["table"]["cells"]}
+    assert stages["table"]["status"] == "ok", stages["table"]
+    for flow in ("none", "ffjord"):
+        assert cells[flow]["status"] == "ok" and cells[flow]["steps"] == 5
+        assert cells[flow]["test_nelbo"] > 0 and cells[flow]["paper_nelbo"] > 80
+    assert cells["ffjord"]["train_nfe_forward_mean"] > 0
+
+    bench_md, table_md = (out / "bench.md").read_text(), (out / "table.md").read_text()
+    assert "injected fault in planar" in bench_md and "timeout" in bench_md
+    assert "| ffjord | 82.82 |" in table_md and "SMOKE" in table_md
+    with tarfile.open(out / "logs.tar.gz") as tar:
+        names = tar.getnames()
+    assert "logs/bench.log" in names and "logs/table.log" in names
+    assert not [n for n in names if n.endswith((".pt", ".amat"))]
+
+
+def test_stream_lines_keeps_what_came_before_a_timeout(tmp_path) -> None:
+    code = "import time; print('| Time 0.5 |', flush=True); time.sleep(60)"
+    done = stream_lines([sys.executable, "-c", code], 3, tmp_path / "log")
+    assert done.timed_out and done.returncode is None and done.seconds < 30
+    assert parse_times(done.lines)["s_per_iter"] == 0.5
+    assert "killed after its time limit" in (tmp_path / "log").read_text()
+
+
+def test_line_worker_times_out_and_reports_death(tmp_path) -> None:
+    hang = LineWorker([sys.executable, "-c", "import time; time.sleep(60)"], tmp_path / "a")
+    with pytest.raises(StageTimeout, match="time limit of 1 s"):
+        hang.request({"x": 1}, timeout=1)
+    dead = LineWorker([sys.executable, "-c", "import sys; sys.exit(3)"], tmp_path / "b")
+    with pytest.raises(RuntimeError, match="status 3"):
+        dead.answer(timeout=20)
+    assert Deadline(5).sub(100).left() <= 5
