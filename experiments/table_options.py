@@ -17,7 +17,7 @@ from typing import Any
 from table_pool import Placement, parse_devices
 
 from vaeflow.checks import InputError
-from vaeflow.cli import parse_value
+from vaeflow.cli import parse_pairs
 from vaeflow.data import DATASETS
 from vaeflow.flows import FLOWS
 
@@ -164,16 +164,13 @@ def parse_seeds(tokens: Sequence[str]) -> list[int]:
 
 
 def parse_items(items: Sequence[str], option: str) -> dict[str, Any]:
-    """``KEY=VALUE`` items -> ``{KEY: VALUE}``, each VALUE read as ``vaeflow train`` reads it
-    (:func:`vaeflow.cli.parse_value`), so that the table resolves a cell's config exactly as
-    the cell's own subprocess will."""
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise TableError(f"{option} takes KEY=VALUE, got {item!r}")
-        out[key.strip()] = parse_value(value.strip())
-    return out
+    """``KEY=VALUE`` items -> ``{KEY: VALUE}``, read exactly as ``vaeflow train`` reads them
+    (:func:`vaeflow.cli.parse_pairs`), so that the table resolves a cell's config as the
+    cell's own subprocess will."""
+    try:
+        return parse_pairs(items, option)
+    except InputError as err:
+        raise TableError(str(err)) from err
 
 
 def flow_opts_by_flow(items: Sequence[str], flows: Sequence[str]) -> dict[str, list[str]]:

@@ -14,6 +14,7 @@ from conftest import TINY_SPLITS
 
 import vaeflow.train as train_mod
 from vaeflow.ode import SolverError
+from vaeflow.runs import RunError
 from vaeflow.train import (
     TrainConfig,
     TrainingError,
@@ -291,7 +292,7 @@ def test_early_stopping(tiny_data_dir: Path, tmp_path: Path) -> None:
 def test_existing_run_is_not_overwritten(tiny_data_dir: Path, tmp_path: Path) -> None:
     config = tiny_config(tiny_data_dir, "none", max_steps=2)
     train(config, tmp_path / "run", progress=False)
-    with pytest.raises(FileExistsError, match="--resume"):
+    with pytest.raises(RunError, match="--resume"):
         train(config, tmp_path / "run", progress=False)
 
 

@@ -38,7 +38,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-__all__ = ["main", "resolve_config", "parse_value", "build_parser"]
+__all__ = ["main", "resolve_config", "parse_value", "parse_pairs", "build_parser"]
 
 
 
@@ -55,7 +55,7 @@ def parse_value(text: str) -> Any:
         return text
 
 
-def _pairs(items: Sequence[str] | None, option: str) -> dict[str, Any]:
+def parse_pairs(items: Sequence[str] | None, option: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for item in items or ():
         key, sep, value = item.partition("=")
@@ -85,12 +85,12 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
     :func:`vaeflow.configs.resolve` (see the module docstring)."""
     overrides = {key: getattr(args, dest) for dest, key in _NAMED.items()
                  if getattr(args, dest) is not None}
-    overrides.update(_pairs(args.set, "--set"))
+    overrides.update(parse_pairs(args.set, "--set"))
     return resolve(
         args.dataset,
         args.flow,
         overrides,
-        flow_options=_pairs(args.flow_opt, "--flow-opt"),
+        flow_options=parse_pairs(args.flow_opt, "--flow-opt"),
         preset=args.preset,
         config_file=args.config,
         paper=not args.no_dataset_config,
@@ -105,12 +105,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     from vaeflow.train import train
 
     if args.resume:
-        if args.dataset or args.flow or args.config or args.set or args.flow_opt or args.preset:
+        if args.dataset or args.flow or args.config or args.flow_opt or args.preset:
             raise CLIError(
                 "--resume continues a run with its saved config; drop --dataset/--flow/"
-                "--preset/--config/--set/--flow-opt (start a new run with --out to change them)"
+                "--preset/--config/--flow-opt (start a new run with --out to change them)"
             )
-        results = train(resume=args.resume, progress=not args.quiet)
+        if args.out or args.overwrite or args.print_config:
+            raise CLIError("--resume writes into RUN_DIR itself; drop --out/--overwrite/"
+                           "--print-config")
+        # What may change on the way (device, data directory, budget) takes effect; anything
+        # else is refused by name, never ignored.
+        changes = {key: getattr(args, dest) for dest, key in _NAMED.items()
+                   if getattr(args, dest) is not None}
+        changes.update(parse_pairs(args.set, "--set"))
+        results = train(resume=args.resume, changes=changes, progress=not args.quiet)
         run_dir = Path(args.resume)
     else:
         missing = [name for name in ("dataset", "flow") if getattr(args, name) is None]
@@ -266,6 +274,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (InputError, FileExistsError, DataNotFoundError) as err:
         print(f"vaeflow: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:
+        if err.filename is None:  # not about a file: a bug, or the OS failing us elsewhere
+            raise
+        # read-only folder, a path through a regular file, a full disk: the path and the reason
+        print(f"vaeflow: error: {err.filename}: {err.strerror or err}", file=sys.stderr)
+        return 1
     except TrainingError as err:
         print(f"vaeflow: training stopped: {err}", file=sys.stderr)
         return 1

@@ -42,6 +42,7 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
 }
 
 GATEDCONV_FEATURES = 256
+SCALES = ("variance", "std")
 
 
 def _check_shape(input_shape: Sequence[int]) -> tuple[int, int, int]:
@@ -145,12 +146,15 @@ class GatedConvTranspose2d(nn.Module):
 class Encoder(nn.Module):
     """Base class: a feature network followed by the ``mu``, ``sigma`` and context heads.
 
-    ``mu = Linear(features)``, ``sigma = softplus(Linear(features)) + min_sigma``; the floor keeps
-    ``log sigma`` finite when the softplus underflows. With ``variance_bounds=(lo, hi)`` the
-    softplus is read as a variance clamped to ``[lo, hi]`` and ``sigma`` is its square root (the
-    papers' code does this for the 256-way likelihood, a hard tanh to [0.01, 7], which keeps a
-    Frey Faces posterior from collapsing onto one grey level). Subclasses build ``self.body``
-    mapping ``x [B, C, H, W]`` to features ``[B, num_features]`` and pass the context head.
+    ``mu = Linear(features)``; the softplus of a second head is the posterior's VARIANCE, as in
+    the papers' code: ``sigma = sqrt(softplus(Linear(features)) + min_sigma^2)``, the floor
+    keeping ``log sigma`` finite when the softplus underflows. With ``variance_bounds=(lo, hi)``
+    the variance is clamped to ``[lo, hi]`` instead (the papers' code does this for the 256-way
+    likelihood, a hard tanh to [0.01, 7], which keeps a Frey Faces posterior from collapsing
+    onto one grey level). ``scale="std"`` reads the softplus as the standard deviation instead
+    (``sigma = softplus(.) + min_sigma``), a departure kept as an option. Subclasses build
+    ``self.body`` mapping ``x [B, C, H, W]`` to features ``[B, num_features]`` and pass the
+    context head.
 
     Attributes:
         input_shape: ``(C, H, W)``.
@@ -168,8 +172,14 @@ class Encoder(nn.Module):
         context: nn.Module,
         min_sigma: float = 1e-6,
         variance_bounds: tuple[float, float] | None = None,
+        scale: str = "variance",
     ) -> None:
         super().__init__()
+        if scale not in SCALES:
+            raise ValueError(f"unknown scale {scale!r}; valid values are {', '.join(SCALES)}")
+        if scale == "std" and variance_bounds is not None:
+            raise ValueError("variance_bounds needs scale='variance'")
+        self.scale_kind = scale
         self.input_shape = _check_shape(input_shape)
         self.latent_dim = latent_dim
         self.context_dim = context_dim
@@ -194,10 +204,13 @@ class Encoder(nn.Module):
             )
         features = self.body(x)
         mu = self.mean(features)
-        if self.variance_bounds is None:
-            sigma = F.softplus(self.scale(features)) + self.min_sigma
+        raw = F.softplus(self.scale(features))
+        if self.scale_kind == "std":
+            sigma = raw + self.min_sigma
+        elif self.variance_bounds is None:
+            sigma = (raw + self.min_sigma**2).sqrt()
         else:
-            sigma = F.softplus(self.scale(features)).clamp(*self.variance_bounds).sqrt()
+            sigma = raw.clamp(*self.variance_bounds).sqrt()
         return mu, sigma, self.context(features)
 
 
@@ -258,6 +271,7 @@ class GatedConvEncoder(Encoder):
         context_dim: int = GATEDCONV_FEATURES,
         min_sigma: float = 1e-6,
         variance_bounds: tuple[float, float] | None = None,
+        scale: str = "variance",
     ) -> None:
         shape = _check_shape(input_shape)
         kernel = _gatedconv_last_kernel(shape)
@@ -277,7 +291,7 @@ class GatedConvEncoder(Encoder):
         )
         super().__init__(
             shape, latent_dim, context_dim, body, GATEDCONV_FEATURES, context, min_sigma,
-            variance_bounds,
+            variance_bounds, scale,
         )
 
 
@@ -349,13 +363,15 @@ class MLPEncoder(Encoder):
         activation: str = "relu",
         min_sigma: float = 1e-6,
         variance_bounds: tuple[float, float] | None = None,
+        scale: str = "variance",
     ) -> None:
         shape = _check_shape(input_shape)
         sizes = _check_hidden(hidden_sizes)
         body = nn.Sequential(nn.Flatten(), _mlp((math.prod(shape), *sizes), activation))
         context = nn.Linear(sizes[-1], context_dim)
         super().__init__(
-            shape, latent_dim, context_dim, body, sizes[-1], context, min_sigma, variance_bounds
+            shape, latent_dim, context_dim, body, sizes[-1], context, min_sigma, variance_bounds,
+            scale,
         )
 
 
@@ -407,9 +423,9 @@ def make_networks(
             projection of the 256 conv features.
         likelihood: a name in :data:`vaeflow.likelihoods.LIKELIHOODS` (or an instance): it fixes
             the decoder's ``out_channels``.
-        **kw: ``min_sigma`` and ``variance_bounds`` (encoder, both archs); for ``"gatedconv"``
-            ``head_channels`` (decoder); for ``"mlp"`` also ``hidden_sizes`` and ``activation``
-            (shared by encoder and decoder). For ``"gatedconv"`` the defaults of
+        **kw: ``min_sigma``, ``variance_bounds`` and ``scale`` (encoder, both archs); for
+            ``"gatedconv"`` ``head_channels`` (decoder); for ``"mlp"`` also ``hidden_sizes``
+            and ``activation`` (shared by encoder and decoder). For ``"gatedconv"`` the defaults of
             :data:`PAPER_NETS` for the likelihood apply unless given (``None`` turns one off).
 
     Raises:
@@ -426,8 +442,8 @@ def make_networks(
     lik = get_likelihood(likelihood)
     out_channels = lik.out_channels(shape[0])
     allowed = {
-        "gatedconv": {"min_sigma", "variance_bounds", "head_channels"},
-        "mlp": {"min_sigma", "variance_bounds", "hidden_sizes", "activation"},
+        "gatedconv": {"min_sigma", "variance_bounds", "scale", "head_channels"},
+        "mlp": {"min_sigma", "variance_bounds", "scale", "hidden_sizes", "activation"},
     }
     unknown = set(kw) - allowed[arch]
     if unknown:
@@ -437,7 +453,7 @@ def make_networks(
         )
     if arch == "gatedconv":
         kw = {**PAPER_NETS.get(lik.name, {}), **kw}
-    enc_keys = ("min_sigma", "variance_bounds")
+    enc_keys = ("min_sigma", "variance_bounds", "scale")
     enc_kw = {k: v for k, v in kw.items() if k in enc_keys}
     shared = {k: v for k, v in kw.items() if k not in enc_keys}
     if arch == "gatedconv":

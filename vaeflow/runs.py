@@ -63,6 +63,12 @@ TIMING = "timing.json"
 HISTORY = "history.json"
 # Bumped when a checkpoint of an older vaeflow can no longer be resumed as it is.
 CHECKPOINT_FORMAT = 2
+LOCK = ".lock"
+# What a resumed run may change: where and how long it runs, not what it computes.
+RESUMABLE = ("device", "data_dir", "max_steps", "max_epochs", "max_minutes")
+# Files a fresh start (--overwrite) replaces; anything else in the folder is left alone.
+RUN_FILES = (CHECKPOINT, BEST, CONFIG, RESULTS, TIMING, HISTORY)
+RUN_PATTERNS = ("events.out.tfevents.*", "*.png")
 
 
 class RunError(InputError):
@@ -162,6 +168,97 @@ def load_model(
     return model, config
 
 
+class RunLock:
+    """The run directory's owner: an exclusive ``flock`` on ``RUN/.lock`` held while a process
+    trains in it. The kernel releases it when the process dies in any way (even ``kill -9``),
+    so a killed run can always be resumed, while a second live process is refused."""
+
+    def __init__(self, run_dir: str | os.PathLike[str]) -> None:
+        self.path = Path(run_dir) / LOCK
+        self._fd: int | None = None
+
+    def __enter__(self) -> RunLock:
+        import fcntl
+
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            owner = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise RunError(
+                f"{self.path.parent} is in use by another vaeflow process (pid {owner}); wait "
+                "for it to finish or stop it, or choose another --out"
+            ) from err
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing releases the lock
+            self._fd = None
+
+
+def check_new_run_dir(run_dir: str | os.PathLike[str], overwrite: bool) -> None:
+    """Refuse to start a run in a folder that already holds something, unless ``overwrite``:
+    only an absent or empty folder is a new run (a finished run whose checkpoint was deleted
+    still holds its results)."""
+    directory = Path(run_dir)
+    if directory.exists() and not directory.is_dir():
+        raise RunError(f"--out {directory} is a file, not a folder")
+    contents = sorted(p.name for p in directory.iterdir() if p.name != LOCK) if (
+        directory.is_dir()) else []
+    if not contents or overwrite:
+        return
+    if (directory / CHECKPOINT).is_file():
+        hint = f"continue it with `vaeflow train --resume {directory}`"
+    else:
+        hint = "it is not a run that can be resumed"
+    shown = ", ".join(contents[:5]) + (", ..." if len(contents) > 5 else "")
+    raise RunError(
+        f"{directory} already holds files ({shown}); {hint}, replace it with --overwrite, or "
+        "choose another --out"
+    )
+
+
+def clear_run_files(run_dir: str | os.PathLike[str]) -> None:
+    """Delete what a run writes (checkpoints, results, history, events, pictures), before an
+    overwritten run starts afresh; other files in the folder are kept."""
+    directory = Path(run_dir)
+    doomed = [directory / name for name in RUN_FILES]
+    for pattern in RUN_PATTERNS:
+        doomed += directory.glob(pattern)
+    for path in doomed:
+        path.unlink(missing_ok=True)
+
+
+def check_resume_changes(changes: Mapping[str, Any]) -> None:
+    """Refuse a change that would make a resumed run another run."""
+    refused = sorted(set(changes) - set(RESUMABLE))
+    if refused:
+        raise RunError(
+            f"cannot change {', '.join(refused)} when resuming: that would make it another run "
+            f"(a resumed run may change only {', '.join(RESUMABLE)}); start a new run with "
+            "--out instead"
+        )
+
+
+def check_same_run(config: TrainConfig, ckpt: Mapping[str, Any], source: str | Path) -> None:
+    """Refuse a checkpoint whose run is not the one its folder's ``config.json`` describes."""
+    saved = ckpt.get("config")
+    if not isinstance(saved, Mapping):
+        return
+    mine = config.to_dict()
+    differ = sorted(k for k in mine if k not in RESUMABLE and saved.get(k, mine[k]) != mine[k])
+    if differ:
+        raise RunError(
+            f"{source} and {Path(source).parent / CONFIG} do not belong together: they differ in "
+            f"{', '.join(differ)}"
+        )
+
+
 @dataclass(frozen=True)
 class Run:
     """A run directory, read lazily: ``Run(path).config``, ``.results``, ``.history``."""
@@ -181,8 +278,22 @@ class Run:
 
     @property
     def results(self) -> dict[str, Any] | None:
-        """``results.json`` (the final test figures), or ``None`` while unfinished."""
-        return _read_json(self.path / RESULTS)
+        """``results.json`` (the final test figures), or ``None`` while unfinished or when the
+        final evaluation failed (see :attr:`failure`)."""
+        results = _read_json(self.path / RESULTS)
+        if results is None or results.get("status") == "failed":
+            return None
+        return results
+
+    @property
+    def failure(self) -> str | None:
+        """Why the final evaluation failed (a non-finite figure), from ``results.json``."""
+        results = _read_json(self.path / RESULTS)
+        return results.get("error") if results and results.get("status") == "failed" else None
+
+    @property
+    def has_checkpoint(self) -> bool:
+        return (self.path / CHECKPOINT).is_file()
 
     @property
     def timing(self) -> dict[str, Any] | None:
@@ -190,7 +301,7 @@ class Run:
 
     @property
     def finished(self) -> bool:
-        return (self.path / RESULTS).is_file()
+        return self.results is not None
 
     @property
     def history(self) -> list[dict[str, Any]]:
@@ -205,7 +316,8 @@ class Run:
         path = self.path / CHECKPOINT
         if not path.is_file():
             return []
-        return list(load_checkpoint(path)["progress"]["history"])
+        return list(torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                    ["progress"]["history"])
 
     def write_history(self, history: list[dict[str, Any]]) -> None:
         atomic_write_json(history, self.path / HISTORY)

@@ -35,6 +35,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import signal
 import time
 from collections.abc import Mapping
@@ -64,13 +65,16 @@ from vaeflow.runs import (
     BEST,
     CHECKPOINT,
     CHECKPOINT_FORMAT,
-    HISTORY,
     RESULTS,
-    TIMING,
     Run,
     RunError,
+    RunLock,
     atomic_save,
     check_checkpoint_format,
+    check_new_run_dir,
+    check_resume_changes,
+    check_same_run,
+    clear_run_files,
     git_commit,
     load_checkpoint,
     load_state,
@@ -180,10 +184,15 @@ class _Progress:
 
 
 class _Signals:
-    """Turns SIGINT/SIGTERM into a flag that the loop checks between steps."""
+    """SIGINT/SIGTERM while training: the first sets a flag that the loop checks between
+    steps (it then writes a checkpoint and stops); a second one, or the first during the final
+    evaluation (``immediate``), interrupts at once. Nothing is lost either way: the evaluation
+    starts from a saved, done checkpoint, which a resume only evaluates again."""
 
     def __init__(self) -> None:
         self.received: int | None = None
+        self.immediate = False
+        self.message = ""
         self._old: dict[int, Any] = {}
 
     def __enter__(self) -> _Signals:
@@ -193,6 +202,13 @@ class _Signals:
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if self.immediate:
+            raise KeyboardInterrupt(f"{name} received during {self.message}")
+        if self.received is not None:
+            raise KeyboardInterrupt(
+                f"a second signal ({name}): stopped at once; the last checkpoint is kept"
+            )
         self.received = signum
 
     def __exit__(self, *exc: object) -> None:
@@ -217,6 +233,7 @@ class _Trainer:
         self.loader: DeviceLoader = self.data.loader("train", config.batch_size, seed=config.seed)
         self.state = _Progress()
         self.writer: Any = None
+        self.signals: _Signals | None = None
 
     # ---- checkpoints
 
@@ -237,6 +254,7 @@ class _Trainer:
     def restore(self, ckpt: Mapping[str, Any]) -> None:
         path = self.run_dir / CHECKPOINT
         check_checkpoint_format(ckpt, path)
+        check_same_run(self.config, ckpt, path)
         load_state(self.model, ckpt["model"], path)  # the solver tolerances come with it
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.loader.load_state_dict(ckpt["loader"])
@@ -437,6 +455,13 @@ class _Trainer:
 
     def finish(self) -> dict[str, Any]:
         cfg, st = self.config, self.state
+        if self.signals is not None:
+            self.signals.immediate = True
+            self.signals.message = (
+                "the final evaluation; training is done and saved: evaluate later with "
+                f"`vaeflow train --resume {self.run_dir}` (it only evaluates) or "
+                f"`vaeflow eval {self.run_dir}`"
+            )
         final_state = self.model.state_dict()
         best = self.run_dir / BEST
         best_state = load_checkpoint(best, self.device)
@@ -467,6 +492,23 @@ class _Trainer:
             solver=solver_state(self.model),
             world_size=1,
         )
+        bad = {k: v for k, v in results.items() if isinstance(v, float) and not math.isfinite(v)}
+        if bad:
+            self.model.load_state_dict(final_state)
+            error = (
+                f"the final evaluation gave non-finite figures ({', '.join(map(str, bad))}: "
+                f"{', '.join(map(str, bad.values()))})"
+            )
+            Run(self.run_dir).write_results({
+                **{k: (None if k in bad else v) for k, v in results.items()},
+                "status": "failed", "error": error,
+            })
+            raise TrainingError(
+                f"{error}. best.pt and the last checkpoint are kept in {self.run_dir}; evaluate "
+                f"again with `vaeflow eval {self.run_dir}` (e.g. with tighter solver tolerances) "
+                "or lower the learning rate and train again"
+            )
+        results["status"] = "finished"
         Run(self.run_dir).write_results(results)
         self.log_scalars({"nelbo": results["test_nelbo"]}, st.step, "test")
         self.log_images(st.epoch)  # the best model's pictures, and the whole learning curve
@@ -483,6 +525,7 @@ def train(
     run_dir: str | os.PathLike[str] | None = None,
     *,
     resume: str | os.PathLike[str] | None = None,
+    changes: Mapping[str, Any] | None = None,
     progress: bool = True,
     overwrite: bool = False,
 ) -> dict[str, Any]:
@@ -490,79 +533,104 @@ def train(
 
     Args:
         config: the run's settings; not given when resuming.
-        run_dir: where to write; must not hold a checkpoint unless ``overwrite``.
+        run_dir: where to write: an absent or empty folder, unless ``overwrite``.
         resume: a run directory to continue from its ``checkpoint.pt`` (config from the run).
-        progress: show a progress bar.
-        overwrite: allow starting afresh in a run directory that holds a checkpoint.
+        changes: when resuming, new values of the keys a run may change on the way
+            (:data:`vaeflow.runs.RESUMABLE`: device, data directory, step/epoch/time budget);
+            any other key is refused.
+        progress: show progress bars.
+        overwrite: start afresh in a folder that holds a run; its run files are deleted only
+            once the new run's config, device and data have been checked.
 
     Raises:
-        TrainingError: a NaN loss or a failed solve stopped the run (the last good checkpoint
-            is kept in the run directory).
+        TrainingError: a NaN loss, a failed solve or a non-finite final figure stopped the run
+            (the last good checkpoint is kept in the run directory).
         KeyboardInterrupt: SIGINT/SIGTERM arrived; a checkpoint was written first.
+        InputError: bad input (config, data, run directory); nothing was lost.
     """
+    start = time.time()
     if resume is not None:
         directory = Path(resume)
         config = read_config(directory)
         if not (directory / CHECKPOINT).is_file():
             raise RunError(f"cannot resume {directory}: it holds no {CHECKPOINT}")
+        if changes:
+            check_resume_changes(changes)
+            config = TrainConfig.from_dict({**config.to_dict(), **changes})
     else:
         if config is None or run_dir is None:
             raise ValueError("train() needs config and run_dir, or resume=RUN_DIR")
         directory = Path(run_dir)
-        if (directory / CHECKPOINT).is_file() and not overwrite:
-            raise FileExistsError(
-                f"{directory} already holds a run ({CHECKPOINT}); continue it with "
-                f"`vaeflow train --resume {directory}` or choose another --out"
-            )
-        directory.mkdir(parents=True, exist_ok=True)
-        for name in (CHECKPOINT, BEST, RESULTS, TIMING, HISTORY):
-            with contextlib.suppress(FileNotFoundError):
-                (directory / name).unlink()
-        Run(directory).write_config(config)
-
-    start = time.time()
-    trainer = _Trainer(config, directory, progress)
-    if resume is not None:
-        trainer.restore(trainer.load_checkpoint())
-        logger.info("resumed %s at epoch %d, step %d", directory, trainer.state.epoch,
-                    trainer.state.step)
-    else:
-        trainer.save()  # step 0: a kill before the first epoch ends resumes from here
-    trainer.open_writer()
+        check_new_run_dir(directory, overwrite)
+    created = not directory.exists()
+    directory.mkdir(parents=True, exist_ok=True)
     try:
-        with _Signals() as signals:
-            while True:
-                try:
-                    trainer.run(signals)
-                    # a run that stopped in (or was killed during) its final evaluation, and
-                    # was resumed or restarted from its done checkpoint: evaluate again
-                    if trainer.state.done and not (directory / RESULTS).is_file():
-                        trainer.finish()
-                    break
-                except (_NonFinite, SolverError) as err:
-                    _recover(trainer, err)
-            if signals.received is not None and not trainer.state.done:
-                name = signal.Signals(signals.received).name
-                raise KeyboardInterrupt(
-                    f"{name} received: checkpoint written at step {trainer.state.step}; "
-                    f"continue with `vaeflow train --resume {directory}`"
-                )
+        with RunLock(directory):
+            try:
+                trainer = _Trainer(config, directory, progress)  # device, data, model: checked
+                if resume is not None:
+                    trainer.restore(trainer.load_checkpoint())
+            except BaseException:
+                if created:  # a start that failed leaves nothing behind
+                    shutil.rmtree(directory, ignore_errors=True)
+                raise
+            if resume is None:
+                clear_run_files(directory)  # --overwrite: only now that all was checked
+                Run(directory).write_config(config)
+                Run(directory).write_history([])
+                trainer.save()  # step 0: a kill before the first epoch ends resumes from here
+            else:
+                if changes:
+                    Run(directory).write_config(config)
+                logger.info("resumed %s at epoch %d, step %d", directory, trainer.state.epoch,
+                            trainer.state.step)
+            trainer.open_writer()
+            try:
+                _run(trainer)
+            finally:
+                trainer.writer.close()
+            results = json.loads((directory / RESULTS).read_text())
+            Run(directory).write_timing({
+                "wall_seconds_this_session": time.time() - start,
+                "train_seconds": trainer.state.seconds,
+                "device": str(trainer.device),
+                "device_name": torch.cuda.get_device_name(trainer.device)
+                if trainer.device.type == "cuda"
+                else "cpu",
+                "torch": torch.__version__,
+                "commit": git_commit(),
+                "resumed": resume is not None,
+            })
     finally:
-        trainer.writer.close()
-    results = json.loads((directory / RESULTS).read_text())
-    timing = {
-        "wall_seconds_this_session": time.time() - start,
-        "train_seconds": trainer.state.seconds,
-        "device": str(trainer.device),
-        "device_name": torch.cuda.get_device_name(trainer.device)
-        if trainer.device.type == "cuda"
-        else "cpu",
-        "torch": torch.__version__,
-        "commit": git_commit(),
-        "resumed": resume is not None,
-    }
-    Run(directory).write_timing(timing)
+        if created and directory.is_dir() and not any(
+            p.name != ".lock" for p in directory.iterdir()
+        ):
+            shutil.rmtree(directory, ignore_errors=True)
     return results
+
+
+def _run(trainer: _Trainer) -> None:
+    """The loop until the run is done, recovering from NaNs and solver failures as the config
+    says, and stopping cleanly on a signal."""
+    directory = trainer.run_dir
+    with _Signals() as signals:
+        trainer.signals = signals
+        while True:
+            try:
+                trainer.run(signals)
+                # a run that stopped in (or was killed during) its final evaluation, and was
+                # resumed or restarted from its done checkpoint: evaluate again
+                if trainer.state.done and not Run(directory).finished:
+                    trainer.finish()
+                break
+            except (_NonFinite, SolverError) as err:
+                _recover(trainer, err)
+        if signals.received is not None and not trainer.state.done:
+            name = signal.Signals(signals.received).name
+            raise KeyboardInterrupt(
+                f"{name} received: checkpoint written at step {trainer.state.step}; "
+                f"continue with `vaeflow train --resume {directory}`"
+            )
 
 
 def _recover(trainer: _Trainer, err: Exception) -> None:
