@@ -47,8 +47,11 @@ class CLIError(InputError):
 
 
 def parse_value(text: str) -> Any:
-    """A command-line value read as TOML (numbers, booleans, lists, quoted strings); anything
-    that is not TOML is taken as a bare string."""
+    """A command-line value read as TOML (numbers, booleans, lists, quoted strings), with
+    Python's ``True``/``False`` read as booleans too; anything else that is not TOML is taken
+    as a bare string (the config's type checks then refuse it where a number was meant)."""
+    if text in ("True", "False"):
+        return text == "True"
     try:
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
@@ -56,6 +59,7 @@ def parse_value(text: str) -> Any:
 
 
 def parse_pairs(items: Sequence[str] | None, option: str) -> dict[str, Any]:
+    """``KEY=VALUE`` items (``--set``, ``--flow-opt``) -> ``{KEY: value}``."""
     out: dict[str, Any] = {}
     for item in items or ():
         key, sep, value = item.partition("=")
