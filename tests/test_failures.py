@@ -167,18 +167,21 @@ def test_resume_refuses_a_config_that_is_not_the_checkpoint_s(finished: Path, ca
 
 # ---- signals ----------------------------------------------------------------------------
 
-_SLOW_EVAL = """
-import sys, time
-import vaeflow.train as t
-real = t.evaluate
-def slow(*a, **k):
-    print("EVALUATING", flush=True)
-    time.sleep(60)
-    return real(*a, **k)
-t.evaluate = slow
-from vaeflow.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
+def _slowed(name: str, marker: str, seconds: float) -> str:
+    """A ``python -c`` program that runs ``vaeflow`` with ``vaeflow.train.<name>`` printing
+    ``marker`` and sleeping ``seconds`` before each call (so a test can signal it there)."""
+    return (
+        "import sys, time\n"
+        "import vaeflow.train as t\n"
+        f"real = t.{name}\n"
+        "def slow(*a, **k):\n"
+        f"    print({marker!r}, flush=True)\n"
+        f"    time.sleep({seconds})\n"
+        "    return real(*a, **k)\n"
+        f"t.{name} = slow\n"
+        "from vaeflow.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
 
 
 def _start(args: list[str], code: str) -> subprocess.Popen[str]:
@@ -191,7 +194,8 @@ def test_a_signal_in_the_final_evaluation_stops_at_once_and_keeps_the_run(
     tiny_data_dir: Path, tmp_path: Path
 ) -> None:
     run = tmp_path / "run"
-    proc = _start(tiny(tiny_data_dir, run, "planar", "--max-steps", "2"), _SLOW_EVAL)
+    proc = _start(tiny(tiny_data_dir, run, "planar", "--max-steps", "2"),
+                  _slowed("evaluate", "EVALUATING", 60))
     assert proc.stdout is not None
     assert proc.stdout.readline().strip() == "EVALUATING"
     tick = time.monotonic()
@@ -206,23 +210,10 @@ def test_a_signal_in_the_final_evaluation_stops_at_once_and_keeps_the_run(
     assert json.loads((run / "results.json").read_text())["steps"] == 2
 
 
-_SLOW_STEP = """
-import sys, time
-import vaeflow.train as t
-real = t.train_step
-def slow(*a, **k):
-    print("STEP", flush=True)
-    time.sleep(0.5)
-    return real(*a, **k)
-t.train_step = slow
-from vaeflow.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
-
-
 def test_a_second_signal_exits_at_once(tiny_data_dir: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
-    proc = _start(tiny(tiny_data_dir, run, "planar", "--max-epochs", "50"), _SLOW_STEP)
+    proc = _start(tiny(tiny_data_dir, run, "planar", "--max-epochs", "50"),
+                  _slowed("train_step", "STEP", 0.5))
     assert proc.stdout is not None and proc.stdout.readline().strip() == "STEP"
     proc.send_signal(signal.SIGTERM)
     proc.send_signal(signal.SIGINT)

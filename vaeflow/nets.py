@@ -59,7 +59,20 @@ def _activation(name: str) -> nn.Module:
     return ACTIVATIONS[name]()
 
 
-class GatedConv2d(nn.Module):
+class _Gated(nn.Module):
+    """``h * sigmoid(g)`` where ``(h, g)`` are the two halves of ``self.conv``'s channels."""
+
+    conv: nn.Module
+    activation: nn.Module | None
+
+    def forward(self, x: Tensor) -> Tensor:
+        h, g = self.conv(x).chunk(2, dim=1)
+        if self.activation is not None:
+            h = self.activation(h)
+        return h * torch.sigmoid(g)
+
+
+class GatedConv2d(_Gated):
     """``conv_h(x) * sigmoid(conv_g(x))``: a convolution gated by a second one.
 
     Both convolutions are one ``Conv2d`` with ``2 * out_channels`` outputs split in half, which is
@@ -84,14 +97,7 @@ class GatedConv2d(nn.Module):
         )
         self.activation = activation
 
-    def forward(self, x: Tensor) -> Tensor:
-        h, g = self.conv(x).chunk(2, dim=1)
-        if self.activation is not None:
-            h = self.activation(h)
-        return h * torch.sigmoid(g)
-
-
-class GatedConvTranspose2d(nn.Module):
+class GatedConvTranspose2d(_Gated):
     """``convT_h(x) * sigmoid(convT_g(x))``: a transposed convolution gated by a second one.
 
     Fused into one ``ConvTranspose2d`` like :class:`GatedConv2d`; each half is initialised as a
@@ -135,12 +141,6 @@ class GatedConvTranspose2d(nn.Module):
                 nn.init.kaiming_uniform_(half, a=math.sqrt(5))
             assert self.conv.bias is not None
             self.conv.bias.uniform_(-bound, bound)
-
-    def forward(self, x: Tensor) -> Tensor:
-        h, g = self.conv(x).chunk(2, dim=1)
-        if self.activation is not None:
-            h = self.activation(h)
-        return h * torch.sigmoid(g)
 
 
 class Encoder(nn.Module):
