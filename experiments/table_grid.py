@@ -7,8 +7,10 @@ settings that its subprocess gets on its command line, so that a bad setting is 
 anything runs and a cell already run with other settings is found (the "mismatch").
 
 Bookkeeping files of the grid, beside the run directories' own files (``vaeflow.runs``):
-``RUNS_DIR/grid.json`` (one record per call that ran cells), and in each cell ``table.log``
-(its subprocesses' output) and ``table_attempts.json`` (one record per subprocess).
+``RUNS_DIR/grid.json`` (one record per call that ran cells), and beside each cell's run
+directory ``seed<k>.table.log`` (its subprocesses' output) and ``seed<k>.attempts.json`` (one
+record per subprocess): outside the run directory, which only the run itself may fill (a
+folder holding anything is not a new run).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from vaeflow.runs import CHECKPOINT, CONFIG, RESULTS, atomic_write_json
 
 __all__ = [
     "ATTEMPTS_FILE",
+    "cell_file",
     "GRID_FILE",
     "LOG_FILE",
     "Cell",
@@ -53,8 +56,13 @@ __all__ = [
 ]
 
 GRID_FILE = "grid.json"
-ATTEMPTS_FILE = "table_attempts.json"
+ATTEMPTS_FILE = "attempts.json"
 LOG_FILE = "table.log"
+
+
+def cell_file(run_dir: Path, name: str) -> Path:
+    """The grid's bookkeeping file ``name`` of the cell in ``run_dir``, kept beside it."""
+    return run_dir.parent / f"{run_dir.name}.{name}"
 
 # config keys that change neither what a run learns nor its test NELBO (the importance-sampled
 # likelihood is not in the paper's table)
@@ -263,7 +271,7 @@ def plan_grid(options: TableOptions, missing: Mapping[str, str]) -> Plan:
                 plan.warnings.append(f"{message}; trained afresh (--on-mismatch restart)")
                 state = "restart"
         train = [options.python, "-m", "vaeflow.cli", "train"]
-        log = run_dir / LOG_FILE
+        log = cell_file(run_dir, LOG_FILE)
         if state == "done":
             plan.skipped.append(cell)
         elif state == "partial":
@@ -284,20 +292,19 @@ def plan_grid(options: TableOptions, missing: Mapping[str, str]) -> Plan:
 
 
 def forget_old_runs(plan: Plan) -> None:
-    """Before a cell restarts: its old attempts would mix into the new run's wall-clock, and
-    its old TensorBoard events into the new run's curves (``--overwrite`` removes the run's
-    other files)."""
+    """Before a cell restarts: its old attempts would mix into the new run's wall-clock (its
+    old TensorBoard events go with ``--overwrite``, which clears the run's own files)."""
     for job in plan.jobs:
         if job.mode == "restart" and job.run_dir is not None:
-            for path in [*job.run_dir.glob("events.out.tfevents*"), job.run_dir / ATTEMPTS_FILE]:
-                path.unlink(missing_ok=True)
+            # `vaeflow train --overwrite` clears the run's own files; the grid's are beside it
+            cell_file(job.run_dir, ATTEMPTS_FILE).unlink(missing_ok=True)
 
 
 def record_attempt(result: JobResult) -> None:
-    """Append one subprocess's record to its cell's ``table_attempts.json``."""
+    """Append one subprocess's record to its cell's ``seed<k>.attempts.json``."""
     if result.job.run_dir is None:
         return
-    path = result.job.run_dir / ATTEMPTS_FILE
+    path = cell_file(result.job.run_dir, ATTEMPTS_FILE)
     attempts = read_json(path) or []
     attempts.append(
         {

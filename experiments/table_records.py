@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from table_grid import ATTEMPTS_FILE, Cell, cell_state, read_json
+from table_grid import ATTEMPTS_FILE, Cell, cell_file, cell_state, read_json
 from table_options import PROTOCOL_MAX_EPOCHS, TableOptions
 from table_pool import INTERRUPTED
 
@@ -174,7 +174,7 @@ def read_cell(cell: Cell, runs_dir: Path) -> CellRecord:
     """The :class:`CellRecord` of ``cell`` from its run directory."""
     run = Run(cell.run_dir(runs_dir))
     record = CellRecord(cell, "pending", unit_of(cell.dataset))
-    attempts = read_json(run.path / ATTEMPTS_FILE) or []
+    attempts = read_json(cell_file(run.path, ATTEMPTS_FILE)) or []
     if attempts:
         record.cell_seconds = sum(float(a.get("seconds", 0.0)) for a in attempts)
     # a cell that failed before its run wrote config.json has nothing else to read yet

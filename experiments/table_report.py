@@ -21,6 +21,7 @@ from table_grid import (
     GRID_FILE,
     LOG_FILE,
     NEUTRAL_KEYS,
+    cell_file,
     how_to_get,
     paper_config,
     read_json,
@@ -277,7 +278,7 @@ def render_markdown(
     if unfinished:
         lines += ["## Unfinished cells", ""]
         for r in unfinished:
-            log = r.cell.run_dir(options.runs_dir) / LOG_FILE
+            log = cell_file(r.cell.run_dir(options.runs_dir), LOG_FILE)
             detail = f": {r.error}" if r.error else ""
             lines.append(f"- {r.cell.name}: {r.status}{detail} (log: `{log}`)")
         lines += [

@@ -132,7 +132,7 @@ def results(runs: Path, cell: Cell) -> dict:
 
 
 def attempts(runs: Path, cell: Cell) -> list[dict]:
-    path = cell.run_dir(runs) / table_grid.ATTEMPTS_FILE
+    path = table_grid.cell_file(cell.run_dir(runs), table_grid.ATTEMPTS_FILE)
     return json.loads(path.read_text()) if path.is_file() else []
 
 
@@ -281,7 +281,7 @@ def test_failed_and_unfinished_cells_are_reported(grid: SimpleNamespace, tmp_pat
         "command": "python -m vaeflow.cli train",
         "started": "now",
     }
-    (failed / table_grid.ATTEMPTS_FILE).write_text(json.dumps([attempt]))
+    table_grid.cell_file(failed, table_grid.ATTEMPTS_FILE).write_text(json.dumps([attempt]))
     out = tmp_path / "out"
     argv = [*report_args(grid, out, "planar"), "--runs-dir", str(tmp_path / "runs")]
     assert run(argv)[0] == 0

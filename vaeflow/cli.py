@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -139,10 +140,16 @@ def cmd_train(args: argparse.Namespace) -> int:
             print(json.dumps(shown, indent=2, sort_keys=True))
             return 0
         run_dir = Path(args.out) if args.out else _default_out(args.dataset, args.flow)
-        print(f"run directory: {run_dir}", file=sys.stderr)
+        if _rank_zero():
+            print(f"run directory: {run_dir}", file=sys.stderr)
         results = train(config, run_dir, progress=not args.quiet, overwrite=args.overwrite)
-    print(report.summary(run_dir, results))
+    if _rank_zero():  # under torchrun only rank 0 has the run directory (other machines may not)
+        print(report.summary(run_dir, results))
     return 0
+
+
+def _rank_zero() -> bool:
+    return os.environ.get("RANK", "0") == "0"
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

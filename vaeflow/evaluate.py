@@ -15,6 +15,7 @@ from torch import Tensor
 from vaeflow.checks import check_int, input_errors, resolve_device
 from vaeflow.configs import TrainConfig
 from vaeflow.data import Dataset, load_dataset
+from vaeflow.distributed import SINGLE, World
 from vaeflow.plots import write_run_pictures
 from vaeflow.progress import eval_batches
 from vaeflow.rng import fork_rng
@@ -51,33 +52,46 @@ def dataset_nelbo(
     n_samples: int = 1,
     exact: bool = True,
     progress: bool = False,
+    world: World = SINGLE,
 ) -> Tensor:
     """Mean NELBO (nats per datum) over ``x [N, C, H, W]`` in eval mode; a 0-dim tensor.
 
     Runs under ``no_grad``: FFJORD switches autograd on inside its field for the trace and
-    returns detached values, so no graph is kept.
+    returns detached values, so no graph is kept. Under torchrun (``world``) each rank takes
+    its rows of every batch and the sums are reduced: the same figure as one process (see
+    :mod:`vaeflow.distributed`).
     """
     total = torch.zeros((), dtype=torch.float64, device=x.device)
     with eval_mode(model, exact), torch.no_grad():
         for start in eval_batches(len(x), batch_size, progress, "test NELBO"):
             xb = x[start : start + batch_size]
-            nelbo = model.nelbo(xb, n_samples, batch_size=batch_size * n_samples).detach()
-            total = total + nelbo.double().sum()
-    return total / len(x)
+            with world.eval_rows(model, len(xb)) as (rows, counted):
+                nelbo = model.nelbo(xb[rows], n_samples, batch_size=batch_size * n_samples)
+            if counted:
+                total = total + nelbo.detach().double().sum()
+    return world.sum(total) / len(x)
 
 
 def dataset_log_likelihood(
-    model: VAE, x: Tensor, n_samples: int, batch_rows: int, progress: bool = False
+    model: VAE,
+    x: Tensor,
+    n_samples: int,
+    batch_rows: int,
+    progress: bool = False,
+    world: World = SINGLE,
 ) -> Tensor:
-    """Mean importance-sampled ``log p(x)`` (nats) over ``x [N, C, H, W]``, exact trace."""
+    """Mean importance-sampled ``log p(x)`` (nats) over ``x [N, C, H, W]``, exact trace;
+    sharded over the ranks of ``world`` as :func:`dataset_nelbo`."""
     total = torch.zeros((), dtype=torch.float64, device=x.device)
     per_batch = max(1, batch_rows // n_samples)
     with eval_mode(model, exact=True), torch.no_grad():
         for start in eval_batches(len(x), per_batch, progress, "importance sampling"):
             xb = x[start : start + per_batch]
-            ll = model.importance_log_likelihood(xb, n_samples, batch_size=batch_rows)
-            total = total + ll.double().sum()
-    return total / len(x)
+            with world.eval_rows(model, len(xb)) as (rows, counted):
+                ll = model.importance_log_likelihood(xb[rows], n_samples, batch_size=batch_rows)
+            if counted:
+                total = total + ll.double().sum()
+    return world.sum(total) / len(x)
 
 
 def evaluate(
@@ -89,11 +103,13 @@ def evaluate(
     is_samples: int | None = None,
     is_points: int | None = None,
     progress: bool = False,
+    world: World = SINGLE,
 ) -> dict[str, Any]:
     """Test-set figures of ``model``: NELBO (exact trace) and the IS log-likelihood.
 
     The arguments override the config's ``eval_points``, ``is_samples`` (0: no IS estimate)
-    and ``is_points``; ``progress`` shows a bar per estimate. For data sets reported in bits
+    and ``is_points``; ``progress`` shows a bar per estimate; under torchrun ``world`` shards
+    the work over the ranks (every rank gets the figures). For data sets reported in bits
     per dimension (Frey Faces) the ``*_bpd`` entries are the headline numbers.
     """
     eval_points = config.eval_points if eval_points is None else eval_points
@@ -109,7 +125,8 @@ def evaluate(
     # A fixed seed makes the evaluation a deterministic function of the parameters.
     with fork_rng(data.test.device, config.seed + 1):
         nelbo = float(
-            dataset_nelbo(model, test, config.batch_size, config.eval_samples, progress=progress)
+            dataset_nelbo(model, test, config.batch_size, config.eval_samples,
+                          progress=progress, world=world)
         )
         out: dict[str, Any] = {
             "test_nelbo": nelbo,
@@ -121,7 +138,7 @@ def evaluate(
         if is_samples > 0:
             xs = subset(data.test, is_points)
             ll = float(dataset_log_likelihood(
-                model, xs, is_samples, config.eval_batch_rows, progress=progress
+                model, xs, is_samples, config.eval_batch_rows, progress=progress, world=world
             ))
             out.update(
                 test_nll_is=-ll,

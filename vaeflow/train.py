@@ -2,7 +2,8 @@
 one place that decides why a run stops.
 
 This module is over 500 lines because the loop's parts (the step, the epoch, validation, the
-stop rules, checkpoint and resume, signals, NaN recovery) share one progress state and are read
+stop rules, checkpoint and resume, signals, NaN recovery, the rank-0 and agreement points of a
+data-parallel run) share one progress state and are read
 best together; what is not the loop lives elsewhere (configs, runs, evaluate, plots, progress).
 
 A run is described by a :class:`TrainConfig` (a dataclass, saved as ``config.json`` in the run
@@ -21,6 +22,10 @@ every RNG state, early-stopping state; written atomically at the end of every ep
 ``results.json`` and ``timing.json``. ``train(resume=run_dir)`` continues a killed run and gives
 bit-identical parameters and results to an uninterrupted run on the same device.
 
+Under ``torchrun`` the same loop trains one model data-parallel (DDP); :mod:`vaeflow.distributed`
+holds the rules (batch sharding, noise, agreed stop decisions, rank 0 owning the run directory)
+and this module only calls them, so a single process runs exactly the code it always ran.
+
 Inside an epoch the loop never synchronises with the GPU: the loss terms are accumulated on the
 device and read back (one transfer) every ``log_every`` steps, which is also when a NaN loss is
 noticed. A NaN loss or a solver failure stops the run, keeps the last good checkpoint, and says
@@ -38,7 +43,7 @@ import os
 import shutil
 import signal
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,9 +51,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from vaeflow import distributed
 from vaeflow.checks import input_errors, resolve_device
 from vaeflow.configs import TrainConfig
 from vaeflow.data import DeviceLoader, load_dataset
+from vaeflow.distributed import SINGLE, World
 from vaeflow.evaluate import (
     dataset_nelbo,
     evaluate,
@@ -102,7 +109,6 @@ load_run = read_config
 logger = logging.getLogger(__name__)
 
 
-
 class TrainingError(RuntimeError):
     """The run cannot go on (NaN loss, solver failure); the last good checkpoint is kept."""
 
@@ -131,6 +137,9 @@ def train_step(
     beta: float | Tensor,
     max_grad_norm: float | None = None,
     regularization: Mapping[str, float] | None = None,
+    *,
+    forward: Callable[[Tensor, float | Tensor], dict[str, Tensor]] | None = None,
+    weight: float = 1.0,
 ) -> dict[str, Tensor]:
     """One optimisation step on the batch ``x [B, C, H, W]``; no host synchronisation.
 
@@ -139,14 +148,18 @@ def train_step(
     device. With ``max_grad_norm`` the gradients are clipped to that global norm.
     ``regularization`` maps names of ``model.flow.last_regularization`` (FFJORD with
     ``regularize=True``) to weights: their batch means, weighted, join the loss, and each is
-    returned as ``reg_<name>``.
+    returned as ``reg_<name>``. Under torchrun ``forward`` is the DDP module computing
+    ``model.loss`` and ``weight`` this rank's share of the global batch: the loss and the
+    returned terms are scaled by it (see :meth:`vaeflow.distributed.World.shard`).
     """
     optimizer.zero_grad(set_to_none=True)
-    terms = model.loss(x, beta)
-    for name, weight in (regularization or {}).items():
+    terms = (forward or model.loss)(x, beta)
+    for name, factor in (regularization or {}).items():
         value = model.flow.last_regularization[name].mean()
         terms[f"reg_{name}"] = value
-        terms["loss"] = terms["loss"] + weight * value
+        terms["loss"] = terms["loss"] + factor * value
+    if weight != 1.0:
+        terms = {k: v * weight if v.dim() == 0 else v for k, v in terms.items()}
     terms["loss"].backward()
     params = [p for group in optimizer.param_groups for p in group["params"]]
     if max_grad_norm is not None:
@@ -187,9 +200,15 @@ class _Signals:
     """SIGINT/SIGTERM while training: the first sets a flag that the loop checks between
     steps (it then writes a checkpoint and stops); a second one, or the first during the final
     evaluation (``immediate``), interrupts at once. Nothing is lost either way: the evaluation
-    starts from a saved, done checkpoint, which a resume only evaluates again."""
+    starts from a saved, done checkpoint, which a resume only evaluates again. Under torchrun
+    (``deferred``) a signal is ``pending`` until the ranks pool theirs at the next read-back,
+    and a second one within 2 s is the same one (a terminal's Ctrl-C reaches every worker, and
+    torchrun forwards it again)."""
 
-    def __init__(self) -> None:
+    def __init__(self, deferred: bool = False) -> None:
+        self.deferred = deferred
+        self.pending: int | None = None
+        self._first = 0.0  # when the first signal came (monotonic seconds)
         self.received: int | None = None
         self.immediate = False
         self.message = ""
@@ -205,11 +224,16 @@ class _Signals:
         name = signal.Signals(signum).name
         if self.immediate:
             raise KeyboardInterrupt(f"{name} received during {self.message}")
-        if self.received is not None:
+        if self.pending is not None and time.monotonic() - self._first < 2.0:
+            return
+        if self.received is not None or self.pending is not None:
             raise KeyboardInterrupt(
                 f"a second signal ({name}): stopped at once; the last checkpoint is kept"
             )
-        self.received = signum
+        if self.deferred:
+            self.pending, self._first = signum, time.monotonic()
+        else:
+            self.received = signum
 
     def __exit__(self, *exc: object) -> None:
         for sig, old in self._old.items():
@@ -217,11 +241,14 @@ class _Signals:
 
 
 class _Trainer:
-    def __init__(self, config: TrainConfig, run_dir: Path, progress_bar: bool) -> None:
+    def __init__(
+        self, config: TrainConfig, run_dir: Path, progress_bar: bool, world: World = SINGLE
+    ) -> None:
         self.config = config
         self.run_dir = run_dir
-        self.progress_bar = progress_bar
-        self.device = resolve_device(config.device)
+        self.world = world
+        self.progress_bar = progress_bar and world.is_main
+        self.device = world.device(resolve_device(config.device))
         split_sizes = tuple(config.split_sizes) if config.split_sizes is not None else None
         with input_errors():  # what a bad data file or network option raises is bad input
             self.data = load_dataset(
@@ -229,44 +256,72 @@ class _Trainer:
             )
             torch.manual_seed(config.seed)
             self.model = build_model(config, self.data).to(self.device)
+        world.seed(config.seed)
+        self.forward: Any = None  # the DDP module under torchrun (see replicate)
         self.optimizer = make_optimizer(config, self.model)
         self.loader: DeviceLoader = self.data.loader("train", config.batch_size, seed=config.seed)
         self.state = _Progress()
         self.writer: Any = None
         self.signals: _Signals | None = None
+        self.saved_step = 0  # of the last checkpoint, for a rank that loses the others
+
+    def replicate(self) -> None:
+        """Under torchrun: wrap the model in DDP (a collective: after every rank is set up)."""
+        self.forward = self.world.replicate(self.model, self.data.train[:2])
 
     # ---- checkpoints
 
-    def checkpoint(self) -> dict[str, Any]:
-        return {
+    def checkpoint(self, rng: list[dict[str, Tensor]]) -> dict[str, Any]:
+        """The run's state; ``rng`` holds every rank's RNG states (the loader, model and
+        optimizer are the same on every rank)."""
+        ckpt = {
             "config": self.config.to_dict(),
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "loader": self.loader.state_dict(),
-            "rng": rng_state(self.device),
+            "rng": rng[0],
             "progress": asdict(self.state),
             "format": CHECKPOINT_FORMAT,
+            "world_size": self.world.size,
         }
+        if self.world.distributed:
+            ckpt["rng_ranks"] = rng
+        return ckpt
 
     def save(self) -> None:
-        atomic_save(self.checkpoint(), self.run_dir / CHECKPOINT)
+        rng = self.world.gather(rng_state(self.device))  # a collective: every rank saves
+        if rng is not None:
+            atomic_save(self.checkpoint(rng), self.run_dir / CHECKPOINT)
+        self.saved_step = self.state.step
 
     def restore(self, ckpt: Mapping[str, Any]) -> None:
         path = self.run_dir / CHECKPOINT
         check_checkpoint_format(ckpt, path)
         check_same_run(self.config, ckpt, path)
+        distributed.check_world_size(ckpt.get("world_size", 1), self.world, path)
         load_state(self.model, ckpt["model"], path)  # the solver tolerances come with it
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.loader.load_state_dict(ckpt["loader"])
-        set_rng_state(ckpt["rng"], self.device)
+        rng = ckpt["rng_ranks"][self.world.rank] if self.world.distributed else ckpt["rng"]
+        set_rng_state(rng, self.device)
         self.state = _Progress(**ckpt["progress"])
+        self.saved_step = self.state.step
+
+    def load(self, name: str) -> Any:
+        """A file of the run directory, read by rank 0 and sent to every rank."""
+        path = self.run_dir / name
+        return self.world.from_main(
+            lambda: load_checkpoint(path, self.world.map_location(self.device))
+        )
 
     def load_checkpoint(self) -> dict[str, Any]:
-        return load_checkpoint(self.run_dir / CHECKPOINT, self.device)
+        return self.load(CHECKPOINT)
 
     # ---- logging
 
     def open_writer(self) -> None:
+        if not self.world.is_main:
+            return
         from torch.utils.tensorboard import SummaryWriter
 
         # purge_step drops events a killed run logged after its last checkpoint
@@ -279,7 +334,9 @@ class _Trainer:
 
     def log_images(self, epoch: int) -> None:
         """Sample and reconstruction grids to TensorBoard and, with the learning curve, as PNG
-        files in the run directory."""
+        files in the run directory (rank 0's work)."""
+        if not self.world.is_main:
+            return
         x = self.data.test[:32]
         samples, pairs = image_grids(self.model, x, self.config.seed + 2)
         if self.writer is not None:
@@ -316,9 +373,11 @@ class _Trainer:
             # killed between the epoch's last step (checkpointed) and its validation
             self.end_of_epoch()
             return
-        for x in self.loader:
+        for batch in self.loader:
+            x, weight = self.world.shard(batch)
             out = train_step(
-                self.model, self.optimizer, x, beta, cfg.max_grad_norm, cfg.regularization()
+                self.model, self.optimizer, x, beta, cfg.max_grad_norm, cfg.regularization(),
+                forward=self.forward, weight=weight,
             )
             st.step += 1
             st.epoch_steps += 1
@@ -333,10 +392,11 @@ class _Trainer:
             ckpt_due = cfg.checkpoint_every and st.step % cfg.checkpoint_every == 0
             if flush or ckpt_due or not self.loader.in_epoch:
                 now = time.perf_counter()
-                self._flush(window, nfe, sums, beta, (now - tick) / max(len(window), 1), bar)
                 st.seconds += now - tick
+                self._flush(window, nfe, sums, beta, (now - tick) / max(len(window), 1), bar)
                 tick = now
                 window, nfe = [], []
+                interrupted = signals.received is not None  # under torchrun: agreed just now
             out_of_time = cfg.max_minutes is not None and st.seconds >= 60 * cfg.max_minutes
             if interrupted or ckpt_due:
                 self._fold(sums)
@@ -366,12 +426,20 @@ class _Trainer:
         sec_per_iter: float,
         bar: TrainingBar,
     ) -> None:
-        """Read back the window's loss terms in one transfer; log; stop on a NaN."""
+        """Read back the window's loss terms in one transfer; log; stop on a NaN. Under torchrun
+        the ranks agree here on the terms, the NFE, a pending signal and the clock."""
         if not window:
             return
         names = sorted(window[0])
         stacked = torch.stack([torch.stack([w[n].float() for n in names]) for w in window])
-        values = stacked.cpu()  # the one host synchronisation per window
+        signals = self.signals
+        totals = [float(sum(pair[j] for pair in nfe)) for j in (0, 1)]
+        synced = self.world.sync_window(  # the one host synchronisation per window
+            stacked, totals, signals.pending if signals else None, self.state.seconds
+        )
+        values, self.state.seconds = synced.values, synced.seconds
+        if signals is not None and signals.deferred and synced.signal is not None:
+            signals.received = synced.signal
         if not torch.isfinite(values[:, names.index("loss")]).all():
             raise _NonFinite(f"the loss became {values[:, names.index('loss')].tolist()}")
         for i, n in enumerate(names):
@@ -379,7 +447,7 @@ class _Trainer:
             sums[n] = sums.get(n, torch.zeros((), dtype=torch.float64)) + col.sum()
         for j, n in enumerate(("nfe_forward", "nfe_backward")):
             if nfe:
-                total = torch.tensor(float(sum(pair[j] for pair in nfe)), dtype=torch.float64)
+                total = torch.tensor(synced.nfe[j], dtype=torch.float64)
                 sums[n] = sums.get(n, torch.zeros((), dtype=torch.float64)) + total
         step = self.state.step
         mean = {n: float(values[:, i].mean()) for i, n in enumerate(names)}
@@ -389,8 +457,8 @@ class _Trainer:
             "sec_per_iter": sec_per_iter,
         }
         if nfe:
-            extra["nfe_forward"] = sum(f for f, _ in nfe) / len(nfe)
-            extra["nfe_backward"] = sum(b for _, b in nfe) / len(nfe)
+            extra["nfe_forward"] = synced.nfe[0] / len(nfe)
+            extra["nfe_backward"] = synced.nfe[1] / len(nfe)
         self.log_scalars({**mean, **extra}, step, "train")
         postfix = {"epoch": self.state.epoch, "loss": f"{mean['loss']:.2f}", "beta": f"{beta:.2f}"}
         if nfe:
@@ -406,25 +474,30 @@ class _Trainer:
         cfg = self.config
         valid = subset(self.data.valid, cfg.valid_points)
         with fork_rng(self.device, cfg.seed + 3 + self.state.epoch):
-            return float(dataset_nelbo(self.model, valid, cfg.batch_size, 1, cfg.valid_exact_trace))
+            return float(dataset_nelbo(
+                self.model, valid, cfg.batch_size, 1, cfg.valid_exact_trace, world=self.world
+            ))
 
     def end_of_epoch(self) -> None:
         cfg, st = self.config, self.state
         tick = time.perf_counter()
         valid = self.validate()
-        st.seconds += time.perf_counter() - tick
+        st.seconds = self.world.main_value(st.seconds + time.perf_counter() - tick)
         if not math.isfinite(valid):
             raise _NonFinite(f"the validation NELBO became {valid}")
         train_means = {n: v / max(st.epoch_steps, 1) for n, v in st.epoch_sums.items()}
         record = {"epoch": st.epoch, "step": st.step, "seconds": st.seconds, "valid_nelbo": valid}
         record.update({f"train_{n}": v for n, v in train_means.items()})
         st.history.append(record)
-        Run(self.run_dir).write_history(st.history)
+        main = self.world.is_main
+        if main:
+            Run(self.run_dir).write_history(st.history)
         self.log_scalars({"nelbo": valid}, st.step, "valid")
         self.log_scalars({"epoch": st.epoch}, st.step, "train")
         if valid < st.best_valid:
             st.best_valid, st.best_epoch, st.bad_epochs = valid, st.epoch, 0
-            atomic_save(self.model.state_dict(), self.run_dir / BEST)
+            if main:
+                atomic_save(self.model.state_dict(), self.run_dir / BEST)
         elif st.epoch > cfg.warmup_epochs:
             st.bad_epochs += 1
         if cfg.image_every and st.epoch % cfg.image_every == 0:
@@ -448,7 +521,7 @@ class _Trainer:
     def end_of_training(self) -> None:
         """Keep the best model (or the last one when no epoch ended), evaluate it, write files."""
         best = self.run_dir / BEST
-        if not best.is_file():  # a smoke run that stopped inside its first epoch
+        if self.world.is_main and not best.is_file():  # stopped inside its first epoch
             atomic_save(self.model.state_dict(), best)
         self.save()  # the final state, with done=True, so a resume only re-evaluates
         self.finish()
@@ -464,16 +537,18 @@ class _Trainer:
             )
         final_state = self.model.state_dict()
         best = self.run_dir / BEST
-        best_state = load_checkpoint(best, self.device)
+        best_state = self.load(BEST)
         # A NaN retry may have tightened the solver after best.pt was written: evaluate the best
         # parameters at the tolerances in use now, and save them so `vaeflow eval` agrees.
         solver = {k: v for k, v in final_state.items() if k.endswith("_extra_state")}
         if any(best_state.get(k) != v for k, v in solver.items()):
             best_state = {**best_state, **solver}
-            atomic_save(best_state, best)
+            if self.world.is_main:
+                atomic_save(best_state, best)
         load_state(self.model, best_state, best)
         results = evaluate(
-            self.model, self.data, cfg, **smoke_eval_counts(cfg), progress=self.progress_bar
+            self.model, self.data, cfg, **smoke_eval_counts(cfg), progress=self.progress_bar,
+            world=self.world,
         )
         results.update(
             dataset=cfg.dataset,
@@ -490,7 +565,7 @@ class _Trainer:
             },
             num_parameters=sum(p.numel() for p in self.model.parameters() if p.requires_grad),
             solver=solver_state(self.model),
-            world_size=1,
+            world_size=self.world.size,
         )
         bad = {k: v for k, v in results.items() if isinstance(v, float) and not math.isfinite(v)}
         if bad:
@@ -499,17 +574,19 @@ class _Trainer:
                 f"the final evaluation gave non-finite figures ({', '.join(map(str, bad))}: "
                 f"{', '.join(map(str, bad.values()))})"
             )
-            Run(self.run_dir).write_results({
-                **{k: (None if k in bad else v) for k, v in results.items()},
-                "status": "failed", "error": error,
-            })
+            if self.world.is_main:
+                Run(self.run_dir).write_results({
+                    **{k: (None if k in bad else v) for k, v in results.items()},
+                    "status": "failed", "error": error,
+                })
             raise TrainingError(
                 f"{error}. best.pt and the last checkpoint are kept in {self.run_dir}; evaluate "
                 f"again with `vaeflow eval {self.run_dir}` (e.g. with tighter solver tolerances) "
                 "or lower the learning rate and train again"
             )
         results["status"] = "finished"
-        Run(self.run_dir).write_results(results)
+        if self.world.is_main:
+            Run(self.run_dir).write_results(results)
         self.log_scalars({"nelbo": results["test_nelbo"]}, st.step, "test")
         self.log_images(st.epoch)  # the best model's pictures, and the whole learning curve
         self.model.load_state_dict(final_state)
@@ -531,6 +608,10 @@ def train(
 ) -> dict[str, Any]:
     """Train (or resume) a run and return its ``results.json`` content.
 
+    Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) every rank calls this: they train
+    one model data-parallel, rank 0 writing the run directory (see :mod:`vaeflow.distributed`);
+    a checkpoint resumes only at the world size that wrote it.
+
     Args:
         config: the run's settings; not given when resuming.
         run_dir: where to write: an absent or empty folder, unless ``overwrite``.
@@ -543,12 +624,85 @@ def train(
             once the new run's config, device and data have been checked.
 
     Raises:
-        TrainingError: a NaN loss, a failed solve or a non-finite final figure stopped the run
-            (the last good checkpoint is kept in the run directory).
+        TrainingError: a NaN loss, a failed solve, a non-finite final figure or (torchrun) a
+            lost rank stopped the run (the last good checkpoint is kept in the run directory).
         KeyboardInterrupt: SIGINT/SIGTERM arrived; a checkpoint was written first.
         InputError: bad input (config, data, run directory); nothing was lost.
     """
     start = time.time()
+    with distributed.session() as world:  # joins a torchrun job; SINGLE for a plain process
+        cfg, directory, created = world.from_main(
+            lambda: _claim(config, run_dir, resume, changes, overwrite)
+        )
+        created = created and world.is_main  # only rank 0 touches the run directory
+        trainer: _Trainer | None = None
+        try:
+            with contextlib.ExitStack() as owned:
+                try:
+                    with world.together():  # a failure on any rank (lock, data...) stops all
+                        if world.is_main:
+                            owned.enter_context(RunLock(directory))
+                        trainer = _Trainer(cfg, directory, progress, world)  # device, data, model
+                    assert trainer is not None
+                    if resume is not None:
+                        trainer.restore(trainer.load_checkpoint())
+                    trainer.replicate()
+                except BaseException:
+                    if created:  # a start that failed leaves nothing behind
+                        shutil.rmtree(directory, ignore_errors=True)
+                    raise
+                if world.is_main and (resume is None or changes):
+                    if resume is None:
+                        clear_run_files(directory)  # --overwrite: only now that all was checked
+                        Run(directory).write_history([])
+                    Run(directory).write_config(cfg)
+                if resume is None:
+                    trainer.save()  # step 0: a kill before the first epoch ends resumes from here
+                else:
+                    logger.info("resumed %s at epoch %d, step %d", directory, trainer.state.epoch,
+                                trainer.state.step)
+                trainer.open_writer()
+                try:
+                    _run(trainer)
+                finally:
+                    if trainer.writer is not None:
+                        trainer.writer.close()
+                results = world.from_main(lambda: json.loads((directory / RESULTS).read_text()))
+                if world.is_main:
+                    Run(directory).write_timing({
+                        "wall_seconds_this_session": time.time() - start,
+                        "train_seconds": trainer.state.seconds,
+                        "device": str(trainer.device),
+                        "device_name": torch.cuda.get_device_name(trainer.device)
+                        if trainer.device.type == "cuda"
+                        else "cpu",
+                        "torch": torch.__version__,
+                        "commit": git_commit(),
+                        "resumed": resume is not None,
+                        "world_size": world.size,
+                    })
+        except RuntimeError as err:
+            if isinstance(err, TrainingError) or not world.lost_contact(err):
+                raise
+            saved = trainer.saved_step if trainer is not None else None
+            raise TrainingError(world.lost_contact_message(err, directory, saved)) from err
+        finally:
+            if created and directory.is_dir() and not any(
+                p.name != ".lock" for p in directory.iterdir()
+            ):
+                shutil.rmtree(directory, ignore_errors=True)
+    return results
+
+
+def _claim(
+    config: TrainConfig | None,
+    run_dir: str | os.PathLike[str] | None,
+    resume: str | os.PathLike[str] | None,
+    changes: Mapping[str, Any] | None,
+    overwrite: bool,
+) -> tuple[TrainConfig, Path, bool]:
+    """The run's config (a resumed run's own) and directory, checked and created (rank 0's
+    work); whether the directory was created."""
     if resume is not None:
         directory = Path(resume)
         config = read_config(directory)
@@ -564,63 +718,23 @@ def train(
         check_new_run_dir(directory, overwrite)
     created = not directory.exists()
     directory.mkdir(parents=True, exist_ok=True)
-    try:
-        with RunLock(directory):
-            try:
-                trainer = _Trainer(config, directory, progress)  # device, data, model: checked
-                if resume is not None:
-                    trainer.restore(trainer.load_checkpoint())
-            except BaseException:
-                if created:  # a start that failed leaves nothing behind
-                    shutil.rmtree(directory, ignore_errors=True)
-                raise
-            if resume is None:
-                clear_run_files(directory)  # --overwrite: only now that all was checked
-                Run(directory).write_config(config)
-                Run(directory).write_history([])
-                trainer.save()  # step 0: a kill before the first epoch ends resumes from here
-            else:
-                if changes:
-                    Run(directory).write_config(config)
-                logger.info("resumed %s at epoch %d, step %d", directory, trainer.state.epoch,
-                            trainer.state.step)
-            trainer.open_writer()
-            try:
-                _run(trainer)
-            finally:
-                trainer.writer.close()
-            results = json.loads((directory / RESULTS).read_text())
-            Run(directory).write_timing({
-                "wall_seconds_this_session": time.time() - start,
-                "train_seconds": trainer.state.seconds,
-                "device": str(trainer.device),
-                "device_name": torch.cuda.get_device_name(trainer.device)
-                if trainer.device.type == "cuda"
-                else "cpu",
-                "torch": torch.__version__,
-                "commit": git_commit(),
-                "resumed": resume is not None,
-            })
-    finally:
-        if created and directory.is_dir() and not any(
-            p.name != ".lock" for p in directory.iterdir()
-        ):
-            shutil.rmtree(directory, ignore_errors=True)
-    return results
+    return config, directory, created
 
 
 def _run(trainer: _Trainer) -> None:
     """The loop until the run is done, recovering from NaNs and solver failures as the config
     says, and stopping cleanly on a signal."""
     directory = trainer.run_dir
-    with _Signals() as signals:
+    with _Signals(deferred=trainer.world.distributed) as signals:
         trainer.signals = signals
         while True:
             try:
                 trainer.run(signals)
                 # a run that stopped in (or was killed during) its final evaluation, and was
                 # resumed or restarted from its done checkpoint: evaluate again
-                if trainer.state.done and not Run(directory).finished:
+                if trainer.state.done and not trainer.world.from_main(
+                    lambda: Run(directory).finished
+                ):
                     trainer.finish()
                 break
             except (_NonFinite, SolverError) as err:
@@ -637,6 +751,14 @@ def _recover(trainer: _Trainer, err: Exception) -> None:
     """After a NaN or solver failure: retry from the last checkpoint with tighter tolerances
     (when allowed and FFJORD is in the model), else stop with a clear message."""
     cfg = trainer.config
+    if trainer.world.distributed and isinstance(err, SolverError):
+        # Only this rank's solve failed while the others wait in a collective: no retry
+        # together, and no collective here (the others stop when theirs time out).
+        raise TrainingError(
+            f"training stopped on rank {trainer.world.rank} at step ~{trainer.state.step}: {err}"
+            f". {trainer.world.resume_hint(trainer.run_dir, trainer.saved_step)}, or start again"
+            " with tighter solver tolerances (--flow-opt atol=... --flow-opt rtol=...)"
+        ) from err
     ckpt = trainer.load_checkpoint()
     retries = int(ckpt["progress"]["retries"])
     where = f"at step ~{trainer.state.step} (epoch {trainer.state.epoch})"

@@ -1,0 +1,286 @@
+"""Data-parallel training on the CPU with gloo: DDP gradients against one process, ``torchrun``
+runs against single-process runs, a rank killed and the run resumed, two "machines" on one
+host. Every process is tiny (MLP nets, the structured tiny MNIST) and runs one thread.
+
+Run as a script (``torchrun ... tests/test_distributed.py --kill-rank R --kill-step K train
+...``), this file is ``vaeflow`` with one rank SIGKILLed at its K-th training step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import TINY_SPLITS
+
+import vaeflow.train as train_mod
+from vaeflow import distributed
+from vaeflow.cli import main
+from vaeflow.distributed import SINGLE, World, shard_bounds
+from vaeflow.evaluate import dataset_log_likelihood, dataset_nelbo, evaluate_run
+from vaeflow.rng import fork_rng
+from vaeflow.runs import RunError
+
+HERE = Path(__file__).resolve()
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", distributed.TIMEOUT_ENV: "30"}
+
+
+def cli_args(data_dir: Path, flow: str, *extra: str) -> list[str]:
+    """``vaeflow train`` options of a seconds-long run (test_cli's tiny options, 10 epochs'
+    worth of batches of 21 rows: 9 of 21 and one of 11, so the shards are unequal)."""
+    field = ["--flow-opt", "hidden_dims=[8]", "--flow-opt", "rank=2", "--flow-opt",
+             "num_blocks=1", "--flow-opt", "atol=1e-4", "--flow-opt", "rtol=1e-4"]
+    return [
+        "train", "--dataset", "static_mnist", "--data-dir", str(data_dir),
+        "--set", f"split_sizes={list(TINY_SPLITS)}", "--arch", "mlp",
+        "--set", "net_kwargs={hidden_sizes=[16]}", "--set", "latent_dim=4",
+        "--set", "context_dim=8", "--set", "is_samples=3", "--set", "is_points=4",
+        "--set", "log_every=2", "--set", "eval_points=30", "--batch-size", "21",
+        "--device", "cpu", "--quiet", "--flow", flow,
+        *(field if flow == "ffjord" else ["--flow-opt", "num_steps=2"]), *extra,
+    ]
+
+
+def torchrun(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", *args], env=ENV, capture_output=True,
+        text=True, timeout=timeout,
+    )
+
+
+def standalone(command: list[str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """``torchrun --standalone --nproc_per_node=2 --no-python COMMAND``."""
+    return torchrun("--standalone", "--nproc_per_node=2", "--no-python", *command,
+                    timeout=timeout)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def read(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text())
+
+
+# --------------------------------------------------------------------------------------------
+# The rules, without processes
+
+
+def test_shards_cover_the_batch_and_weights_average_to_one() -> None:
+    for rows, world in [(7, 2), (100, 3), (1, 4), (20, 2)]:
+        bounds = [shard_bounds(rows, r, world) for r in range(world)]
+        assert bounds[0][0] == 0 and bounds[-1][1] == rows
+        assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:], strict=False))
+        sizes = [hi - lo for lo, hi in bounds]
+        assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
+        weights = [World(r, world).shard(torch.zeros(rows, 1))[1] for r in range(world)]
+        assert sum(weights) / world == pytest.approx(1.0)
+    x, weight = World(3, 4).shard(torch.arange(2.0)[:, None])
+    assert weight == 0.0 and x.tolist() == [[0.0]]  # a stand-in row that does not count
+    assert SINGLE.shard(x) == (x, 1.0)
+
+
+# --------------------------------------------------------------------------------------------
+# DDP gradients against one process: 2 processes spawned, noise fixed
+
+
+def _model(data_dir: Path, flow: str) -> tuple[Any, Any]:
+    from test_train import tiny_config
+
+    kwargs = {"ffjord": {"hidden_dims": [8], "rank": 2, "trace": "exact", "method": "rk4",
+                         "solver_options": {"step_size": 0.25}},
+              "planar": {"num_steps": 2}, "none": {}}[flow]
+    config = tiny_config(data_dir, flow, flow_kwargs=kwargs)
+    data = train_mod.load_dataset("static_mnist", data_dir, split_sizes=TINY_SPLITS)
+    torch.manual_seed(0)
+    return train_mod.build_model(config, data), data
+
+
+def _fixed_noise(model: Any, eps: torch.Tensor) -> None:
+    """The posterior noise of row i is eps[i], whichever rank holds the row."""
+    model._noise = lambda like, generator: eps[: len(like)]
+
+
+def _gradient_worker(rank: int, port: int, data_dir: Path, out: Path) -> None:
+    os.environ.update(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ[distributed.TIMEOUT_ENV] = "4"
+    torch.set_num_threads(1)
+    world = distributed.start()
+    assert world == World(rank, 2, rank, owned=True)
+    report = {}
+    # 7 rows: shards of 4 and 3; 1 row: rank 1 computes on a stand-in row of weight 0.
+    # "none": the context head gets no gradient (DDP must be told).
+    for flow, rows in (("planar", 7), ("planar", 1), ("ffjord", 7), ("none", 7)):
+        model, data = _model(data_dir, flow)
+        x = data.train[:rows]
+        eps = torch.randn(rows, 4, generator=torch.Generator().manual_seed(1))
+        reference, _ = _model(data_dir, flow)
+        _fixed_noise(reference, eps)
+        optimizer = torch.optim.SGD(reference.parameters(), lr=0.0)
+        expected = train_mod.train_step(reference, optimizer, x, 0.5)
+        ddp = world.replicate(model, x[:2])
+        xs, weight = world.shard(x)
+        lo, hi = shard_bounds(rows, rank, 2)
+        _fixed_noise(model, eps[lo:hi] if hi > lo else eps[:1])
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+        got = train_mod.train_step(model, optimizer, xs, 0.5, forward=ddp, weight=weight)
+        names = sorted(got)
+        synced = world.sync_window(torch.stack([got[n] for n in names])[None], [3.0 + rank, 0],
+                                   None, 1.0 + rank)
+        for i, n in enumerate(names):  # the logged terms are the global batch's
+            assert synced.values[0, i].item() == pytest.approx(expected[n].item(), rel=1e-5), n
+        assert synced.nfe == (3.5, 0.0) and synced.seconds == 1.0  # NFE mean, rank 0's clock
+        for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
+            if q.grad is None:
+                assert p.grad is None or not p.grad.any(), name
+            else:
+                torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+        report[flow] = ddp.find_unused_parameters
+    # the sharded evaluation equals one process's, stand-in rows included (batches of 2, 2, 1)
+    model, data = _model(data_dir, "planar")
+    x = data.test[:5]
+    for fn, kwargs in ((dataset_nelbo, {"batch_size": 2, "n_samples": 2}),
+                       (dataset_log_likelihood, {"n_samples": 3, "batch_rows": 3})):
+        figures = []
+        for w in (SINGLE, world):
+            with fork_rng(x.device, 7):
+                figures.append(float(fn(model, x, **kwargs, world=w)))
+        assert figures[0] == pytest.approx(figures[1], rel=1e-6), fn
+    if rank == 1:  # hangs: rank 0's next collective must fail after the timeout, not hang
+        import time
+
+        time.sleep(5)
+        os._exit(0)
+    try:
+        world.sum(torch.ones(()))
+    except RuntimeError as err:
+        report["timeout"] = world.lost_contact(err)
+    out.write_text(json.dumps(report))
+    os._exit(0)  # the group is broken: leave without tearing it down
+
+
+def test_ddp_gradients_equal_one_process(tiny_data_dir: Path, tmp_path: Path) -> None:
+    import torch.multiprocessing as mp
+
+    out = tmp_path / "report.json"
+    mp.spawn(_gradient_worker, args=(free_port(), tiny_data_dir, out), nprocs=2)
+    assert read(out) == {"planar": False, "ffjord": False, "none": True, "timeout": True}
+
+
+# --------------------------------------------------------------------------------------------
+# torchrun end to end
+
+
+@pytest.fixture(scope="module")
+def reference_runs(tiny_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same planar run with one process (in-process) and under torchrun with 2."""
+    root = tmp_path_factory.mktemp("ddp")
+    args = cli_args(tiny_data_dir, "planar", "--max-epochs", "2",
+                    "--set", "checkpoint_every=4")
+    assert main([*args, "--out", str(root / "one")]) == 0
+    done = standalone(["vaeflow", *args, "--out", str(root / "two")])
+    assert done.returncode == 0, done.stderr[-3000:]
+    return root
+
+
+def test_torchrun_run_matches_one_process(reference_runs: Path) -> None:
+    one, two = reference_runs / "one", reference_runs / "two"
+    a, b = read(one / "results.json"), read(two / "results.json")
+    assert a["world_size"] == 1 and b["world_size"] == 2
+    assert b["steps"] == a["steps"] == 20 and b["epochs"] == 2
+    # different noise on rank 1's rows (its own stream): close, not equal
+    assert b["test_nelbo"] == pytest.approx(a["test_nelbo"], rel=2e-3)
+    assert read(two / "timing.json")["world_size"] == 2
+    history = read(two / "history.json")
+    assert len(history) == 2 and history[-1]["valid_nelbo"] == pytest.approx(
+        read(one / "history.json")[-1]["valid_nelbo"], rel=2e-3)
+    # only rank 0 wrote: one event file, one run
+    assert len(list(two.glob("events.out.tfevents.*"))) == 1
+    assert sorted(p.name for p in reference_runs.iterdir()) == ["one", "two"]
+    ckpt = torch.load(two / "checkpoint.pt", weights_only=True)
+    assert ckpt["world_size"] == 2 and len(ckpt["rng_ranks"]) == 2
+    # the sharded evaluation gives one process's figures
+    again = evaluate_run(two, pictures=False)
+    assert again["test_nelbo"] == pytest.approx(b["test_nelbo"], rel=1e-6)
+    assert again["test_nll_is"] == pytest.approx(b["test_nll_is"], rel=1e-6)
+
+
+def test_killed_rank_then_resume_matches_the_uninterrupted_run(
+    reference_runs: Path, tiny_data_dir: Path, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    args = cli_args(tiny_data_dir, "planar", "--max-epochs", "2", "--set", "checkpoint_every=4")
+    killed = torchrun("--standalone", "--nproc_per_node=2", str(HERE), "--kill-rank", "1",
+                      "--kill-step", "15", *args, "--out", str(run))
+    assert killed.returncode != 0
+    assert "lost contact with the other ranks" in killed.stderr  # rank 0 says why it stopped
+    assert not (run / "results.json").exists()
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["progress"]["step"] == 12
+    with pytest.raises(RunError, match="world size 2.*has 1.*--nproc_per_node=2"):
+        train_mod.train(resume=run, progress=False)  # one process: refused, says why
+    resumed = standalone(["vaeflow", "train", "--resume", str(run), "--quiet"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert read(run / "results.json") == read(reference_runs / "two" / "results.json")
+    a = torch.load(run / "best.pt", weights_only=True)
+    b = torch.load(reference_runs / "two" / "best.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a if isinstance(a[k], torch.Tensor))
+
+
+def test_two_machines_train_ffjord_with_the_adjoint(tiny_data_dir: Path, tmp_path: Path) -> None:
+    """Two torchrun launches, one process each, meet at a c10d rendezvous on localhost."""
+    args = cli_args(tiny_data_dir, "ffjord", "--max-steps", "4", "--flow-opt", "adjoint=true")
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    port = free_port()
+    nodes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={i}",
+             "--nproc_per_node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=localhost:{port}",
+             "--rdzv-id=vaeflow-test", "--no-python", "vaeflow", *args,
+             "--out", str(tmp_path / "two")],
+            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for i in range(2)
+    ]
+    for node in nodes:
+        _, err = node.communicate(timeout=120)
+        assert node.returncode == 0, err[-3000:]
+    a, b = read(tmp_path / "one" / "results.json"), read(tmp_path / "two" / "results.json")
+    assert b["world_size"] == 2 and b["steps"] == 4
+    assert b["train_nfe_forward_mean"] >= 8  # the mean over ranks of the adaptive solves
+    assert b["train_nfe_backward_mean"] > 0  # the adjoint's backward solve ran inside DDP
+    # each rank's adaptive solve takes its own steps: close to one process, within the solver
+    assert b["test_nelbo"] == pytest.approx(a["test_nelbo"], rel=5e-3)
+
+
+# --------------------------------------------------------------------------------------------
+# As a script: vaeflow with one rank killed
+
+
+def _run_with_a_kill(argv: list[str]) -> int:
+    """``--kill-rank R --kill-step K VAEFLOW_ARGS...``: rank R dies at its K-th step."""
+    rank, step, rest = int(argv[1]), int(argv[3]), argv[4:]
+    real, count = train_mod.train_step, {"n": 0}
+
+    def step_or_die(*args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        count["n"] += 1
+        if count["n"] == step and int(os.environ["RANK"]) == rank:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(*args, **kwargs)
+
+    train_mod.train_step = step_or_die  # type: ignore[assignment]
+    return main(rest)
+
+
+if __name__ == "__main__":
+    sys.exit(_run_with_a_kill(sys.argv[1:]))
