@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import subprocess
 import zipfile
 from collections.abc import Mapping
@@ -109,7 +108,11 @@ def load_checkpoint(path: str | os.PathLike[str], device: torch.device | str = "
         raise RunError(f"{path} does not exist")
     try:
         return torch.load(path, map_location=device, weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError) as err:
+    except Exception as err:  # noqa: BLE001 - random bytes raise anything from the unpickler
+        if isinstance(err, OSError) and not isinstance(err, zipfile.BadZipFile) and (
+            err.errno is not None
+        ):
+            raise  # the file system's failure (permissions, I/O), not the file's content
         others = [p.name for p in (path.parent / BEST, path.parent / CHECKPOINT)
                   if p.is_file() and p != path]
         also = f"; the run also holds {', '.join(others)}" if others else ""
