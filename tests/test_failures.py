@@ -370,3 +370,12 @@ def test_the_nan_hint_knows_the_retries_are_used(tiny_data_dir: Path, tmp_path: 
     args = [*tiny(tiny_data_dir, tmp_path / "run", "ffjord"), "--set", "nan_retries=1"]
     err = fails(capsys, args, 1, "retries are used up")
     assert "--set nan_retries=1" not in err
+
+
+def test_a_checkpoint_of_an_older_vaeflow_is_refused_by_name(finished: Path, capsys) -> None:
+    ckpt = finished / "checkpoint.pt"
+    state = torch.load(ckpt, weights_only=True)
+    del state["format"]  # what the previous main wrote
+    torch.save(state, ckpt)
+    fails(capsys, ["train", "--resume", str(finished), "--max-epochs", "3", "--quiet"], 2,
+          "older vaeflow", "checkpoint format 1", "--overwrite")
