@@ -29,7 +29,7 @@ from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from vaeflow.checks import check_int, check_positive_int
-from vaeflow.ode import uses_static_solver
+from vaeflow.graphs import GraphedStep, graph_unavailable
 from vaeflow.train import train_step
 from vaeflow.vae import VAE
 
@@ -67,31 +67,6 @@ def _random_pool(batches: int, batch_size: int, seed: int) -> Tensor:
     return (torch.rand(batches, batch_size, *INPUT_SHAPE, generator=gen) < 0.5).float()
 
 
-class _GraphedStep:
-    """The whole training step (forward, backward, Adamax step) captured in one CUDA graph
-    and replayed on a static input buffer, after PyTorch's whole-network capture recipe. Needs
-    static shapes and no host synchronisation inside the step: a fixed-step solver (which
-    :mod:`vaeflow.ode` integrates without synchronising) and a capturable optimizer."""
-
-    def __init__(self, model: VAE, optimizer: torch.optim.Optimizer, x: Tensor) -> None:
-        self.x = x.clone()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):  # warm up allocator and autograd state off the capture stream
-                train_step(model, optimizer, self.x, 1.0)
-        torch.cuda.current_stream().wait_stream(side)
-        optimizer.zero_grad(set_to_none=True)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.out = train_step(model, optimizer, self.x, 1.0)
-
-    def __call__(self, x: Tensor) -> dict[str, Tensor]:
-        self.x.copy_(x)
-        self.graph.replay()
-        return self.out
-
-
 def check_runnable(variant: Variant, device: torch.device) -> str | None:
     """Why ``variant`` cannot run on ``device`` (None: it can)."""
     if (variant.cuda_graph or variant.cuda_only) and device.type != "cuda":
@@ -100,8 +75,9 @@ def check_runnable(variant: Variant, device: torch.device) -> str | None:
         # The solver is the same at every size: the small model's flow tells.
         with torch.device("meta"):
             flow = build_model(variant, "small").flow
-        if not uses_static_solver(flow.solver):
-            return "CUDA graphs need a fixed-step solver without the adjoint"
+        reason = graph_unavailable(flow, device)
+        if reason is not None:
+            return reason
     return None
 
 
@@ -164,10 +140,13 @@ def bench_variant(
 
     step: Callable[[int], dict[str, Tensor]] = reference if variant.reference_emulation else plain
     if variant.cuda_graph:
-        graphed = _GraphedStep(model, optimizer, pool[0])
+        graphed = GraphedStep(
+            lambda xs, beta: train_step(model, optimizer, xs, beta), model, optimizer,
+            pool[0].to(device),
+        )
 
         def step(i: int) -> dict[str, Tensor]:
-            return graphed(pool[i % pool_batches])
+            return graphed(pool[i % pool_batches], copy=False)
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from gpu_bench import DEFAULT_VARIANTS, FAULTS, SMOKE_SKIPPED, run_bench
-from gpu_guard import Deadline, guarded
+from gpu_guard import Deadline, guarded, stream_lines
 from gpu_reference import REFERENCE_FLOWS, missing_dependencies, prepare_reference, run_reference
 from gpu_report import render_bench, render_table, speedups
 from gpu_table import (
@@ -49,13 +49,21 @@ from gpu_table import (
 )
 
 from vaeflow.checks import InputError, check_choice, check_number
-from vaeflow.runs import atomic_write_json, git_commit
+from vaeflow.runs import Run, atomic_write_json, git_commit
 
 __all__ = ["STAGES", "main"]
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ("bench", "reference", "table")
-STAGE_SHARES = {"bench": 0.28, "reference": 0.22, "table": 0.42}
+STAGES = ("bench", "reference", "graph", "table")
+STAGE_SHARES = {"bench": 0.26, "reference": 0.20, "graph": 0.08, "table": 0.38}
+# The graph check: `vaeflow train` of a fixed-step FFJORD, eager then with the whole step in a
+# CUDA graph (--set cuda_graph=true), same seed and steps; their losses and speeds side by side.
+GRAPH_ARGS = ("--dataset", "static_mnist", "--flow", "ffjord", "--arch", "mlp",
+              "--set", "latent_dim=32", "--set", "context_dim=64",
+              "--set", "net_kwargs={hidden_sizes=[512,256]}", "--flow-opt", "hidden_dims=[64,64]",
+              "--flow-opt", "rank=4", "--flow-opt", "method=rk4",
+              "--flow-opt", "solver_options={step_size=0.25}", "--set", "is_samples=0",
+              "--set", "eval_points=1000", "--set", "image_every=0", "--quiet")  # fmt: skip
 FLOWS = ("none", "planar", "iaf", "orthogonal", "householder", "triangular", "ffjord")
 # Per-cell settings of the GPU row (before --table-set): the KL warm-up of the protocol (100
 # epochs) cannot happen in minutes, so beta is 1 from the start; the test NELBO on a fixed
@@ -198,6 +206,38 @@ class GpuRun:
                     "host syncs included), median after the first batches; it read the first "
                     f"{batch * (iters + 2)} training images only (enough for the batches timed)",
         }  # fmt: skip
+
+    def graph(self) -> None:
+        """Eager and CUDA-graphed training of the same run: final losses and seconds."""
+        stage = self.stage_deadline("graph")
+        steps = 3 if self.smoke else 300
+        sets = ["--set", "split_sizes=[200,50,50]", "--set", "eval_points=20"] if self.smoke else []
+        out: dict[str, Any] = {"steps": steps}
+        for mode in ("eager", "graph"):
+            run = self.work / "graph" / mode
+            cmd = [sys.executable, "-m", "vaeflow.cli", "train", *GRAPH_ARGS, *sets,
+                   "--data-dir", str(self.npz.parent), "--device", self.device,
+                   "--max-steps", str(steps), "--set", f"cuda_graph={str(mode == 'graph').lower()}",
+                   "--out", str(run)]  # fmt: skip
+            share = stage.left() / (2 if mode == "eager" else 1)
+            done = stream_lines(cmd, share, self.logs / f"graph-{mode}.log", env=self.child_env)
+            results = Run(run).results if (run / "results.json").is_file() else None
+            timing = Run(run).timing or {} if (run / "timing.json").is_file() else {}
+            out[mode] = {
+                "returncode": done.returncode, "seconds": round(done.seconds, 1),
+                "train_seconds": timing.get("train_seconds"),
+                "test_nelbo": results and results["test_nelbo"],
+                "fallback": any("training without a CUDA graph" in line for line in done.lines),
+            }  # fmt: skip
+        eager, graph = out["eager"], out["graph"]
+        if eager["train_seconds"] and graph["train_seconds"]:
+            out["speedup"] = round(eager["train_seconds"] / graph["train_seconds"], 2)
+        if eager["test_nelbo"] is not None and graph["test_nelbo"] is not None:
+            out["nelbo_difference"] = round(graph["test_nelbo"] - eager["test_nelbo"], 4)
+        self.summary["graph"] = out
+        if eager["returncode"] != 0 or graph["returncode"] != 0:  # None: killed at its limit
+            raise RuntimeError(f"a graph-check run failed or ran out of time: see "
+                               f"{self.logs}/graph-*.log")
 
     def table(self) -> None:
         stage = self.stage_deadline("table")

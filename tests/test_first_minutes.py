@@ -158,3 +158,28 @@ def test_compare_refuses_a_folder_without_runs(tmp_path: Path,
                                                capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["compare", str(tmp_path)]) == 2
     assert "holds none" in capsys.readouterr().err
+
+
+def test_cuda_graph_without_cuda_says_why_and_trains(tiny_data_dir: Path, tmp_path: Path,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    config = tiny_config(tiny_data_dir, "planar", is_samples=0, max_steps=3, cuda_graph=True)
+    with caplog.at_level("WARNING"):
+        results = train(config, tmp_path / "run", progress=False)
+    assert results["steps"] == 3
+    assert "CUDA graphs need a CUDA device" in caplog.text
+    assert "training without a CUDA graph" in caplog.text
+
+
+def test_graph_unavailable_names_the_solver() -> None:
+    import torch
+
+    from vaeflow.flows import FFJORD
+    from vaeflow.graphs import graph_unavailable
+
+    cuda = torch.device("cuda")
+    adaptive = FFJORD(3, 2, hidden_dims=(4,), rank=1)
+    fixed = FFJORD(3, 2, hidden_dims=(4,), rank=1, method="rk4",
+                   solver_options={"step_size": 0.25})
+    assert "fixed-step solver" in (graph_unavailable(adaptive, cuda) or "")
+    assert graph_unavailable(fixed, cuda) is None
+    assert "data-parallel" in (graph_unavailable(fixed, cuda, world_size=2) or "")

@@ -56,6 +56,11 @@ def test_smoke_run_writes_every_file_and_survives_failures(tmp_path) -> None:
         assert ref["status"] == "ok" and ref["s_per_iter"] > 0, ref
         assert summary["ratios"]["none"]["speedup"] > 0
 
+    graph = summary["graph"]  # eager and graphed training ran (on a CPU the graph falls back)
+    assert stages["graph"]["status"] == "ok", stages["graph"]
+    assert graph["eager"]["test_nelbo"] > 0 and graph["graph"]["test_nelbo"] > 0
+    assert graph["graph"]["fallback"] == (not summary["environment"]["cuda_available"])
+
     cells = {c["flow"]: c for c in summary["table"]["cells"]}
     assert stages["table"]["status"] == "ok", stages["table"]
     for flow in ("none", "ffjord"):

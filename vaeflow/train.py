@@ -63,6 +63,7 @@ from vaeflow.evaluate import (
     smoke_eval_counts,
     subset,
 )
+from vaeflow.graphs import GraphedStep, graph_unavailable
 from vaeflow.model import build_model, count_parameters
 from vaeflow.ode import SolverError
 from vaeflow.plots import image_grids, write_run_pictures
@@ -113,9 +114,13 @@ class TrainingError(RuntimeError):
     """The run cannot go on (NaN loss, solver failure); the last good checkpoint is kept."""
 
 
-def make_optimizer(config: TrainConfig, model: VAE) -> torch.optim.Optimizer:
+def make_optimizer(
+    config: TrainConfig, model: VAE, capturable: bool = False
+) -> torch.optim.Optimizer:
+    """Adamax or Adam at the config's learning rate and eps (``capturable`` inside a CUDA
+    graph: its step counters live on the device)."""
     cls = torch.optim.Adamax if config.optimizer == "adamax" else torch.optim.Adam
-    return cls(model.parameters(), lr=config.lr, eps=config.adam_eps)
+    return cls(model.parameters(), lr=config.lr, eps=config.adam_eps, capturable=capturable)
 
 
 def beta_at(epoch: int, warmup_epochs: int) -> float:
@@ -258,12 +263,31 @@ class _Trainer:
             self.model = build_model(config, self.data).to(self.device)
         world.seed(config.seed)
         self.forward: Any = None  # the DDP module under torchrun (see replicate)
-        self.optimizer = make_optimizer(config, self.model)
+        self.use_graph = False
+        if config.cuda_graph:
+            reason = graph_unavailable(self.model, self.device, world.size)
+            if reason is not None and world.is_main:
+                logger.warning("cuda_graph: %s; training without a CUDA graph", reason)
+            self.use_graph = reason is None
+        self.graphed: GraphedStep | None = None  # captured at the first full batch
+        self.optimizer = make_optimizer(config, self.model, capturable=self.use_graph)
         self.loader: DeviceLoader = self.data.loader("train", config.batch_size, seed=config.seed)
         self.state = _Progress()
         self.writer: Any = None
         self.signals: _Signals | None = None
         self.saved_step = 0  # of the last checkpoint, for a rank that loses the others
+
+    def _graphed(self, x: Tensor, beta: float) -> dict[str, Tensor]:
+        if self.graphed is None:
+            cfg = self.config
+
+            def step(xs: Tensor, b: Tensor) -> dict[str, Tensor]:
+                return train_step(
+                    self.model, self.optimizer, xs, b, cfg.max_grad_norm, cfg.regularization()
+                )
+
+            self.graphed = GraphedStep(step, self.model, self.optimizer, x)
+        return self.graphed(x, beta)
 
     def replicate(self) -> None:
         """Under torchrun: wrap the model in DDP (a collective: after every rank is set up)."""
@@ -300,7 +324,8 @@ class _Trainer:
         check_same_run(self.config, ckpt, path)
         distributed.check_world_size(ckpt.get("world_size", 1), self.world, path)
         load_state(self.model, ckpt["model"], path)  # the solver tolerances come with it
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])  # new state tensors: capture again
+        self.graphed = None
         self.loader.load_state_dict(ckpt["loader"])
         rng = ckpt["rng_ranks"][self.world.rank] if self.world.distributed else ckpt["rng"]
         set_rng_state(rng, self.device)
@@ -375,10 +400,13 @@ class _Trainer:
             return
         for batch in self.loader:
             x, weight = self.world.shard(batch)
-            out = train_step(
-                self.model, self.optimizer, x, beta, cfg.max_grad_norm, cfg.regularization(),
-                forward=self.forward, weight=weight,
-            )
+            if self.use_graph and len(x) == cfg.batch_size:  # a short last batch runs eagerly
+                out = self._graphed(x, beta)
+            else:
+                out = train_step(
+                    self.model, self.optimizer, x, beta, cfg.max_grad_norm, cfg.regularization(),
+                    forward=self.forward, weight=weight,
+                )
             st.step += 1
             st.epoch_steps += 1
             bar.step(st.step)  # host-side counting only: no device read

@@ -64,6 +64,11 @@ class TrainConfig:
     integrated ``||f||^2`` plus ``jacobian_weight`` times the integrated (estimated)
     ``||df/dz||_F^2``, batch-averaged, are added to the training loss (not to the NELBO that is
     reported); either weight > 0 switches the flow's ``regularize`` on.
+
+    Speed: ``cuda_graph`` captures the whole training step (forward, backward, optimizer step)
+    in one CUDA graph and replays it (:mod:`vaeflow.graphs`); it needs a CUDA device, one
+    process and a fixed-step solver without the adjoint, and otherwise trains without a graph
+    after saying why. The short last batch of an epoch runs eagerly.
     """
 
     dataset: str = "static_mnist"
@@ -100,6 +105,7 @@ class TrainConfig:
     nan_retries: int = 0
     kinetic_weight: float = 0.0
     jacobian_weight: float = 0.0
+    cuda_graph: bool = False
 
     def __post_init__(self) -> None:
         self.validate()

@@ -1,0 +1,95 @@
+"""The whole training step (forward, backward, optimizer step) captured in one CUDA graph and
+replayed, after PyTorch's whole-network capture recipe: one launch instead of thousands of
+small kernels, which is where a small-batch FFJORD step spends its time on a GPU.
+
+Capture needs static shapes and no host synchronisation inside the step: a fixed-step solver
+(which :mod:`vaeflow.ode` integrates without synchronising), no adjoint, a capturable optimizer,
+and one process. :func:`graph_unavailable` says why a run cannot use it.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from vaeflow.ode import uses_static_solver
+from vaeflow.rng import fork_rng
+
+__all__ = ["GraphedStep", "graph_unavailable"]
+
+
+def graph_unavailable(
+    model: torch.nn.Module, device: torch.device, world_size: int = 1
+) -> str | None:
+    """Why the training step of ``model`` cannot be captured on ``device`` (None: it can)."""
+    if device.type != "cuda":
+        return f"CUDA graphs need a CUDA device, and this run trains on {device}"
+    if world_size > 1:
+        return "CUDA graphs are not combined with data-parallel training here"
+    for module in model.modules():
+        solver = getattr(module, "solver", None)
+        if solver is not None and hasattr(solver, "method") and not uses_static_solver(solver):
+            return (
+                f"CUDA graphs need a fixed-step solver without the adjoint (this flow uses "
+                f"{solver.method!r}{' with the adjoint' if solver.adjoint else ''}; e.g. "
+                "--flow-opt method=rk4 --flow-opt solver_options={step_size=0.25})"
+            )
+    return None
+
+
+class GraphedStep:
+    """``step(x, beta) -> terms``: ``train_step`` on a static input buffer, replayed.
+
+    The capture runs three warm-up steps on a side stream (the recipe), then puts the model,
+    the optimizer and the RNG back as they were, so that capturing changes no parameter: the
+    run goes on as if the step had been eager.
+
+    Args:
+        step: ``step(x, beta) -> dict of 0-dim tensors`` (the training step to capture).
+        model, optimizer: what ``step`` updates (restored after the warm-up).
+        x: a batch of the static shape ``[B, C, H, W]`` on the CUDA device.
+    """
+
+    def __init__(
+        self,
+        step: Callable[[Tensor, Tensor], dict[str, Tensor]],
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        x: Tensor,
+    ) -> None:
+        self.x = x.clone()
+        self.beta = torch.ones((), device=x.device)
+        saved_model = {k: v.clone() for k, v in model.state_dict().items()
+                       if isinstance(v, Tensor)}
+        saved_optimizer = copy.deepcopy(optimizer.state_dict())
+        with fork_rng(x.device, int(torch.initial_seed()) % 2**31):
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(3):  # warm up the allocator and autograd off the capture stream
+                    step(self.x, self.beta)
+            torch.cuda.current_stream().wait_stream(side)
+        with torch.no_grad():
+            for name, value in model.state_dict().items():
+                if name in saved_model:
+                    value.copy_(saved_model[name])  # in place: the graph keeps these addresses
+        optimizer.load_state_dict(saved_optimizer)
+        optimizer.zero_grad(set_to_none=True)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = step(self.x, self.beta)
+
+    def __call__(self, x: Tensor, beta: float | Tensor = 1.0, copy: bool = True) -> dict[str, Any]:
+        """Replay on ``x`` (same shape as the captured batch). With ``copy`` the terms are
+        cloned (device copies, no synchronisation), so that they outlive the next replay."""
+        self.x.copy_(x)
+        if isinstance(beta, Tensor):
+            self.beta.copy_(beta)
+        else:
+            self.beta.fill_(beta)
+        self.graph.replay()
+        return {k: v.clone() for k, v in self.out.items()} if copy else self.out
