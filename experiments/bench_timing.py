@@ -30,7 +30,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from vaeflow.checks import check_int, check_positive_int
 from vaeflow.graphs import GraphedStep, graph_unavailable
-from vaeflow.train import train_step
+from vaeflow.train import make_optimizer, train_step
 from vaeflow.vae import VAE
 
 __all__ = ["bench_variant", "check_parallel", "check_runnable", "repo_env", "run_parallel"]
@@ -54,11 +54,9 @@ def synchronize(device: torch.device) -> None:
 
 
 def _optimizer(model: VAE, variant: Variant, size: str) -> torch.optim.Optimizer:
-    """Adamax at the config's learning rate and eps; capturable inside a CUDA graph."""
-    config = variant_config(variant, size)
-    return torch.optim.Adamax(
-        model.parameters(), lr=config.lr, eps=config.adam_eps, capturable=variant.cuda_graph
-    )
+    """The training loop's optimizer (Adamax at the config's lr and eps); capturable inside a
+    CUDA graph."""
+    return make_optimizer(variant_config(variant, size), model, capturable=variant.cuda_graph)
 
 
 def _random_pool(batches: int, batch_size: int, seed: int) -> Tensor:

@@ -221,8 +221,7 @@ class GpuRun:
                    "--out", str(run)]  # fmt: skip
             share = stage.left() / (2 if mode == "eager" else 1)
             done = stream_lines(cmd, share, self.logs / f"graph-{mode}.log", env=self.child_env)
-            results = Run(run).results if (run / "results.json").is_file() else None
-            timing = Run(run).timing or {} if (run / "timing.json").is_file() else {}
+            results, timing = Run(run).results, Run(run).timing or {}
             out[mode] = {
                 "returncode": done.returncode, "seconds": round(done.seconds, 1),
                 "train_seconds": timing.get("train_seconds"),

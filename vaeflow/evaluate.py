@@ -16,7 +16,7 @@ from vaeflow.checks import check_int, input_errors, resolve_device
 from vaeflow.configs import TrainConfig
 from vaeflow.data import Dataset, load_dataset
 from vaeflow.distributed import SINGLE, World
-from vaeflow.plots import write_run_pictures
+from vaeflow.plots import image_grids, write_run_pictures
 from vaeflow.progress import eval_batches
 from vaeflow.rng import fork_rng
 from vaeflow.runs import load_model, read_config, solver_state
@@ -203,5 +203,5 @@ def evaluate_run(
         num_parameters=sum(p.numel() for p in model.parameters() if p.requires_grad),
     )
     if pictures:
-        write_run_pictures(run_dir, model, data.test[:32], config.seed + 2)
+        write_run_pictures(run_dir, image_grids(model, data.test[:32], config.seed + 2))
     return results

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vaeflow.checks import check_positive_int
 from vaeflow.likelihoods import Likelihood, get_likelihood
 
 __all__ = [
@@ -436,9 +437,8 @@ def make_networks(
         valid = ", ".join(repr(a) for a in ARCHITECTURES)
         raise ValueError(f"unknown arch {arch!r}; valid values are {valid}")
     shape = _check_shape(input_shape)
-    for name, value in (("latent_dim", latent_dim), ("context_dim", context_dim)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    check_positive_int("latent_dim", latent_dim)
+    check_positive_int("context_dim", context_dim)
     lik = get_likelihood(likelihood)
     out_channels = lik.out_channels(shape[0])
     allowed = {

@@ -54,19 +54,17 @@ def image_grids(model: VAE, x: Tensor, seed: int = 0) -> tuple[Tensor, Tensor]:
 
 
 def write_run_pictures(
-    run_dir: str | os.PathLike[str], model: VAE | None = None, x: Tensor | None = None,
-    seed: int = 0,
+    run_dir: str | os.PathLike[str], grids: tuple[Tensor, Tensor] | None = None
 ) -> list[Path]:
-    """Write the run's PNGs: the image grids when ``model`` and test images ``x`` are given, and
-    the learning curve when an epoch has finished and matplotlib is installed. Returns the
-    paths written."""
+    """Write the run's PNGs: ``grids`` (the ``(samples, pairs)`` of :func:`image_grids`) when
+    given, and the learning curve when an epoch has finished and matplotlib is installed.
+    Returns the paths written."""
     from torchvision.utils import save_image
 
     run = Run(Path(run_dir))
     written: list[Path] = []
-    if model is not None and x is not None:
-        samples, pairs = image_grids(model, x, seed)
-        for grid, name in ((samples, SAMPLES), (pairs, RECONSTRUCTIONS)):
+    if grids is not None:
+        for grid, name in zip(grids, (SAMPLES, RECONSTRUCTIONS), strict=True):
             save_image(grid, run.path / name)
             written.append(run.path / name)
     if run.history and _has_matplotlib():
@@ -148,14 +146,12 @@ def plot_learning_curves(
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     values: list[float] = []
-    runs = [Run(Path(run_dir)) for run_dir in run_dirs]
-    if not any(run.history for run in runs):
+    curves = [(run, _curves(run)) for run in (Run(Path(d)) for d in run_dirs)]
+    curves = [(run, c) for run, c in curves if c[0]]  # runs with a finished epoch
+    if not curves:
         plt.close(fig)
         raise InputError("no epoch has finished in any of these runs yet: nothing to plot")
-    for run in runs:
-        if not run.history:
-            continue
-        _, minutes, valid, train = _curves(run)
+    for run, (_, minutes, valid, train) in curves:
         values += valid
         (line,) = ax.plot(minutes, valid, label=f"{_label(run)} valid")
         ax.plot(minutes, train, linestyle="--", color=line.get_color(), alpha=0.6)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from vaeflow.plots import LEARNING_CURVE, RECONSTRUCTIONS, SAMPLES
-from vaeflow.runs import BEST, CHECKPOINT, RESULTS, Run, find_runs
+from vaeflow.runs import BEST, CHECKPOINT, RESULTS, Run, RunError, find_runs
 
 __all__ = ["figures", "summary", "compare_rows", "compare_table", "expand_runs"]
 
@@ -80,8 +80,6 @@ def expand_runs(paths: Sequence[str | os.PathLike[str]]) -> list[Run]:
     for path in paths:
         found = [Run(Path(path))] if (Path(path) / "config.json").is_file() else find_runs(path)
         if not found:
-            from vaeflow.runs import RunError
-
             raise RunError(f"{path} is not a vaeflow run directory and holds none")
         runs += found
     return runs

@@ -36,7 +36,6 @@ with the flow's solver tolerances divided by 10 (the tolerances are saved with t
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
@@ -73,7 +72,6 @@ from vaeflow.runs import (
     BEST,
     CHECKPOINT,
     CHECKPOINT_FORMAT,
-    RESULTS,
     Run,
     RunError,
     RunLock,
@@ -362,12 +360,11 @@ class _Trainer:
         files in the run directory (rank 0's work)."""
         if not self.world.is_main:
             return
-        x = self.data.test[:32]
-        samples, pairs = image_grids(self.model, x, self.config.seed + 2)
+        grids = image_grids(self.model, self.data.test[:32], self.config.seed + 2)
         if self.writer is not None:
-            self.writer.add_image("samples", samples, epoch)
-            self.writer.add_image("reconstructions", pairs, epoch)
-        write_run_pictures(self.run_dir, self.model, x, self.config.seed + 2)
+            self.writer.add_image("samples", grids[0], epoch)
+            self.writer.add_image("reconstructions", grids[1], epoch)
+        write_run_pictures(self.run_dir, grids)
 
     # ---- the loop
 
@@ -695,7 +692,7 @@ def train(
                 finally:
                     if trainer.writer is not None:
                         trainer.writer.close()
-                results = world.from_main(lambda: json.loads((directory / RESULTS).read_text()))
+                results = world.from_main(lambda: Run(directory).results)
                 if world.is_main:
                     Run(directory).write_timing({
                         "wall_seconds_this_session": time.time() - start,
@@ -790,7 +787,7 @@ def _recover(trainer: _Trainer, err: Exception) -> None:
     ckpt = trainer.load_checkpoint()
     retries = int(ckpt["progress"]["retries"])
     where = f"at step ~{trainer.state.step} (epoch {trainer.state.epoch})"
-    has_solver = trainer.model.flow.tighten_solver(1.0) is not None
+    has_solver = bool(solver_state(trainer.model))
     if retries < cfg.nan_retries and has_solver:
         trainer.restore(ckpt)
         trainer.state.retries = retries + 1

@@ -23,6 +23,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
+from vaeflow.checks import check_positive_int
 from vaeflow.flows.base import Flow, Identity
 from vaeflow.likelihoods import Likelihood, get_likelihood
 
@@ -43,15 +44,8 @@ def bits_per_dim(nll_nats: Tensor, num_dims: int) -> Tensor:
     (Bernoulli, the 256-way categorical, the discretized logistic, e.g. Frey Faces with ``x = k /
     255``): no dequantization offset is needed because no density over [0, 1] is involved.
     """
-    if isinstance(num_dims, bool) or not isinstance(num_dims, int) or num_dims < 1:
-        raise ValueError(f"num_dims must be a positive integer, got {num_dims!r}")
+    check_positive_int("num_dims", num_dims)
     return nll_nats / (num_dims * math.log(2.0))
-
-
-def _check_count(name: str, value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
 
 
 class VAE(nn.Module):
@@ -198,12 +192,12 @@ class VAE(nn.Module):
         slice per sample, so for a given RNG state the result does not depend on ``batch_size``.
         ``detach`` drops each chunk's graph as soon as it is computed, bounding memory.
         """
-        _check_count("n_samples", n_samples)
+        check_positive_int("n_samples", n_samples)
         batch = x.shape[0]
         if batch_size is None:
             per_chunk = n_samples
         else:
-            per_chunk = max(1, _check_count("batch_size", batch_size) // batch)
+            per_chunk = max(1, check_positive_int("batch_size", batch_size) // batch)
         mu, sigma, h = self.encoder(x)
         chunks = []
         for start in range(0, n_samples, per_chunk):
@@ -272,7 +266,7 @@ class VAE(nn.Module):
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """``n`` images ``[n, C, H, W]``: the mean of ``p(x | z)`` at ``z ~ N(0, I)``."""
-        _check_count("n", n)
+        check_positive_int("n", n)
         # The prior lives wherever the model does; a module with no parameters samples on CPU.
         ref = next(self.parameters(), torch.empty(0))
         z = torch.randn(n, self.latent_dim, generator=generator, device=ref.device, dtype=ref.dtype)

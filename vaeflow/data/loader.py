@@ -11,6 +11,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from vaeflow.checks import check_positive_int
+
 __all__ = ["DeviceLoader"]
 
 
@@ -40,8 +42,7 @@ class DeviceLoader:
         dynamic_binarization: bool = False,
         seed: int = 0,
     ) -> None:
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        check_positive_int("batch_size", batch_size)
         if data.dim() < 1 or len(data) == 0:
             raise ValueError(f"data must be a non-empty tensor [N, ...], got {tuple(data.shape)}")
         if drop_last and len(data) < batch_size:
