@@ -9,7 +9,6 @@ and one process. :func:`graph_unavailable` says why a run cannot use it.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from typing import Any
 
@@ -20,6 +19,10 @@ from vaeflow.ode import uses_static_solver
 from vaeflow.rng import fork_rng
 
 __all__ = ["GraphedStep", "graph_unavailable"]
+
+# Optimizers whose state, when created by their first step, is all zeros (the step counter and
+# the moments), so that zeroing it in place is the same as a fresh start.
+_ZERO_STATE_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW, torch.optim.Adamax)
 
 
 def graph_unavailable(
@@ -41,12 +44,51 @@ def graph_unavailable(
     return None
 
 
+class _Snapshot:
+    """The parameters, buffers and optimizer state of a model, put back *in place*.
+
+    In place matters twice over: a graph replays on the addresses it captured, so the restored
+    tensors must be the ones the capture will use; and an optimizer whose state was empty before
+    the warm-up must not find it empty at the capture, or the capture would record the state's
+    creation (zero moments, step 0) and every replay would start the optimizer afresh. State
+    created by the warm-up is zeroed, which is its fresh value for the Adam family.
+    """
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.model, self.optimizer = model, optimizer
+        self.tensors = {k: v.clone() for k, v in model.state_dict().items()
+                        if isinstance(v, Tensor)}
+        self.state = {p: {k: v.clone() if isinstance(v, Tensor) else v for k, v in s.items()}
+                      for p, s in optimizer.state.items()}
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for name, value in self.model.state_dict().items():
+                if name in self.tensors:
+                    value.copy_(self.tensors[name])
+            for p, state in self.optimizer.state.items():
+                before = self.state.get(p)
+                if before is None and not isinstance(self.optimizer, _ZERO_STATE_OPTIMIZERS):
+                    raise TypeError(
+                        f"a CUDA-graphed step needs an optimizer whose fresh state is zeros "
+                        f"(Adam, AdamW, Adamax), or one that has stepped; got "
+                        f"{type(self.optimizer).__name__}"
+                    )
+                for key, value in state.items():
+                    if not isinstance(value, Tensor):
+                        state[key] = before[key] if before is not None else value
+                    elif before is None:
+                        value.zero_()
+                    else:
+                        value.copy_(before[key])
+
+
 class GraphedStep:
     """``step(x, beta) -> terms``: ``train_step`` on a static input buffer, replayed.
 
     The capture runs three warm-up steps on a side stream (the recipe), then puts the model,
-    the optimizer and the RNG back as they were, so that capturing changes no parameter: the
-    run goes on as if the step had been eager.
+    the optimizer and the RNG back as they were, in place (:class:`_Snapshot`), so that
+    capturing changes no parameter: the run goes on as if the step had been eager.
 
     Args:
         step: ``step(x, beta) -> dict of 0-dim tensors`` (the training step to capture).
@@ -63,9 +105,7 @@ class GraphedStep:
     ) -> None:
         self.x = x.clone()
         self.beta = torch.ones((), device=x.device)
-        saved_model = {k: v.clone() for k, v in model.state_dict().items()
-                       if isinstance(v, Tensor)}
-        saved_optimizer = copy.deepcopy(optimizer.state_dict())
+        snapshot = _Snapshot(model, optimizer)
         with fork_rng(x.device, int(torch.initial_seed()) % 2**31):
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
@@ -73,11 +113,7 @@ class GraphedStep:
                 for _ in range(3):  # warm up the allocator and autograd off the capture stream
                     step(self.x, self.beta)
             torch.cuda.current_stream().wait_stream(side)
-        with torch.no_grad():
-            for name, value in model.state_dict().items():
-                if name in saved_model:
-                    value.copy_(saved_model[name])  # in place: the graph keeps these addresses
-        optimizer.load_state_dict(saved_optimizer)
+        snapshot.restore()
         optimizer.zero_grad(set_to_none=True)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):

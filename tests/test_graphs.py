@@ -1,0 +1,74 @@
+"""What the CUDA-graph capture relies on that a CPU can check: the warm-up's changes are put
+back in place, and the optimizer's state exists (as its fresh value) before the capture."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from vaeflow.graphs import _Snapshot
+
+
+def _model_and_optimizer(cls: type[torch.optim.Optimizer] = torch.optim.Adamax,
+                         **kwargs: float) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    return model, cls(model.parameters(), lr=0.1, **kwargs)
+
+
+def _step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, seed: int) -> None:
+    x = torch.randn(8, 4, generator=torch.Generator().manual_seed(seed))
+    optimizer.zero_grad(set_to_none=True)
+    model(x).square().mean().backward()
+    optimizer.step()
+
+
+def _state_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return [v for s in optimizer.state.values() for v in s.values()
+            if isinstance(v, torch.Tensor)]
+
+
+@pytest.mark.parametrize("cls", [torch.optim.Adamax, torch.optim.Adam])
+@pytest.mark.parametrize("stepped", [0, 2], ids=["fresh", "stepped"])
+def test_snapshot_restores_in_place_and_keeps_the_state(cls: type[torch.optim.Optimizer],
+                                                        stepped: int) -> None:
+    model, optimizer = _model_and_optimizer(cls)
+    for i in range(stepped):
+        _step(model, optimizer, 100 + i)
+    twin_model = copy.deepcopy(model)
+    twin_optimizer = cls(twin_model.parameters(), lr=0.1)
+    twin_optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))  # no shared state
+
+    snapshot = _Snapshot(model, optimizer)
+    for i in range(3):  # the warm-up: it moves everything
+        _step(model, optimizer, i)
+    addresses = [v.data_ptr() for v in _state_tensors(optimizer)]
+    params = [p.data_ptr() for p in model.state_dict().values()]
+    snapshot.restore()
+
+    # In place: the capture will see these very tensors; none is missing.
+    assert [v.data_ptr() for v in _state_tensors(optimizer)] == addresses
+    assert [p.data_ptr() for p in model.state_dict().values()] == params
+    assert len(optimizer.state) == len(list(model.parameters()))
+    for (name, a), b in zip(model.state_dict().items(), twin_model.state_dict().values(),
+                            strict=True):
+        assert torch.equal(a, b), name
+    if not stepped:
+        assert all(not v.any() for v in _state_tensors(optimizer))  # the fresh state: zeros
+
+    # The next steps are those the untouched twin takes.
+    for i in range(2):
+        _step(model, optimizer, 50 + i)
+        _step(twin_model, twin_optimizer, 50 + i)
+    for a, b in zip(model.parameters(), twin_model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_snapshot_refuses_an_optimizer_whose_fresh_state_is_not_zeros() -> None:
+    model, optimizer = _model_and_optimizer(torch.optim.NAdam)
+    snapshot = _Snapshot(model, optimizer)
+    _step(model, optimizer, 0)
+    with pytest.raises(TypeError, match="fresh state is zeros.*NAdam"):
+        snapshot.restore()
