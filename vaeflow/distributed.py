@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import inspect
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -315,11 +316,16 @@ class World:
         model.zero_grad(set_to_none=True)
         from torch.nn.parallel import DistributedDataParallel
 
+        # torch 2.14 renamed broadcast_buffers (now deprecated) to forward_sync_buffers; the
+        # GPU machines run 2.11, which knows only the old name.
+        no_sync = "forward_sync_buffers"
+        if no_sync not in inspect.signature(DistributedDataParallel.__init__).parameters:
+            no_sync = "broadcast_buffers"
         return DistributedDataParallel(
             _Loss(model),
             device_ids=[probe.device.index] if probe.device.type == "cuda" else None,
-            forward_sync_buffers=False,
             find_unused_parameters=bool(unused),
+            **{no_sync: False},
         )
 
     # ---- faults

@@ -186,7 +186,7 @@ def evaluate_run(
     if data_dir is not None:
         config.data_dir = data_dir
     dev = resolve_device(config.device)
-    model, _ = load_model(run_dir, checkpoint, dev)
+    model, _ = load_model(run_dir, checkpoint, dev, config)
     split_sizes = tuple(config.split_sizes) if config.split_sizes is not None else None
     with input_errors():
         data = load_dataset(config.dataset, config.data_dir, dev, split_sizes=split_sizes)

@@ -151,13 +151,16 @@ def load_model(
     run_dir: str | os.PathLike[str],
     checkpoint: str = "best",
     device: torch.device | str = "cpu",
+    config: TrainConfig | None = None,
 ) -> tuple[VAE, TrainConfig]:
     """The model of a run with the parameters of ``best.pt`` (``"best"``) or of the last
-    ``checkpoint.pt`` (``"last"``), on ``device``, and the run's config."""
+    ``checkpoint.pt`` (``"last"``), on ``device``, and the run's config (``config``, when the
+    caller has read it already)."""
     if checkpoint not in ("best", "last"):
         raise InputError(f"checkpoint must be 'best' or 'last', got {checkpoint!r}")
     directory = Path(run_dir)
-    config = read_config(directory)
+    if config is None:
+        config = read_config(directory)
     path = directory / (BEST if checkpoint == "best" else CHECKPOINT)
     if not path.is_file():
         raise RunError(f"{directory} holds no {path.name} to evaluate")
