@@ -142,5 +142,7 @@ def run_reference(
         else:
             cut = f" (cut short at {limit:.0f} s)" if done.timed_out else ""
             record.update(status="ok", error=cut.strip(" ()"))
-        print(f"reference {flow:12s} {record['status']} {record.get('s_per_iter')}", flush=True)
+        s_per_iter = record.get("s_per_iter")
+        shown = "" if s_per_iter is None else f"{s_per_iter:.4g} s/iter"
+        print(f"reference {flow:12s} {record['status']} {shown}", flush=True)
     return records

@@ -83,6 +83,7 @@ def render_bench(summary: Mapping[str, Any]) -> str:
                 f"| {_fmt(r.get('nfe_forward'), 1)} | {_fmt(r.get('nfe_backward'), 1)} "
                 f"| {r['status']} {r.get('error', '')} |"
             )
+    lines += _graph_check(summary)
     ratios = summary.get("ratios", {})
     if ratios:
         same = "SMOKE: other sizes, NOT comparable" if summary["smoke"] else "same device and model"
@@ -93,6 +94,32 @@ def render_bench(summary: Mapping[str, Any]) -> str:
             lines.append(f"| {flow} | {r['vaeflow_ms']:.1f} | {r['reference_ms']:.1f} "
                          f"| {r['speedup']:.2f}x |")  # fmt: skip
     return "\n".join(lines) + "\n"
+
+
+def _graph_check(summary: Mapping[str, Any]) -> list[str]:
+    """The eager and CUDA-graphed runs of the same ``vaeflow train`` command, side by side."""
+    graph = summary.get("graph")
+    stage = summary["stages"].get("graph")
+    lines = ["", "## The training loop in one CUDA graph (`--set cuda_graph=true`)", ""]
+    if not graph:
+        return lines + [f"Not run: {stage.get('error', '')}" if stage else "Not run (--stages)."]
+    lines += [f"The same fixed-step FFJORD run, {graph['steps']} steps, same seed, eager and "
+              "graphed (the random streams are the same: only the order of floating-point "
+              "operations can separate them).", "",
+              "| loop | train s | last train loss | test NELBO | exit | note |",
+              "|---|---:|---:|---:|---:|---|"]  # fmt: skip
+    for mode in ("eager", "graph"):
+        r = graph.get(mode, {})
+        note = "fell back to eager: see the log" if r.get("fallback") else ""
+        code = "killed at its limit" if r and r.get("returncode") is None else r.get("returncode")
+        lines.append(f"| {mode} | {_fmt(r.get('train_seconds'))} | {_fmt(r.get('train_loss'), 3)} "
+                     f"| {_fmt(r.get('test_nelbo'), 3)} | {_fmt(code)} | {note} |")
+    if "speedup" in graph:
+        lines += ["", f"Speed-up of the graphed loop: {graph['speedup']:.2f}x; test NELBO "
+                      f"difference (graph - eager): {_fmt(graph.get('nelbo_difference'), 4)} nats."]
+    if stage and stage.get("status") != "ok":
+        lines += ["", f"Stage status: {stage.get('status')}: {stage.get('error', '')}"]
+    return lines
 
 
 def render_table(summary: Mapping[str, Any]) -> str:

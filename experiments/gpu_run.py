@@ -221,10 +221,13 @@ class GpuRun:
                    "--out", str(run)]  # fmt: skip
             share = stage.left() / (2 if mode == "eager" else 1)
             done = stream_lines(cmd, share, self.logs / f"graph-{mode}.log", env=self.child_env)
-            results, timing = Run(run).results, Run(run).timing or {}
+            record = Run(run)
+            results, timing = record.results, record.timing or {}
+            history = record.history if (record.path / "config.json").is_file() else []
             out[mode] = {
                 "returncode": done.returncode, "seconds": round(done.seconds, 1),
                 "train_seconds": timing.get("train_seconds"),
+                "train_loss": history[-1].get("train_loss") if history else None,
                 "test_nelbo": results and results["test_nelbo"],
                 "fallback": any("training without a CUDA graph" in line for line in done.lines),
             }  # fmt: skip
