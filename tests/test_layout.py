@@ -101,7 +101,8 @@ def test_installed_wheel_carries_the_papers_settings(tmp_path: Path) -> None:
          "--no-compile", "--quiet", "--target", str(target), str(ROOT)],
         capture_output=True, text=True, timeout=300,
     )
-    if build.returncode != 0 and "No module named" in build.stderr:
+    missing_tool = ("No module named", "invalid command 'bdist_wheel'")  # an old setuptools
+    if build.returncode != 0 and any(m in build.stderr for m in missing_tool):
         pytest.skip(f"cannot build here: {build.stderr.strip().splitlines()[-1]}")
     assert build.returncode == 0, build.stderr
     empty = tmp_path / "elsewhere"
