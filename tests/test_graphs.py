@@ -72,3 +72,47 @@ def test_snapshot_refuses_an_optimizer_whose_fresh_state_is_not_zeros() -> None:
     _step(model, optimizer, 0)
     with pytest.raises(TypeError, match="fresh state is zeros.*NAdam"):
         snapshot.restore()
+
+
+def test_each_flow_says_whether_its_step_can_be_captured() -> None:
+    from vaeflow.flows import FFJORD, make_flow
+    from vaeflow.graphs import graph_unavailable
+
+    cuda = torch.device("cuda")  # only named: nothing runs on it
+    for name in ("none", "planar", "iaf", "householder", "triangular"):
+        assert graph_unavailable(make_flow(name, 4, 3), cuda) is None, name
+    assert "orthogonal Sylvester" in (graph_unavailable(make_flow("orthogonal", 4, 3), cuda) or "")
+    fixed = dict(method="rk4", solver_options={"step_size": 0.25})
+    assert graph_unavailable(FFJORD(3, 2, hidden_dims=(4,), rank=1, **fixed), cuda) is None
+    adjoint = FFJORD(3, 2, hidden_dims=(4,), rank=1, adjoint=True, **fixed)
+    assert "with the adjoint" in (graph_unavailable(adjoint, cuda) or "")
+
+
+def test_a_failed_capture_leaves_the_model_ready_for_eager_steps(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from vaeflow import graphs
+
+    model, optimizer = _model_and_optimizer()
+    _step(model, optimizer, 0)
+    before = copy.deepcopy(model.state_dict())
+
+    def capture_fails(*args: object) -> None:
+        for p in model.parameters():  # a capture runs nothing, but leaves gradients
+            p.grad = torch.ones_like(p)
+        raise RuntimeError("operation not permitted when stream is capturing\nmore detail")
+
+    monkeypatch.setattr(graphs, "GraphedStep", capture_fails)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    graphed, why = graphs.capture(lambda x, b: {}, model, optimizer, torch.zeros(8, 4))
+    assert graphed is None and why == "operation not permitted when stream is capturing"
+    assert all(p.grad is None for p in model.parameters())
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name
+
+    def broken(device: object = None) -> None:
+        raise RuntimeError("an illegal memory access was encountered")
+
+    monkeypatch.setattr(torch.cuda, "synchronize", broken)
+    with pytest.raises(RuntimeError, match="left the device unusable.*cuda_graph=false"):
+        graphs.capture(lambda x, b: {}, model, optimizer, torch.zeros(8, 4))

@@ -15,10 +15,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from vaeflow.ode import uses_static_solver
+from vaeflow.flows.base import Flow
 from vaeflow.rng import fork_rng
 
-__all__ = ["GraphedStep", "graph_unavailable"]
+__all__ = ["GraphedStep", "capture", "graph_unavailable"]
 
 # Optimizers whose state, when created by their first step, is all zeros (the step counter and
 # the moments), so that zeroing it in place is the same as a fresh start.
@@ -28,19 +28,16 @@ _ZERO_STATE_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW, torch.optim.Adama
 def graph_unavailable(
     model: torch.nn.Module, device: torch.device, world_size: int = 1
 ) -> str | None:
-    """Why the training step of ``model`` cannot be captured on ``device`` (None: it can)."""
+    """Why the training step of ``model`` cannot be captured on ``device`` (None: it can);
+    each flow says what in its step a graph cannot hold (:meth:`Flow.graph_blocker`)."""
     if device.type != "cuda":
         return f"CUDA graphs need a CUDA device, and this run trains on {device}"
     if world_size > 1:
         return "CUDA graphs are not combined with data-parallel training here"
     for module in model.modules():
-        solver = getattr(module, "solver", None)
-        if solver is not None and hasattr(solver, "method") and not uses_static_solver(solver):
-            return (
-                f"CUDA graphs need a fixed-step solver without the adjoint (this flow uses "
-                f"{solver.method!r}{' with the adjoint' if solver.adjoint else ''}; e.g. "
-                "--flow-opt method=rk4 --flow-opt solver_options={step_size=0.25})"
-            )
+        reason = module.graph_blocker() if isinstance(module, Flow) else None
+        if reason is not None:
+            return reason
     return None
 
 
@@ -129,3 +126,35 @@ class GraphedStep:
             self.beta.fill_(beta)
         self.graph.replay()
         return {k: v.clone() for k, v in self.out.items()} if copy else self.out
+
+
+def capture(
+    step: Callable[[Tensor, Tensor], dict[str, Tensor]],
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: Tensor,
+) -> tuple[GraphedStep | None, str | None]:
+    """``(GraphedStep(...), None)``, or ``(None, why)`` when the capture fails on something that
+    :func:`graph_unavailable` could not foresee (an operation a graph cannot hold); the model,
+    the optimizer and the device are then left as they were, for eager steps.
+
+    Raises:
+        RuntimeError: when the failed capture left the device unusable (then the run must
+            start again without ``cuda_graph``).
+    """
+    try:
+        return GraphedStep(step, model, optimizer, x), None
+    except RuntimeError as err:
+        why = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    # Nothing captured ran: the parameters and the optimizer state are those the warm-up
+    # restored; only the gradients the capture allocated are dropped.
+    optimizer.zero_grad(set_to_none=True)
+    try:
+        torch.randn(1, device=x.device)  # the generator must have left capture mode
+        torch.cuda.synchronize(x.device)
+    except RuntimeError as err:
+        raise RuntimeError(
+            f"capturing the training step in a CUDA graph failed ({why}) and left the device "
+            f"unusable ({err}); train again with --set cuda_graph=false"
+        ) from err
+    return None, why

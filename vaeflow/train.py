@@ -62,7 +62,7 @@ from vaeflow.evaluate import (
     smoke_eval_counts,
     subset,
 )
-from vaeflow.graphs import GraphedStep, graph_unavailable
+from vaeflow.graphs import GraphedStep, capture, graph_unavailable
 from vaeflow.model import build_model, count_parameters
 from vaeflow.ode import SolverError
 from vaeflow.plots import image_grids, write_run_pictures
@@ -284,7 +284,14 @@ class _Trainer:
                     self.model, self.optimizer, xs, b, cfg.max_grad_norm, cfg.regularization()
                 )
 
-            self.graphed = GraphedStep(step, self.model, self.optimizer, x)
+            self.graphed, why = capture(step, self.model, self.optimizer, x)
+            if self.graphed is None:
+                if self.world.is_main:
+                    logger.warning("cuda_graph: capturing the training step failed (%s); "
+                                   "training without a CUDA graph", why)
+                self.use_graph = False
+                return train_step(self.model, self.optimizer, x, beta, cfg.max_grad_norm,
+                                  cfg.regularization())
         return self.graphed(x, beta)
 
     def replicate(self) -> None:

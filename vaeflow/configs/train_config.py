@@ -67,8 +67,10 @@ class TrainConfig:
 
     Speed: ``cuda_graph`` captures the whole training step (forward, backward, optimizer step)
     in one CUDA graph and replays it (:mod:`vaeflow.graphs`); it needs a CUDA device, one
-    process and a fixed-step solver without the adjoint, and otherwise trains without a graph
-    after saying why. The short last batch of an epoch runs eagerly.
+    process, a flow whose step does not synchronise (FFJORD with a fixed-step solver and no
+    adjoint, or any baseline but orthogonal Sylvester), and otherwise trains without a graph
+    after saying why; a capture that fails for another reason does the same. The short last
+    batch of an epoch runs eagerly.
     """
 
     dataset: str = "static_mnist"

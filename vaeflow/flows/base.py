@@ -141,6 +141,16 @@ class Flow(nn.Module):
             out = flow.tighten_solver(factor) or out
         return out
 
+    def graph_blocker(self) -> str | None:
+        """Why a training step through this flow cannot be captured in a CUDA graph (a host
+        synchronisation, a data-dependent number of operations), or ``None`` when it can;
+        the first reason among the flows inside."""
+        for flow in self.subflows():
+            reason = flow.graph_blocker()
+            if reason is not None:
+                return reason
+        return None
+
     def extra_repr(self) -> str:
         return f"dim={self.dim}, context_dim={self.context_dim}"
 

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..checks import InputError, check_bool, check_number
-from ..ode import NFECounter, SolverConfig, solve
+from ..ode import NFECounter, SolverConfig, solve, uses_static_solver
 from .base import ContextHead, Flow, check_choice, check_positive_int
 
 __all__ = ["FFJORD", "LowRankDynamics", "ConcatDynamics", "DYNAMICS", "NONLINEARITIES"]
@@ -567,6 +567,16 @@ class FFJORD(Flow):
             yield
         finally:
             self.exact_in_eval = saved
+
+    def graph_blocker(self) -> str | None:
+        if uses_static_solver(self.solver):
+            return None
+        adjoint = " with the adjoint" if self.solver.adjoint else ""
+        return (
+            f"CUDA graphs need a fixed-step solver without the adjoint (this flow uses "
+            f"{self.solver.method!r}{adjoint}; e.g. --flow-opt method=rk4 "
+            "--flow-opt solver_options={step_size=0.25})"
+        )
 
     def tighten_solver(self, factor: float = 10.0) -> dict[str, float]:
         self.solver = dataclasses.replace(

@@ -99,6 +99,12 @@ class OrthogonalSylvester(_Sylvester):
         self.max_ortho_iters = check_positive_int("max_ortho_iters", max_ortho_iters)
         self._warned = False
 
+    def graph_blocker(self) -> str | None:
+        return (
+            "the orthogonal Sylvester flow tests the convergence of its orthogonalization on "
+            "the host, which a CUDA graph cannot hold (householder and triangular can)"
+        )
+
     def _q(self, p: dict[str, Tensor]) -> Tensor:
         q = p["q"]  # [B, K, D, M]
         q = q / q.flatten(-2).norm(dim=-1).clamp_min(1e-12)[..., None, None]
