@@ -71,13 +71,16 @@ class _Snapshot:
                         f"(Adam, AdamW, Adamax), or one that has stepped; got "
                         f"{type(self.optimizer).__name__}"
                     )
-                for key, value in state.items():
-                    if not isinstance(value, Tensor):
-                        state[key] = before[key] if before is not None else value
-                    elif before is None:
-                        value.zero_()
+                if before is None:  # created by the warm-up: back to its fresh value
+                    for value in state.values():
+                        if isinstance(value, Tensor):
+                            value.zero_()
+                    continue
+                for key, old in before.items():
+                    if isinstance(old, Tensor):
+                        state[key].copy_(old)
                     else:
-                        value.copy_(before[key])
+                        state[key] = old
 
 
 class GraphedStep:
@@ -145,7 +148,8 @@ def capture(
     try:
         return GraphedStep(step, model, optimizer, x), None
     except RuntimeError as err:
-        why = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        text = str(err).strip()
+        why = text.splitlines()[0] if text else type(err).__name__
     # Nothing captured ran: the parameters and the optimizer state are those the warm-up
     # restored; only the gradients the capture allocated are dropped.
     optimizer.zero_grad(set_to_none=True)

@@ -279,7 +279,7 @@ class _Trainer:
         if self.graphed is None:
             cfg = self.config
 
-            def step(xs: Tensor, b: Tensor) -> dict[str, Tensor]:
+            def step(xs: Tensor, b: float | Tensor) -> dict[str, Tensor]:
                 return train_step(
                     self.model, self.optimizer, xs, b, cfg.max_grad_norm, cfg.regularization()
                 )
@@ -290,8 +290,7 @@ class _Trainer:
                     logger.warning("cuda_graph: capturing the training step failed (%s); "
                                    "training without a CUDA graph", why)
                 self.use_graph = False
-                return train_step(self.model, self.optimizer, x, beta, cfg.max_grad_norm,
-                                  cfg.regularization())
+                return step(x, beta)  # the same step, eagerly
         return self.graphed(x, beta)
 
     def replicate(self) -> None:
