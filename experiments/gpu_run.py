@@ -49,7 +49,7 @@ from gpu_table import (
 )
 
 from vaeflow.checks import InputError, check_choice, check_number
-from vaeflow.runs import Run, RunError, atomic_write_json, git_commit
+from vaeflow.runs import Run, atomic_write_json, git_commit
 
 __all__ = ["STAGES", "main"]
 
@@ -229,10 +229,7 @@ class GpuRun:
             done = stream_lines(cmd, share, self.logs / f"graph-{mode}.log", env=self.child_env)
             record = Run(run)
             results, timing = record.results, record.timing or {}
-            try:
-                history = record.history
-            except RunError:  # killed before it wrote its config: no run to read
-                history = []
+            history = record.history if record.is_run else []
             out[mode] = {
                 "returncode": done.returncode, "seconds": round(done.seconds, 1),
                 "train_seconds": timing.get("train_seconds"),

@@ -23,7 +23,7 @@ from table_options import PROTOCOL_MAX_EPOCHS, TableOptions
 from table_pool import INTERRUPTED
 
 from vaeflow.data import get_spec
-from vaeflow.runs import CONFIG, Run, RunError
+from vaeflow.runs import Run, RunError
 
 __all__ = [
     "DATASET_LABELS",
@@ -177,8 +177,7 @@ def read_cell(cell: Cell, runs_dir: Path) -> CellRecord:
     attempts = read_json(cell_file(run.path, ATTEMPTS_FILE)) or []
     if attempts:
         record.cell_seconds = sum(float(a.get("seconds", 0.0)) for a in attempts)
-    # a cell that failed before its run wrote config.json has nothing else to read yet
-    is_run = (run.path / CONFIG).is_file()
+    is_run = run.is_run
     config = _read(run, lambda r: r.config.to_dict(), None) if is_run else None
     if config is not None:
         record.config = config

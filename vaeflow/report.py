@@ -78,7 +78,7 @@ def expand_runs(paths: Sequence[str | os.PathLike[str]]) -> list[Run]:
     """Run directories, or folders holding runs (searched below), in the order given."""
     runs: list[Run] = []
     for path in paths:
-        found = [Run(Path(path))] if (Path(path) / "config.json").is_file() else find_runs(path)
+        found = [Run(Path(path))] if Run(Path(path)).is_run else find_runs(path)
         if not found:
             raise RunError(f"{path} is not a vaeflow run directory and holds none")
         runs += found

@@ -298,6 +298,12 @@ class Run:
         return results.get("error") if results and results.get("status") == "failed" else None
 
     @property
+    def is_run(self) -> bool:
+        """Whether the folder is a run directory (it holds ``config.json``): a run that failed
+        before writing it has nothing else to read."""
+        return (self.path / CONFIG).is_file()
+
+    @property
     def has_checkpoint(self) -> bool:
         return (self.path / CHECKPOINT).is_file()
 
@@ -314,7 +320,7 @@ class Run:
         """One record per finished epoch (``epoch``, ``step``, ``seconds``, ``valid_nelbo``,
         ``train_<term>``...), from ``history.json``; runs of an older vaeflow keep theirs
         inside ``checkpoint.pt``, which is read then."""
-        if not (self.path / CONFIG).is_file():
+        if not self.is_run:
             raise RunError(f"{self.path} is not a vaeflow run directory: no {CONFIG} in it")
         history = _read_json(self.path / HISTORY)
         if history is not None:
