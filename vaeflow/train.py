@@ -285,10 +285,9 @@ class _Trainer:
                 )
 
             self.graphed, why = capture(step, self.model, self.optimizer, x)
-            if self.graphed is None:
-                if self.world.is_main:
-                    logger.warning("cuda_graph: capturing the training step failed (%s); "
-                                   "training without a CUDA graph", why)
+            if self.graphed is None:  # one process: graphs are refused under torchrun
+                logger.warning("cuda_graph: capturing the training step failed (%s); "
+                               "training without a CUDA graph", why)
                 self.use_graph = False
                 return step(x, beta)  # the same step, eagerly
         return self.graphed(x, beta)
