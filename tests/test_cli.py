@@ -65,6 +65,38 @@ def test_train_and_eval_every_flow(
     assert f"static_mnist / {flow}" in out and f"{results['test_nelbo']:.2f} nats" in out
 
 
+def test_eval_with_another_solver(
+    tiny_data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run"
+    rk4 = ["--flow-opt", "method=rk4", "--flow-opt", "solver_options={step_size=0.5}"]
+    args = ["train", *tiny_args(tiny_data_dir), "--flow", "ffjord", *SMALL_FLOW["ffjord"], *rk4]
+    assert main([*args, "--max-steps", "4", "--batch-size", "20", "--out", str(run)]) == 0
+    assert "ODE solves: rk4 (step_size 0.5), exact trace" in capsys.readouterr().out
+    trained = json.loads((run / "results.json").read_text())
+
+    fine = ["--solver", "method=dopri5", "--solver", "atol=1e-6", "--solver", "rtol=1e-6"]
+    assert main(["eval", str(run), *fine]) == 0
+    assert "ODE solves: dopri5 (atol 1e-06, rtol 1e-06), exact trace" in capsys.readouterr().out
+    assert main(["eval", str(run), *fine, "--json"]) == 0
+    measured = json.loads(capsys.readouterr().out)
+    assert measured["solver"] == [{"method": "dopri5", "atol": 1e-6, "rtol": 1e-6, "options": {}}]
+    assert measured["test_nelbo"] != trained["test_nelbo"]
+    assert abs(measured["test_nelbo"] - trained["test_nelbo"]) < 1.0  # a small field, 2 steps
+    # Nothing of the run changed: evaluated again as it was trained, the same figure.
+    assert main(["eval", str(run), "--json"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["test_nelbo"] == trained["test_nelbo"] and again["solver"] == trained["solver"]
+
+    assert main(["eval", str(run), "--solver", "adjoint=true"]) == 2
+    assert "unknown solver setting(s) 'adjoint'" in capsys.readouterr().err
+    planar = tmp_path / "planar"
+    args = ["train", *tiny_args(tiny_data_dir), "--flow", "planar", "--max-steps", "2"]
+    assert main([*args, "--batch-size", "20", "--out", str(planar)]) == 0
+    assert main(["eval", str(planar), "--solver", "method=dopri5"]) == 2
+    assert "flow 'planar' solves no ODE" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(("dataset", "arch"), [("mnist", "mlp"), ("freyfaces", "gatedconv"),
                                                ("caltech", "mlp")])
 def test_other_data_sets(tmp_path: Path, dataset: str, arch: str) -> None:

@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from vaeflow.flows import FFJORD
+from vaeflow.checks import InputError
+from vaeflow.flows import FFJORD, Planar, Sequential
 from vaeflow.flows.ffjord import _Dynamics
 from vaeflow.ode import SolverError, check_solver
 
@@ -230,3 +231,45 @@ def test_fixed_end_time_is_a_buffer() -> None:
     flow = make(train_end_time=False)
     assert "log_end_time" not in dict(flow.named_parameters())
     assert "log_end_time" in flow.state_dict()
+
+
+def test_replace_solver_changes_the_solve_not_the_model() -> None:
+    coarse = sharpen(make(method="rk4", solver_options={"step_size": 0.5})).eval()
+    z0, h = data()
+    _, rough = coarse(z0, h)
+    settings = Sequential(coarse).replace_solver(method="dopri5")  # reaches flows inside
+    # A new method starts from no options (rk4's step_size is no dopri5 option).
+    assert settings == {"method": "dopri5", **TIGHT, "options": {}}
+    assert coarse.solver.options == {}
+    _, fine = coarse(z0, h)
+    torch.testing.assert_close(fine, jacobian_logdet(coarse, z0, h), rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(rough, fine, rtol=1e-6, atol=1e-6)  # two rk4 steps were coarse
+    # The same method keeps its options unless given; tolerances alone leave them.
+    coarse.replace_solver(method="rk4", solver_options={"step_size": 0.25})
+    assert coarse.replace_solver(atol=1e-4)["options"] == {"step_size": 0.25}
+    assert coarse.tighten_solver(10.0) == {"atol": 1e-5, "rtol": 1e-10}
+    assert coarse.get_extra_state()["method"] == "rk4"
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"adjoint": True}, "unknown solver setting.*'adjoint'.*valid settings are method, atol"),
+        ({"method": "rk5"}, "unknown ODE solver method 'rk5'.*dopri5"),
+        ({"method": "rk4"}, "needs options"),
+        ({"atol": -1.0}, "atol"),
+        ({"solver_options": {"stepsize": 0.1}}, "unknown option.*'stepsize'"),
+    ],
+)
+def test_replace_solver_refuses_bad_settings_and_keeps_the_old(
+    settings: dict, message: str
+) -> None:
+    flow = make()
+    before = flow.solver
+    with pytest.raises(InputError, match=message):
+        flow.replace_solver(**settings)
+    assert flow.solver is before
+
+
+def test_a_flow_without_ode_has_no_solver_to_replace() -> None:
+    assert Planar(D, H, num_steps=2).replace_solver(method="dopri5") is None

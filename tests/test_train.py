@@ -229,7 +229,7 @@ def test_nan_retry_tightens_ffjord_tolerances(
     poison_at(monkeypatch, 15)
     config = tiny_config(tiny_data_dir, "ffjord", nan_retries=1, max_epochs=2)
     results = train(config, tmp_path / "run", progress=False)
-    assert results["solver"] == [{"atol": 1e-5, "rtol": 1e-5, "method": "dopri5"}]
+    assert results["solver"] == [{"atol": 1e-5, "rtol": 1e-5, "method": "dopri5", "options": {}}]
     assert results["steps"] == 20
 
 

@@ -163,6 +163,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         is_points=args.is_points,
         data_dir=args.data_dir,
         checkpoint=args.checkpoint,
+        solver=parse_pairs(args.solver, "--solver"),
         progress=not args.json,
     )
     if args.json:
@@ -256,6 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--is-samples", type=int, help="importance samples (0: skip)")
     e.add_argument("--is-points", type=int, help="test points for the IS estimate")
     e.add_argument("--checkpoint", choices=("best", "last"), default="best")
+    e.add_argument("--solver", action="append", metavar="KEY=VALUE",
+                   help="evaluate with another ODE solver setting (repeatable; method, atol, "
+                   "rtol, solver_options), e.g. --solver method=dopri5 --solver atol=1e-5")
     e.add_argument("--json", action="store_true", help="print all figures as JSON")
     e.set_defaults(func=cmd_eval)
 

@@ -13,7 +13,7 @@ from typing import Any
 from vaeflow.plots import LEARNING_CURVE, RECONSTRUCTIONS, SAMPLES
 from vaeflow.runs import BEST, CHECKPOINT, RESULTS, Run, RunError, find_runs
 
-__all__ = ["figures", "summary", "compare_rows", "compare_table", "expand_runs"]
+__all__ = ["figures", "solver_text", "summary", "compare_rows", "compare_table", "expand_runs"]
 
 
 def _minutes(seconds: float | None) -> str:
@@ -40,6 +40,21 @@ def figures(results: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def solver_text(solver: Sequence[Mapping[str, Any]]) -> str:
+    """The ODE solver settings of ``results["solver"]`` in words, e.g. ``dopri5 (atol 1e-05,
+    rtol 1e-05)`` or ``rk4 (step_size 0.5)``; ``""`` for a flow without ODE."""
+    words = []
+    for entry in solver:
+        options = entry.get("options") or {}
+        if "step_size" in options:
+            text = f"{entry['method']} (step_size {options['step_size']:g})"
+        else:
+            text = f"{entry['method']} (atol {entry['atol']:g}, rtol {entry['rtol']:g})"
+        if text not in words:
+            words.append(text)
+    return "; ".join(words)
+
+
 def summary(run_dir: str | os.PathLike[str], results: Mapping[str, Any]) -> str:
     """The closing summary of a run: what was trained, its figures, its files, what next."""
     run = Run(Path(run_dir))
@@ -52,6 +67,9 @@ def summary(run_dir: str | os.PathLike[str], results: Mapping[str, Any]) -> str:
         f"parameters, {config.arch} networks, latent {config.latent_dim}",
         *(f"   {line}" for line in figures(results)),
     ]
+    if solver_text(results.get("solver") or []):
+        trace = f", {results['trace']} trace" if results.get("trace") else ""
+        lines.append(f"   ODE solves: {solver_text(results['solver'])}{trace}")
     trained = [f"{results.get('epochs', '-')} epochs", f"{results.get('steps', '-')} steps"]
     if timing.get("train_seconds") is not None:
         trained.append(f"{_minutes(timing['train_seconds'])} of training")

@@ -12,6 +12,7 @@ import contextlib
 import itertools
 import math
 from collections.abc import Iterator, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -139,6 +140,16 @@ class Flow(nn.Module):
         out = None
         for flow in self.subflows():
             out = flow.tighten_solver(factor) or out
+        return out
+
+    def replace_solver(self, **settings: Any) -> dict[str, Any] | None:
+        """Solve from now on with other ODE solver ``settings`` (``method``, ``atol``, ``rtol``,
+        ``solver_options``; a new ``method`` starts from no options): to evaluate a model with
+        another solver than it was trained with. Returns the new settings (of the last flow
+        changed), or ``None`` when the flow solves no ODE."""
+        out = None
+        for flow in self.subflows():
+            out = flow.replace_solver(**settings) or out
         return out
 
     def graph_blocker(self) -> str | None:

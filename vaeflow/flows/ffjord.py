@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..checks import InputError, check_bool, check_number
+from ..checks import InputError, check_bool, check_number, input_errors
 from ..ode import NFECounter, SolverConfig, solve, uses_static_solver
 from .base import ContextHead, Flow, check_choice, check_positive_int
 
@@ -388,6 +388,24 @@ class _BlockODE:
         return out
 
 
+# What :meth:`FFJORD.replace_solver` may change: the solve, not the model or its gradient.
+SOLVER_SETTINGS = ("method", "atol", "rtol", "solver_options")
+
+
+def _solver(
+    method: str, atol: Any, rtol: Any, options: Any, adjoint: bool
+) -> SolverConfig:
+    """The checked :class:`SolverConfig` of the hyperparameters of the same names."""
+    atol = check_number("atol", atol, positive=True)
+    rtol = check_number("rtol", rtol, positive=True)
+    if options is not None and not isinstance(options, Mapping):
+        raise InputError(
+            f"solver_options must be a table such as {{step_size = 0.1}}, got {options!r}"
+        )
+    with input_errors():
+        return SolverConfig(method=method, atol=atol, rtol=rtol, options=options, adjoint=adjoint)
+
+
 class FFJORD(Flow):
     """Amortized FFJORD: ``num_blocks`` continuous flows in sequence, each with dynamics
     conditioned on the context ``h`` and its own end time (fixed by default, as in the paper's
@@ -479,13 +497,6 @@ class FFJORD(Flow):
         hidden_dims = tuple(check_positive_int("hidden_dims entry", w) for w in hidden_dims)
         check_positive_int("num_blocks", num_blocks)
         end_time = check_number("end_time", end_time, positive=True)
-        atol = check_number("atol", atol, positive=True)
-        rtol = check_number("rtol", rtol, positive=True)
-        if solver_options is not None and not isinstance(solver_options, Mapping):
-            raise InputError(
-                f"solver_options must be a table such as {{step_size = 0.1}}, got "
-                f"{solver_options!r}"
-            )
         # Booleans from a command line or a hand-written file: "False" must not count as true.
         train_end_time = check_bool("train_end_time", train_end_time)
         exact_in_eval = check_bool("exact_in_eval", exact_in_eval)
@@ -499,9 +510,7 @@ class FFJORD(Flow):
             check_choice("compile mode", compile, COMPILE_MODES)
         elif not isinstance(compile, bool):
             raise ValueError(f"compile must be a bool or one of {COMPILE_MODES}, got {compile!r}")
-        self.solver = SolverConfig(
-            method=method, atol=atol, rtol=rtol, options=solver_options, adjoint=adjoint
-        )
+        self.solver = _solver(method, atol, rtol, solver_options, adjoint)
         self.trace = trace
         self.exact_in_eval = exact_in_eval
         self.noise = noise
@@ -579,15 +588,32 @@ class FFJORD(Flow):
         )
 
     def tighten_solver(self, factor: float = 10.0) -> dict[str, float]:
-        self.solver = dataclasses.replace(
-            self.solver, atol=self.solver.atol / factor, rtol=self.solver.rtol / factor
-        )
+        self.replace_solver(atol=self.solver.atol / factor, rtol=self.solver.rtol / factor)
         return {"atol": self.solver.atol, "rtol": self.solver.rtol}
 
-    # The solver's tolerances travel in the state_dict (``_extra_state``): a model trained on
+    def replace_solver(self, **settings: Any) -> dict[str, Any]:
+        unknown = sorted(set(settings) - set(SOLVER_SETTINGS))
+        if unknown:
+            raise InputError(
+                f"unknown solver setting(s) {', '.join(map(repr, unknown))}; valid settings are "
+                f"{', '.join(SOLVER_SETTINGS)}"
+            )
+        old = self.solver
+        method = settings.get("method", old.method)
+        # rk4's step_size means nothing to dopri5: a new method starts from no options.
+        options = settings.get("solver_options", old.options if method == old.method else None)
+        atol, rtol = settings.get("atol", old.atol), settings.get("rtol", old.rtol)
+        self.solver = _solver(method, atol, rtol, options, old.adjoint)
+        return self.get_extra_state()
+
+    # The solver's settings travel in the state_dict (``_extra_state``): a model trained on
     # after a NaN retry tightened them is evaluated at the tolerances it was trained with.
+    # (``options`` is recorded, for the reports; the options in use come from the config.)
     def get_extra_state(self) -> dict[str, Any]:
-        return {"method": self.solver.method, "atol": self.solver.atol, "rtol": self.solver.rtol}
+        return {
+            "method": self.solver.method, "atol": self.solver.atol, "rtol": self.solver.rtol,
+            "options": dict(self.solver.options or {}),
+        }
 
     def set_extra_state(self, state: Any) -> None:
         if not isinstance(state, dict) or state.get("method") != self.solver.method:
