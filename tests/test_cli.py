@@ -65,25 +65,32 @@ def test_train_and_eval_every_flow(
     assert f"static_mnist / {flow}" in out and f"{results['test_nelbo']:.2f} nats" in out
 
 
-def test_eval_with_another_solver(
+def test_a_fixed_step_run_is_tested_with_dopri5_and_eval_can_change_the_solver(
     tiny_data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     run = tmp_path / "run"
     rk4 = ["--flow-opt", "method=rk4", "--flow-opt", "solver_options={step_size=0.5}"]
     args = ["train", *tiny_args(tiny_data_dir), "--flow", "ffjord", *SMALL_FLOW["ffjord"], *rk4]
     assert main([*args, "--max-steps", "4", "--batch-size", "20", "--out", str(run)]) == 0
-    assert "ODE solves: rk4 (step_size 0.5), exact trace" in capsys.readouterr().out
+    # Trained with two rk4 steps, tested with dopri5 at the flow's tolerances (1e-4 here).
+    assert "ODE solves: dopri5 (atol 0.0001, rtol 0.0001), exact trace" in capsys.readouterr().out
     trained = json.loads((run / "results.json").read_text())
+    assert trained["solver"] == [{"method": "dopri5", "atol": 1e-4, "rtol": 1e-4, "options": {}}]
+    assert json.loads((run / "config.json").read_text())["flow_kwargs"]["method"] == "rk4"
 
-    fine = ["--solver", "method=dopri5", "--solver", "atol=1e-6", "--solver", "rtol=1e-6"]
-    assert main(["eval", str(run), *fine]) == 0
-    assert "ODE solves: dopri5 (atol 1e-06, rtol 1e-06), exact trace" in capsys.readouterr().out
-    assert main(["eval", str(run), *fine, "--json"]) == 0
-    measured = json.loads(capsys.readouterr().out)
-    assert measured["solver"] == [{"method": "dopri5", "atol": 1e-6, "rtol": 1e-6, "options": {}}]
-    assert measured["test_nelbo"] != trained["test_nelbo"]
-    assert abs(measured["test_nelbo"] - trained["test_nelbo"]) < 1.0  # a small field, 2 steps
-    # Nothing of the run changed: evaluated again as it was trained, the same figure.
+    as_trained = ["--solver", "method=rk4", "--solver", "solver_options={step_size=0.5}"]
+    assert main(["eval", str(run), *as_trained]) == 0
+    assert "ODE solves: rk4 (step_size 0.5), exact trace" in capsys.readouterr().out
+    assert main(["eval", str(run), *as_trained, "--json"]) == 0
+    coarse = json.loads(capsys.readouterr().out)
+    assert coarse["solver"][0]["options"] == {"step_size": 0.5}
+    assert coarse["test_nelbo"] != trained["test_nelbo"]
+    assert abs(coarse["test_nelbo"] - trained["test_nelbo"]) < 1.0  # a small field, 4 steps
+    # --solver changes the test solve further: dopri5 kept, tighter.
+    assert main(["eval", str(run), "--solver", "atol=1e-6", "--json"]) == 0
+    tight = json.loads(capsys.readouterr().out)
+    assert tight["solver"] == [{"method": "dopri5", "atol": 1e-6, "rtol": 1e-4, "options": {}}]
+    # Nothing of the run changed: evaluated again as the run says, the same figure.
     assert main(["eval", str(run), "--json"]) == 0
     again = json.loads(capsys.readouterr().out)
     assert again["test_nelbo"] == trained["test_nelbo"] and again["solver"] == trained["solver"]
@@ -95,6 +102,22 @@ def test_eval_with_another_solver(
     assert main([*args, "--batch-size", "20", "--out", str(planar)]) == 0
     assert main(["eval", str(planar), "--solver", "method=dopri5"]) == 2
     assert "flow 'planar' solves no ODE" in capsys.readouterr().err
+
+
+def test_test_solver_in_the_config(
+    tiny_data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rk4 = ["--flow-opt", "method=rk4", "--flow-opt", "solver_options={step_size=0.5}"]
+    args = ["train", *tiny_args(tiny_data_dir), "--flow", "ffjord", *SMALL_FLOW["ffjord"], *rk4]
+    run = tmp_path / "run"
+    same = [*args, "--set", "test_solver={}", "--max-steps", "2", "--batch-size", "20"]
+    assert main([*same, "--out", str(run)]) == 0  # {}: exactly the training solve
+    assert "ODE solves: rk4 (step_size 0.5)" in capsys.readouterr().out
+    # A bad test solver is refused before any training.
+    bad = [*args, "--set", "test_solver={method=\"dopri6\"}", "--out", str(tmp_path / "bad")]
+    assert main(bad) == 2
+    assert "test_solver: unknown ODE solver method 'dopri6'" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
 
 
 @pytest.mark.parametrize(("dataset", "arch"), [("mnist", "mlp"), ("freyfaces", "gatedconv"),

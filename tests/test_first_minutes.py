@@ -32,6 +32,9 @@ def test_quick_preset_is_a_small_real_ffjord() -> None:
     assert config.flow_kwargs["dynamics"] == "lowrank"
     assert config.flow_kwargs.get("trace", "hutchinson") == "hutchinson"
     assert config.flow_kwargs.get("exact_in_eval", True) is True
+    # trained with fixed rk4 steps, tested with the continuous flow's solve (the automatic test
+    # solver of a fixed-step run), so the test NELBO is FFJORD's and not the steps' error
+    assert config.flow_kwargs["method"] == "rk4" and config.test_solver is None
     # the paper-size model stays the data set's default
     assert paper.flow_kwargs["hidden_dims"] == [1024, 1024]
 
@@ -57,6 +60,7 @@ def test_quick_preset_trains_and_leaves_pictures(
     assert f"vaeflow train --resume {run}" in out and f"tensorboard --logdir {run}" in out
     results = json.loads((run / "results.json").read_text())
     assert results["epochs"] == 2 and results["train_nfe_forward_mean"] > 0
+    assert results["solver"][0]["method"] == "dopri5" and "ODE solves: dopri5" in out
 
 
 def test_eval_writes_the_pictures_of_an_existing_run(tiny_data_dir: Path, tmp_path: Path,

@@ -5,9 +5,10 @@ of the parameters.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -17,6 +18,8 @@ from vaeflow.checks import InputError, check_int, input_errors, resolve_device
 from vaeflow.configs import TrainConfig
 from vaeflow.data import Dataset, load_dataset
 from vaeflow.distributed import SINGLE, World
+from vaeflow.flows import FFJORD
+from vaeflow.ode import ADAPTIVE_SOLVERS
 from vaeflow.plots import image_grids, write_run_pictures
 from vaeflow.progress import eval_batches
 from vaeflow.rng import fork_rng
@@ -95,6 +98,37 @@ def dataset_log_likelihood(
     return world.sum(total) / len(x)
 
 
+@contextlib.contextmanager
+def test_solve(
+    model: VAE, config: TrainConfig, solver: Mapping[str, Any] | None = None
+) -> Iterator[None]:
+    """Within this block the model's ODE solves are those of the test figures, then as before.
+
+    ``config.test_solver`` when set; otherwise the training solve when it is adaptive, and
+    dopri5 at the flow's own tolerances after training with a fixed-step solver (rk4, euler,
+    midpoint): a few fixed steps are not the continuous flow, and a model trained with them
+    learns their error (see ``TrainConfig``). ``solver`` (``vaeflow eval --solver``) changes
+    those settings further.
+    """
+    flows = [m for m in model.modules() if isinstance(m, FFJORD)]
+    saved = [flow.solver for flow in flows]
+    settings = config.test_solver
+    if settings is None:
+        fixed = any(flow.solver.method not in ADAPTIVE_SOLVERS for flow in flows)
+        settings = {"method": "dopri5"} if fixed else {}
+    try:
+        with input_errors():
+            for changes in (settings, solver or {}):
+                if changes and model.flow.replace_solver(**changes) is None:
+                    raise InputError(
+                        f"flow {config.flow!r} solves no ODE: there is no solver to set"
+                    )
+        yield
+    finally:
+        for flow, old in zip(flows, saved, strict=True):
+            flow.solver = old
+
+
 def evaluate(
     model: VAE,
     data: Dataset,
@@ -103,6 +137,7 @@ def evaluate(
     eval_points: int | None = None,
     is_samples: int | None = None,
     is_points: int | None = None,
+    solver: Mapping[str, Any] | None = None,
     progress: bool = False,
     world: World = SINGLE,
 ) -> dict[str, Any]:
@@ -111,7 +146,9 @@ def evaluate(
     The arguments override the config's ``eval_points``, ``is_samples`` (0: no IS estimate)
     and ``is_points``; ``progress`` shows a bar per estimate; under torchrun ``world`` shards
     the work over the ranks (every rank gets the figures). For data sets reported in bits
-    per dimension (Frey Faces) the ``*_bpd`` entries are the headline numbers.
+    per dimension (Frey Faces) the ``*_bpd`` entries are the headline numbers. The ODE solves
+    are those of :func:`test_solve` (``solver`` changes them further), for these figures only;
+    ``"solver"`` in the result says which they were.
     """
     eval_points = config.eval_points if eval_points is None else eval_points
     is_samples = config.is_samples if is_samples is None else is_samples
@@ -124,7 +161,7 @@ def evaluate(
     test = subset(data.test, eval_points)
     num_dims = math.prod(data.input_shape)
     # A fixed seed makes the evaluation a deterministic function of the parameters.
-    with fork_rng(data.test.device, config.seed + 1):
+    with test_solve(model, config, solver), fork_rng(data.test.device, config.seed + 1):
         nelbo = float(
             dataset_nelbo(model, test, config.batch_size, config.eval_samples,
                           progress=progress, world=world)
@@ -135,6 +172,7 @@ def evaluate(
             "test_points": len(test),
             "eval_samples": config.eval_samples,
             "trace": "exact",
+            "solver": solver_state(model),
         }
         if is_samples > 0:
             xs = subset(data.test, is_points)
@@ -183,9 +221,10 @@ def evaluate_run(
     """Evaluate the best (or last) model of a run on the test set (see :func:`evaluate`), and
     (``pictures``) write its PNGs into the run directory.
 
-    ``solver`` evaluates with other ODE solver settings than the run's (``method``, ``atol``,
-    ``rtol``, ``solver_options``; see :meth:`vaeflow.flows.Flow.replace_solver`): e.g. a model
-    trained with a few rk4 steps, measured with dopri5 at 1e-5. ``results["solver"]`` says
+    ``solver`` changes the ODE solver settings of the test figures (``method``, ``atol``,
+    ``rtol``, ``solver_options``; see :func:`test_solve` and
+    :meth:`vaeflow.flows.Flow.replace_solver`), e.g. ``{"method": "rk4", "solver_options":
+    {"step_size": 0.5}}`` to see a model as its fixed steps saw it; ``results["solver"]`` says
     which settings gave the figures."""
     config = read_config(run_dir)
     if device is not None:
@@ -194,10 +233,6 @@ def evaluate_run(
         config.data_dir = data_dir
     dev = resolve_device(config.device)
     model, _ = load_model(run_dir, checkpoint, dev, config)
-    if solver:
-        with input_errors():
-            if model.flow.replace_solver(**solver) is None:
-                raise InputError(f"flow {config.flow!r} solves no ODE: there is no solver to set")
     split_sizes = tuple(config.split_sizes) if config.split_sizes is not None else None
     with input_errors():
         data = load_dataset(config.dataset, config.data_dir, dev, split_sizes=split_sizes)
@@ -207,10 +242,9 @@ def evaluate_run(
         "is_samples": is_samples if is_samples is not None else smoke.get("is_samples"),
         "is_points": is_points if is_points is not None else smoke.get("is_points"),
     }
-    results = evaluate(model, data, config, **kw, progress=progress)
+    results = evaluate(model, data, config, **kw, solver=solver, progress=progress)
     results.update(
         dataset=config.dataset, flow=config.flow, checkpoint=checkpoint,
-        solver=solver_state(model),
         num_parameters=sum(p.numel() for p in model.parameters() if p.requires_grad),
     )
     if pictures:

@@ -594,7 +594,6 @@ class _Trainer:
                 if n in st.total_sums
             },
             num_parameters=sum(p.numel() for p in self.model.parameters() if p.requires_grad),
-            solver=solver_state(self.model),
             world_size=self.world.size,
         )
         bad = {k: v for k, v in results.items() if isinstance(v, float) and not math.isfinite(v)}
