@@ -332,3 +332,28 @@ def test_config_errors_name_the_valid_values() -> None:
 def test_beta_warmup() -> None:
     assert [beta_at(e, 4) for e in (1, 2, 4, 9)] == [0.25, 0.5, 1.0, 1.0]
     assert beta_at(1, 0) == 1.0
+
+
+def test_the_evaluation_solve_is_dopri5_after_fixed_steps_and_is_undone(
+    tiny_data_dir: Path,
+) -> None:
+    from vaeflow.evaluate import evaluation_solve
+    from vaeflow.model import build_model
+
+    rk4 = {"hidden_dims": [16], "rank": 2, "method": "rk4", "solver_options": {"step_size": 0.5}}
+    config = tiny_config(tiny_data_dir, "ffjord", flow_kwargs=rk4)
+    model = build_model(config)
+    trained = model.flow.solver
+    with evaluation_solve(model, config):
+        assert (model.flow.solver.method, model.flow.solver.atol) == ("dopri5", 1e-5)
+    assert model.flow.solver is trained
+    tighter = {"atol": 1e-7}
+    with pytest.raises(RuntimeError, match="inside"), evaluation_solve(model, config, tighter):
+        assert model.flow.solver.atol == 1e-7
+        raise RuntimeError("inside")
+    assert model.flow.solver is trained
+    adaptive = tiny_config(tiny_data_dir, "ffjord")
+    model = build_model(adaptive)
+    trained = model.flow.solver
+    with evaluation_solve(model, adaptive):
+        assert model.flow.solver is trained  # an adaptive solve is tested as trained

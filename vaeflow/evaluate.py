@@ -99,7 +99,7 @@ def dataset_log_likelihood(
 
 
 @contextlib.contextmanager
-def test_solve(
+def evaluation_solve(
     model: VAE, config: TrainConfig, solver: Mapping[str, Any] | None = None
 ) -> Iterator[None]:
     """Within this block the model's ODE solves are those of the test figures, then as before.
@@ -147,8 +147,8 @@ def evaluate(
     and ``is_points``; ``progress`` shows a bar per estimate; under torchrun ``world`` shards
     the work over the ranks (every rank gets the figures). For data sets reported in bits
     per dimension (Frey Faces) the ``*_bpd`` entries are the headline numbers. The ODE solves
-    are those of :func:`test_solve` (``solver`` changes them further), for these figures only;
-    ``"solver"`` in the result says which they were.
+    are those of :func:`evaluation_solve` (``solver`` changes them further), for these figures
+    only; ``"solver"`` in the result says which they were.
     """
     eval_points = config.eval_points if eval_points is None else eval_points
     is_samples = config.is_samples if is_samples is None else is_samples
@@ -161,7 +161,7 @@ def evaluate(
     test = subset(data.test, eval_points)
     num_dims = math.prod(data.input_shape)
     # A fixed seed makes the evaluation a deterministic function of the parameters.
-    with test_solve(model, config, solver), fork_rng(data.test.device, config.seed + 1):
+    with evaluation_solve(model, config, solver), fork_rng(data.test.device, config.seed + 1):
         nelbo = float(
             dataset_nelbo(model, test, config.batch_size, config.eval_samples,
                           progress=progress, world=world)
@@ -222,7 +222,7 @@ def evaluate_run(
     (``pictures``) write its PNGs into the run directory.
 
     ``solver`` changes the ODE solver settings of the test figures (``method``, ``atol``,
-    ``rtol``, ``solver_options``; see :func:`test_solve` and
+    ``rtol``, ``solver_options``; see :func:`evaluation_solve` and
     :meth:`vaeflow.flows.Flow.replace_solver`), e.g. ``{"method": "rk4", "solver_options":
     {"step_size": 0.5}}`` to see a model as its fixed steps saw it; ``results["solver"]`` says
     which settings gave the figures."""
