@@ -357,3 +357,20 @@ def test_the_evaluation_solve_is_dopri5_after_fixed_steps_and_is_undone(
     trained = model.flow.solver
     with evaluation_solve(model, adaptive):
         assert model.flow.solver is trained  # an adaptive solve is tested as trained
+
+
+def test_validation_after_fixed_steps_uses_the_evaluation_solve(
+    tiny_data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[str] = []
+    real = train_mod.dataset_nelbo
+
+    def spy(model: Any, *args: Any, **kwargs: Any) -> Any:
+        seen.append(model.flow.solver.method)
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "dataset_nelbo", spy)
+    rk4 = {"hidden_dims": [16], "rank": 2, "method": "rk4", "solver_options": {"step_size": 0.5}}
+    config = tiny_config(tiny_data_dir, "ffjord", flow_kwargs=rk4, max_epochs=2, is_samples=0)
+    train(config, tmp_path / "run", progress=False)
+    assert seen == ["dopri5", "dopri5"]  # one validation per epoch

@@ -59,6 +59,7 @@ from vaeflow.evaluate import (
     dataset_nelbo,
     evaluate,
     evaluate_run,
+    evaluation_solve,
     smoke_eval_counts,
     subset,
 )
@@ -503,7 +504,10 @@ class _Trainer:
     def validate(self) -> float:
         cfg = self.config
         valid = subset(self.data.valid, cfg.valid_points)
-        with fork_rng(self.device, cfg.seed + 3 + self.state.epoch):
+        # The solve of the test figures, so that model selection and the curves see the same
+        # flow as the test (after fixed-step training: dopri5, see evaluation_solve).
+        seed = cfg.seed + 3 + self.state.epoch
+        with evaluation_solve(self.model, cfg), fork_rng(self.device, seed):
             return float(dataset_nelbo(
                 self.model, valid, cfg.batch_size, 1, cfg.valid_exact_trace, world=self.world
             ))

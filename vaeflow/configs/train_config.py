@@ -59,8 +59,8 @@ class TrainConfig:
     and dopri5 at the flow's own tolerances after training with a fixed-step solver, as the
     RNODE paper's protocol does. A few fixed steps are not the continuous flow, and a model
     trained with them can learn their error (a model trained with two rk4 steps per solve
-    measured 104 nats with them and 150 with dopri5: README, "Fixed-step solvers").
-    ``{}``: exactly the training solve.
+    measured 104 nats with them and 150 with dopri5: README, "The test figures of FFJORD").
+    The per-epoch validation uses the same solve. ``{}``: exactly the training solve.
 
     Logging and safety: ``log_every`` steps between host reads of the loss (TensorBoard and the
     progress bar), ``image_every`` epochs between sample/reconstruction grids (0: never),
