@@ -174,6 +174,10 @@ def evaluate(
             "trace": "exact",
             "solver": solver_state(model),
         }
+        # Function evaluations of the last test batch's solve (host counters, no device read).
+        nfe = model.flow.statistics().get("nfe_forward")
+        if nfe is not None:
+            out["test_nfe_forward"] = nfe
         if is_samples > 0:
             xs = subset(data.test, is_points)
             ll = float(dataset_log_likelihood(
