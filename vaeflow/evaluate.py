@@ -162,10 +162,18 @@ def evaluate(
     num_dims = math.prod(data.input_shape)
     # A fixed seed makes the evaluation a deterministic function of the parameters.
     with evaluation_solve(model, config, solver), fork_rng(data.test.device, config.seed + 1):
-        nelbo = float(
-            dataset_nelbo(model, test, config.batch_size, config.eval_samples,
-                          progress=progress, world=world)
+        # Each flow call's function evaluations (host counters, no device read).
+        nfes: list[int] = []
+        hook = model.flow.register_forward_hook(
+            lambda flow, args, output: nfes.append(flow.statistics().get("nfe_forward", 0))
         )
+        try:
+            nelbo = float(
+                dataset_nelbo(model, test, config.batch_size, config.eval_samples,
+                              progress=progress, world=world)
+            )
+        finally:
+            hook.remove()
         out: dict[str, Any] = {
             "test_nelbo": nelbo,
             "test_nelbo_bpd": nelbo / (num_dims * math.log(2.0)),
@@ -174,10 +182,8 @@ def evaluate(
             "trace": "exact",
             "solver": solver_state(model),
         }
-        # Function evaluations of the last test batch's solve (host counters, no device read).
-        nfe = model.flow.statistics().get("nfe_forward")
-        if nfe is not None:
-            out["test_nfe_forward"] = nfe
+        if any(nfes):
+            out["test_nfe_forward"] = sum(nfes) / len(nfes)
         if is_samples > 0:
             xs = subset(data.test, is_points)
             ll = float(dataset_log_likelihood(

@@ -70,7 +70,7 @@ def summary(run_dir: str | os.PathLike[str], results: Mapping[str, Any]) -> str:
     if solver_text(results.get("solver") or []):
         trace = f", {results['trace']} trace" if results.get("trace") else ""
         if results.get("test_nfe_forward") is not None:
-            trace += f", NFE {results['test_nfe_forward']} per test solve"
+            trace += f", NFE {results['test_nfe_forward']:.1f} per test solve"
         lines.append(f"   ODE solves: {solver_text(results['solver'])}{trace}")
     trained = [f"{results.get('epochs', '-')} epochs", f"{results.get('steps', '-')} steps"]
     if timing.get("train_seconds") is not None:
