@@ -14,11 +14,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from vaeflow.checks import InputError, check_int, input_errors, resolve_device
+from vaeflow.checks import check_int, input_errors, resolve_device
 from vaeflow.configs import TrainConfig
 from vaeflow.data import Dataset, load_dataset
 from vaeflow.distributed import SINGLE, World
-from vaeflow.flows import FFJORD
+from vaeflow.flows import FFJORD, use_solver
 from vaeflow.ode import ADAPTIVE_SOLVERS
 from vaeflow.plots import image_grids, write_run_pictures
 from vaeflow.progress import eval_batches
@@ -119,10 +119,8 @@ def evaluation_solve(
     try:
         with input_errors():
             for changes in (settings, solver or {}):
-                if changes and model.flow.replace_solver(**changes) is None:
-                    raise InputError(
-                        f"flow {config.flow!r} solves no ODE: there is no solver to set"
-                    )
+                if changes:
+                    use_solver(model.flow, config.flow, changes)
         yield
     finally:
         for flow, old in zip(flows, saved, strict=True):

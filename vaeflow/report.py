@@ -67,11 +67,12 @@ def summary(run_dir: str | os.PathLike[str], results: Mapping[str, Any]) -> str:
         f"parameters, {config.arch} networks, latent {config.latent_dim}",
         *(f"   {line}" for line in figures(results)),
     ]
-    if solver_text(results.get("solver") or []):
+    solves = solver_text(results.get("solver") or [])
+    if solves:
         trace = f", {results['trace']} trace" if results.get("trace") else ""
         if results.get("test_nfe_forward") is not None:
             trace += f", NFE {results['test_nfe_forward']:.1f} per test solve"
-        lines.append(f"   ODE solves: {solver_text(results['solver'])}{trace}")
+        lines.append(f"   ODE solves: {solves}{trace}")
     trained = [f"{results.get('epochs', '-')} epochs", f"{results.get('steps', '-')} steps"]
     if timing.get("train_seconds") is not None:
         trained.append(f"{_minutes(timing['train_seconds'])} of training")

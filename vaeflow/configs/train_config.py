@@ -23,7 +23,7 @@ from vaeflow.checks import (
     input_errors,
 )
 from vaeflow.data import DATASETS
-from vaeflow.flows import FLOWS, check_hyperparameters, make_flow
+from vaeflow.flows import FLOWS, check_hyperparameters, make_flow, use_solver
 from vaeflow.nets import ARCHITECTURES
 
 __all__ = ["TrainConfig", "OPTIMIZERS"]
@@ -198,8 +198,7 @@ class TrainConfig:
         # The test solver is checked now, not after hours of training.
         if self.test_solver:
             with input_errors("test_solver: "):
-                if flow.replace_solver(**self.test_solver) is None:
-                    raise InputError(f"flow {self.flow!r} solves no ODE: there is no solver to set")
+                use_solver(flow, self.flow, self.test_solver)
 
 
 # The types that config values may have, by annotation: a TOML or JSON value of another type is

@@ -7,7 +7,7 @@ zK, logdet = flow(z0, h)          # z0 [B, 64], h [B, 256] -> zK [B, 64], logdet
 
 from __future__ import annotations
 
-from .base import ContextHead, Flow, Identity, Sequential
+from .base import ContextHead, Flow, Identity, Sequential, use_solver
 from .ffjord import FFJORD
 from .iaf import IAF
 from .planar import Planar
@@ -52,6 +52,7 @@ __all__ = [
     "FLOWS",
     "make_flow",
     "check_hyperparameters",
+    "use_solver",
     "Flow",
     "Identity",
     "Sequential",

@@ -17,11 +17,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from vaeflow.checks import check_choice, check_positive_int
+from vaeflow.checks import InputError, check_choice, check_positive_int
 
 __all__ = [
     "Flow", "Identity", "Sequential", "ContextHead", "check_choice", "check_inputs",
-    "check_positive_int",
+    "check_positive_int", "use_solver",
 ]
 
 
@@ -164,6 +164,15 @@ class Flow(nn.Module):
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, context_dim={self.context_dim}"
+
+
+def use_solver(flow: Flow, name: str, settings: Mapping[str, Any]) -> dict[str, Any]:
+    """``flow.replace_solver(**settings)``, refused by name when ``flow`` (registered as
+    ``name``) solves no ODE, since then the settings would silently mean nothing."""
+    out = flow.replace_solver(**settings)
+    if out is None:
+        raise InputError(f"flow {name!r} solves no ODE: there is no solver to set")
+    return out
 
 
 def _subflows(module: nn.Module) -> Iterator[Flow]:
