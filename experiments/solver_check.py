@@ -23,8 +23,7 @@ import torch
 from torch import Tensor
 
 from vaeflow.checks import InputError, input_errors
-from vaeflow.data import load_dataset
-from vaeflow.evaluate import subset
+from vaeflow.evaluate import run_dataset, subset
 from vaeflow.flows import Flow
 from vaeflow.runs import load_model, read_config
 
@@ -73,9 +72,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = read_config(args.run_dir)
         if config.flow != "ffjord":
             raise InputError(f"{args.run_dir} trains flow {config.flow!r}: it solves no ODE")
+        if args.data_dir is not None:
+            config.data_dir = args.data_dir
         model, _ = load_model(args.run_dir, args.checkpoint, "cpu", config)
-        data = load_dataset(config.dataset, args.data_dir or config.data_dir, "cpu",
-                            split_sizes=tuple(config.split_sizes or ()) or None)
+        data = run_dataset(config, "cpu")
     except InputError as err:
         print(f"solver_check: error: {err}", file=sys.stderr)
         return 2

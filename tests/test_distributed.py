@@ -24,6 +24,7 @@ from conftest import TINY_SPLITS
 import vaeflow.train as train_mod
 from vaeflow import distributed
 from vaeflow.cli import main
+from vaeflow.data import load_dataset
 from vaeflow.distributed import SINGLE, World, shard_bounds
 from vaeflow.evaluate import dataset_log_likelihood, dataset_nelbo, evaluate_run
 from vaeflow.rng import fork_rng
@@ -101,7 +102,7 @@ def _model(data_dir: Path, flow: str) -> tuple[Any, Any]:
                          "solver_options": {"step_size": 0.25}},
               "planar": {"num_steps": 2}, "none": {}}[flow]
     config = tiny_config(data_dir, flow, flow_kwargs=kwargs)
-    data = train_mod.load_dataset("static_mnist", data_dir, split_sizes=TINY_SPLITS)
+    data = load_dataset("static_mnist", data_dir, split_sizes=TINY_SPLITS)
     torch.manual_seed(0)
     return train_mod.build_model(config, data), data
 

@@ -13,6 +13,7 @@ import torch
 from conftest import TINY_SPLITS
 
 import vaeflow.train as train_mod
+from vaeflow.data import load_dataset
 from vaeflow.ode import SolverError
 from vaeflow.runs import RunError
 from vaeflow.train import (
@@ -298,7 +299,7 @@ def test_existing_run_is_not_overwritten(tiny_data_dir: Path, tmp_path: Path) ->
 
 def test_rnode_regularization_joins_the_loss(tiny_data_dir: Path, tmp_path: Path) -> None:
     config = tiny_config(tiny_data_dir, "ffjord", kinetic_weight=0.5, jacobian_weight=0.25)
-    data = train_mod.load_dataset("static_mnist", tiny_data_dir, split_sizes=TINY_SPLITS)
+    data = load_dataset("static_mnist", tiny_data_dir, split_sizes=TINY_SPLITS)
     model = train_mod.build_model(config, data)
     assert model.flow.regularize
     optimizer = train_mod.make_optimizer(config, model)

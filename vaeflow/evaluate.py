@@ -98,6 +98,14 @@ def dataset_log_likelihood(
     return world.sum(total) / len(x)
 
 
+def run_dataset(config: TrainConfig, device: torch.device | str) -> Dataset:
+    """The data set of a run's ``config`` (its ``data_dir`` and ``split_sizes``) on
+    ``device``; what a bad data file or network option raises is bad input."""
+    split_sizes = tuple(config.split_sizes) if config.split_sizes is not None else None
+    with input_errors():
+        return load_dataset(config.dataset, config.data_dir, device, split_sizes=split_sizes)
+
+
 @contextlib.contextmanager
 def evaluation_solve(
     model: VAE, config: TrainConfig, solver: Mapping[str, Any] | None = None
@@ -241,9 +249,7 @@ def evaluate_run(
         config.data_dir = data_dir
     dev = resolve_device(config.device)
     model, _ = load_model(run_dir, checkpoint, dev, config)
-    split_sizes = tuple(config.split_sizes) if config.split_sizes is not None else None
-    with input_errors():
-        data = load_dataset(config.dataset, config.data_dir, dev, split_sizes=split_sizes)
+    data = run_dataset(config, dev)
     smoke = smoke_eval_counts(config)
     kw = {
         "eval_points": eval_points if eval_points is not None else smoke.get("eval_points"),

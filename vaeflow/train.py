@@ -53,13 +53,14 @@ from torch import Tensor
 from vaeflow import distributed
 from vaeflow.checks import input_errors, resolve_device
 from vaeflow.configs import TrainConfig
-from vaeflow.data import DeviceLoader, load_dataset
+from vaeflow.data import DeviceLoader
 from vaeflow.distributed import SINGLE, World
 from vaeflow.evaluate import (
     dataset_nelbo,
     evaluate,
     evaluate_run,
     evaluation_solve,
+    run_dataset,
     smoke_eval_counts,
     subset,
 )
@@ -253,11 +254,8 @@ class _Trainer:
         self.world = world
         self.progress_bar = progress_bar and world.is_main
         self.device = world.device(resolve_device(config.device))
-        split_sizes = tuple(config.split_sizes) if config.split_sizes is not None else None
-        with input_errors():  # what a bad data file or network option raises is bad input
-            self.data = load_dataset(
-                config.dataset, config.data_dir, self.device, split_sizes=split_sizes
-            )
+        self.data = run_dataset(config, self.device)
+        with input_errors():
             torch.manual_seed(config.seed)
             self.model = build_model(config, self.data).to(self.device)
         world.seed(config.seed)
