@@ -147,6 +147,12 @@ def stream_lines(
             except queue.Empty:
                 continue
             if line is None:
+                # Its output has ended, but a process can take a while to exit after that
+                # (interpreter and CUDA teardown): wait for its status within the time left.
+                try:
+                    proc.wait(timeout=max(t0 + timeout - time.monotonic(), 0.0))
+                except subprocess.TimeoutExpired:
+                    timed_out = True
                 break
             seen.append(line.rstrip("\n"))
             if stop is not None and stop(seen):

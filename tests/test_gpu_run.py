@@ -90,6 +90,18 @@ def test_stream_lines_keeps_what_came_before_a_timeout(tmp_path) -> None:
     assert "killed after its time limit" in (tmp_path / "log").read_text()
 
 
+def test_stream_lines_waits_for_the_exit_status_after_the_output_ends(tmp_path) -> None:
+    # Output closed, then a second of teardown (as interpreter and CUDA shutdown take) before
+    # the exit: that is a finished process with its status, not one to kill.
+    code = ("import os, sys, time; print('done', flush=True); os.close(1); os.close(2); "
+            "time.sleep(1); sys.exit(3)")  # fmt: skip
+    done = stream_lines([sys.executable, "-c", code], 30, tmp_path / "log")
+    assert (done.lines, done.returncode, done.timed_out) == (["done"], 3, False)
+    code = "import os, time; os.close(1); os.close(2); time.sleep(60)"
+    done = stream_lines([sys.executable, "-c", code], 3, tmp_path / "log2")
+    assert done.timed_out and done.returncode is None and done.seconds < 30
+
+
 def test_line_worker_times_out_and_reports_death(tmp_path) -> None:
     hang = LineWorker([sys.executable, "-c", "import time; time.sleep(60)"], tmp_path / "a")
     with pytest.raises(StageTimeout, match="time limit of 1 s"):
