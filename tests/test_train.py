@@ -360,18 +360,32 @@ def test_the_evaluation_solve_is_dopri5_after_fixed_steps_and_is_undone(
         assert model.flow.solver is trained  # an adaptive solve is tested as trained
 
 
-def test_validation_after_fixed_steps_uses_the_evaluation_solve(
+def test_validation_and_pictures_after_fixed_steps_use_the_evaluation_solve(
     tiny_data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import vaeflow.evaluate as evaluate_mod
+
     seen: list[str] = []
-    real = train_mod.dataset_nelbo
+    pictured: list[str] = []
+    real_nelbo, real_grids = train_mod.dataset_nelbo, evaluate_mod.image_grids
 
     def spy(model: Any, *args: Any, **kwargs: Any) -> Any:
         seen.append(model.flow.solver.method)
-        return real(model, *args, **kwargs)
+        return real_nelbo(model, *args, **kwargs)
+
+    def spy_grids(model: Any, *args: Any, **kwargs: Any) -> Any:
+        pictured.append(model.flow.solver.method)
+        return real_grids(model, *args, **kwargs)
 
     monkeypatch.setattr(train_mod, "dataset_nelbo", spy)
+    monkeypatch.setattr(evaluate_mod, "image_grids", spy_grids)
     rk4 = {"hidden_dims": [16], "rank": 2, "method": "rk4", "solver_options": {"step_size": 0.5}}
-    config = tiny_config(tiny_data_dir, "ffjord", flow_kwargs=rk4, max_epochs=2, is_samples=0)
+    config = tiny_config(tiny_data_dir, "ffjord", flow_kwargs=rk4, max_epochs=2, is_samples=0,
+                         image_every=1)
     train(config, tmp_path / "run", progress=False)
     assert seen == ["dopri5", "dopri5"]  # one validation per epoch
+    # the reconstructions show the model the test figures measure: each epoch's, the final
+    assert pictured == ["dopri5"] * 3
+    evaluate_run(tmp_path / "run", eval_points=20, is_samples=0,
+                 solver={"method": "rk4", "solver_options": {"step_size": 0.25}})
+    assert pictured[-1] == "rk4"  # vaeflow eval --solver: its pictures too

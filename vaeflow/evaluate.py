@@ -34,6 +34,7 @@ __all__ = [
     "evaluate",
     "fork_rng",
     "evaluate_run",
+    "run_pictures",
     "smoke_eval_counts",
 ]
 
@@ -133,6 +134,17 @@ def evaluation_solve(
     finally:
         for flow, old in zip(flows, saved, strict=True):
             flow.solver = old
+
+
+def run_pictures(
+    model: VAE, data: Dataset, config: TrainConfig, solver: Mapping[str, Any] | None = None
+) -> tuple[Tensor, Tensor]:
+    """The run's picture grids (:func:`vaeflow.plots.image_grids`: 64 prior samples, and the
+    first 32 test images beside their reconstructions), the reconstructions through the solve
+    of the test figures (:func:`evaluation_solve`), so that they show the model the figures
+    measure; the same seed every time."""
+    with evaluation_solve(model, config, solver):
+        return image_grids(model, data.test[:32], config.seed + 2)
 
 
 def evaluate(
@@ -262,5 +274,5 @@ def evaluate_run(
         num_parameters=sum(p.numel() for p in model.parameters() if p.requires_grad),
     )
     if pictures:
-        write_run_pictures(run_dir, image_grids(model, data.test[:32], config.seed + 2))
+        write_run_pictures(run_dir, run_pictures(model, data, config, solver))
     return results

@@ -61,13 +61,14 @@ from vaeflow.evaluate import (
     evaluate_run,
     evaluation_solve,
     run_dataset,
+    run_pictures,
     smoke_eval_counts,
     subset,
 )
 from vaeflow.graphs import GraphedStep, capture, graph_unavailable
 from vaeflow.model import build_model, count_parameters
 from vaeflow.ode import SolverError
-from vaeflow.plots import image_grids, write_run_pictures
+from vaeflow.plots import write_run_pictures
 from vaeflow.progress import TrainingBar
 from vaeflow.rng import fork_rng, rng_state, set_rng_state
 from vaeflow.runs import (
@@ -364,7 +365,7 @@ class _Trainer:
         files in the run directory (rank 0's work)."""
         if not self.world.is_main:
             return
-        grids = image_grids(self.model, self.data.test[:32], self.config.seed + 2)
+        grids = run_pictures(self.model, self.data, self.config)
         if self.writer is not None:
             self.writer.add_image("samples", grids[0], epoch)
             self.writer.add_image("reconstructions", grids[1], epoch)
