@@ -24,7 +24,14 @@ from typing import Any
 import numpy as np
 from gpu_guard import Deadline, stream_lines
 
-__all__ = ["REFERENCE_FLOWS", "missing_dependencies", "prepare_reference", "run_reference"]
+__all__ = [
+    "REFERENCE_FLOWS",
+    "SMOKE_COMMON",
+    "SMOKE_FLOWS",
+    "missing_dependencies",
+    "prepare_reference",
+    "run_reference",
+]
 
 # vaeflow's flow name -> the reference's arguments for the papers' MNIST model (the Sylvester
 # paper's baselines: 16 planar/Sylvester steps, 32 orthogonal vectors, 8 Householder
@@ -39,7 +46,7 @@ REFERENCE_FLOWS: dict[str, list[str]] = {
     "triangular": ["--flow", "triangular", "--num_flows", "16"],
 }
 # A smoke run's tiny sizes, over the above (the flags come last, so these win).
-_SMOKE_FLOWS: dict[str, list[str]] = {
+SMOKE_FLOWS: dict[str, list[str]] = {
     "ffjord": ["--rank", "2", "--dims", "16-16", "--num_blocks", "1"],
     "planar": ["--num_flows", "2"],
     "iaf": ["--num_flows", "1", "--made_h_size", "16"],
@@ -47,7 +54,7 @@ _SMOKE_FLOWS: dict[str, list[str]] = {
     "householder": ["--num_flows", "2", "--num_householder", "2"],
     "triangular": ["--num_flows", "2"],
 }
-_SMOKE_COMMON = ["--z_size", "8", "--batch_size", "10"]
+SMOKE_COMMON = ["--z_size", "8", "--batch_size", "10"]
 # The FFJORD run is the comparison that matters most and the slowest: a larger share of time.
 _WEIGHT = {"ffjord": 3.0}
 _TIME = re.compile(r"\| Time ([0-9.]+) \|")
@@ -121,7 +128,7 @@ def run_reference(
         args = ["--dataset", "mnist", *REFERENCE_FLOWS[flow], "--log_interval", "1",
                 "--manual_seed", "1", "--out_dir", str(logs / f"reference-{flow}")]  # fmt: skip
         if smoke:
-            args += [*_SMOKE_COMMON, *_SMOKE_FLOWS.get(flow, [])]
+            args += [*SMOKE_COMMON, *SMOKE_FLOWS.get(flow, [])]
         if not cuda:
             args.append("--no_cuda")
         weights = [_WEIGHT.get(f, 1.0) for f in flows[i:]]

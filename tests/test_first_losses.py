@@ -1,0 +1,99 @@
+"""``experiments/first_losses.py``: the reference's per-batch log lines are parsed, and a smoke
+run trains both codes for a few batches and reports both curves side by side (skipped where
+the reference code, its dependencies or the MNIST file are not at hand)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from first_losses import parse_reference_terms, summarise
+from gpu_reference import missing_dependencies
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+
+def test_the_reference_log_lines_are_parsed() -> None:
+    lines = [
+        "INFO beta = 0.0100",
+        "Epoch   1 [  100/50000 ( 0%)] | Time 1.234 | Loss  543.123456 | Rec  542.000000 | "
+        "KL    112.345678",
+        "Epoch   1 [  200/50000 ( 0%)] | Time 1.111 | Loss  530.5 | Rec  529.25 | KL    125.0"
+        " | NFE Forward 26 | NFE Backward 32",
+    ]
+    assert parse_reference_terms(lines) == {
+        "loss": [543.123456, 530.5], "recon": [542.0, 529.25], "kl": [112.345678, 125.0],
+    }  # fmt: skip
+
+
+def test_the_summary_compares_means_over_seeds() -> None:
+    runs = [
+        {"side": "reference", "flow": "none", "seed": 1, "loss": [10.0, 8.0], "recon": [9.0, 7.0],
+         "kl": [1.0, 1.0]},
+        {"side": "reference", "flow": "none", "seed": 2, "loss": [12.0, 6.0], "recon": [11.0, 5.0],
+         "kl": [1.0, 1.0]},
+        {"side": "vaeflow", "flow": "none", "seed": 1, "loss": [11.0, 7.0], "recon": [10.0, 6.0],
+         "kl": [1.0, 1.0]},
+    ]  # fmt: skip
+    rows = {(r["term"], r["window"]): r for r in summarise(runs, ["none"], 2)}
+    first = rows[("loss", "step 1")]
+    assert first["reference"] == {"mean": 11.0, "min": 10.0, "max": 12.0}
+    assert first["vaeflow"]["mean"] == 11.0 and first["gap"] == 0.0
+    last = rows[("loss", "steps 1-2")]
+    assert last["reference"]["mean"] == 9.0 and last["gap"] == 0.0
+
+
+@pytest.mark.skipif(
+    bool(missing_dependencies())
+    or not (SHARED / "reference" / "refbench.py").is_file()
+    or not (SHARED / "data" / "binarized_mnist.npz").is_file(),
+    reason="needs ../shared/reference, its dependencies and ../shared/data/binarized_mnist.npz",
+)
+def test_smoke_run_trains_both_codes_and_reports_them(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    cmd = [
+        sys.executable, str(REPO / "experiments" / "first_losses.py"), str(out), "--smoke",
+        "--steps", "3", "--seeds", "1", "--flows", "none", "planar", "--train-rows", "100",
+        "--data-dir", str(SHARED / "data"), "--reference", str(SHARED / "reference"),
+        "--work", str(tmp_path / "work"),
+    ]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "first-losses.json", "first-losses.md", "first-losses.png",
+    ]  # fmt: skip
+    summary = json.loads((out / "first-losses.json").read_text())
+    for run in summary["runs"]:
+        assert "error" not in run and len(run["loss"]) == 3, run
+        # recon + beta * kl with the KL weight of epoch 1 of a 100-epoch warm-up
+        loss, recon, kl = run["loss"][0], run["recon"][0], run["kl"][0]
+        assert loss == pytest.approx(recon + 0.01 * kl, abs=1e-3), run
+    report = (out / "first-losses.md").read_text()
+    assert "SMOKE" in report and "| planar | kl | step 1 |" in report
+
+
+def test_merge_reports_several_result_files_and_keeps_each_commit(tmp_path: Path) -> None:
+    from first_losses import main
+
+    def result(commit: str, flow: str, loss: float) -> dict:
+        runs = [{"side": side, "flow": flow, "seed": 1, "loss": [loss, loss], "recon": [loss] * 2,
+                 "kl": [1.0, 3.0], "seconds": 1.0} for side in ("reference", "vaeflow")]
+        return {"commit": commit, "date": "2026-12-01", "command": f"run {commit}", "runs": runs,
+                "machine": "CPU", "args": {"train_rows": 100, "steps": 2, "ffjord": "small",
+                                           "smoke": False}}  # fmt: skip
+
+    files = []
+    for i, (commit, flow, loss) in enumerate([("aaa", "none", 5.0), ("bbb", "iaf", 7.0),
+                                              ("ccc", "iaf", 9.0)]):  # fmt: skip
+        files.append(tmp_path / f"{i}.json")
+        files[-1].write_text(json.dumps(result(commit, flow, loss)))
+    assert main([str(tmp_path / "out"), "--merge", *map(str, files)]) == 0
+    report = (tmp_path / "out" / "first-losses.md").read_text()
+    assert "at commit `aaa`" in report and "at commit `ccc`" in report
+    assert "`bbb`" not in report  # its iaf runs were replaced by the later file's
+    assert "| iaf | loss | step 1 | 9.00 [9.00, 9.00] | 9.00 [9.00, 9.00] | +0.00 |" in report
+    assert "| none | kl | peak | 3.00 [3.00, 3.00] |" in report
