@@ -81,6 +81,42 @@ def test_exact_trace_matches_jacobian(dynamics: str) -> None:
     torch.testing.assert_close(logdet, expected, rtol=1e-6, atol=1e-8)
 
 
+def test_reference_lowrank_init_matches_the_jacobian_and_the_papers_head() -> None:
+    flow = sharpen(make(trace="exact", lowrank_init="reference")).train()
+    z0, h = data()
+    _, logdet = flow(z0, h)
+    torch.testing.assert_close(logdet, jacobian_logdet(flow, z0, h), rtol=1e-6, atol=1e-8)
+    # The paper's code: a plain nn.Linear head (uniform in +-1/sqrt(H)), V used as it is.
+    torch.manual_seed(1)
+    wide = FFJORD(64, 256, hidden_dims=(128, 128), rank=8, lowrank_init="reference")
+    small = FFJORD(64, 256, hidden_dims=(128, 128), rank=8)
+    ref_head, small_head = wide.blocks[0].head.linear.weight, small.blocks[0].head.linear.weight
+    bound = 256**-0.5
+    assert bound * 0.99 < ref_head.abs().max() <= bound
+    assert bound / 8**0.5 * 0.99 < small_head.abs().max() <= bound / 8**0.5
+    assert wide.blocks[0].v_scale.tolist() == [1.0, 1.0, 1.0]
+    torch.testing.assert_close(small.blocks[0].v_scale, torch.tensor([64.0, 128, 128]) ** -0.5)
+    h = torch.randn(5, 256)
+    p, (u0, v0, c0) = wide.blocks[0].head(h), wide.blocks[0].amortize(h)[:3]
+    assert torch.equal(v0, p["v0"]) and torch.equal(u0, p["u0"]) and torch.equal(c0, p["c0"])
+    with pytest.raises(InputError, match="valid values are 'reference', 'small'"):
+        FFJORD(D, H, lowrank_init="tiny")
+
+
+def test_a_checkpoint_carries_its_lowrank_scale() -> None:
+    # The scale of V is saved with the parameters: a state dict loaded into a model built with
+    # the other lowrank_init computes the function it was trained as; one without it (an older
+    # vaeflow's, whose V scale was implicit) is refused rather than read wrongly.
+    trained = make(lowrank_init="small").eval()
+    other = make(lowrank_init="reference").eval()
+    other.load_state_dict(trained.state_dict())
+    z0, h = data()
+    torch.testing.assert_close(other(z0, h)[0], trained(z0, h)[0])
+    old = {k: v for k, v in trained.state_dict().items() if not k.endswith("v_scale")}
+    with pytest.raises(RuntimeError, match="v_scale"):
+        other.load_state_dict(old)
+
+
 @pytest.mark.parametrize("noise", ["gaussian", "rademacher"])
 def test_hutchinson_is_unbiased(noise: str) -> None:
     n = 4000

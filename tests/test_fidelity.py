@@ -50,6 +50,21 @@ def test_print_config_reports_the_reference_parameter_count(
         assert shown["flow_kwargs"]["train_end_time"] is False  # T = 0.5 fixed, as in the paper
 
 
+def test_the_papers_cells_start_their_flows_as_the_papers_code_does() -> None:
+    from vaeflow.configs import resolve
+    from vaeflow.flows.iaf import IAF
+
+    for dataset in REFERENCE_PARAMETERS:  # FFJORD: the plain linear head of the reference
+        assert resolve(dataset, "ffjord").flow_kwargs["lowrank_init"] == "reference"
+    # The reference's masked layers: kaiming_normal on an [in, out] weight, zero bias, i.e.
+    # std sqrt(2 / out_features); the MADE's output heads would start ~5x smaller otherwise.
+    torch.manual_seed(0)
+    made = IAF(64, 256, num_steps=1, hidden_dim=320).steps[0]
+    for layer, out in ((made.hidden[0], 320), (made.hidden[1], 320), (made.out_m, 64)):
+        assert layer.bias.abs().max() == 0
+        assert layer.weight.std().item() == pytest.approx((2 / out) ** 0.5, rel=0.05)
+
+
 def test_the_256_way_head_and_bounded_variance_follow_the_likelihood() -> None:
     enc, dec = make_networks("gatedconv", (1, 28, 28), likelihood="categorical256")
     assert isinstance(enc, GatedConvEncoder) and isinstance(dec, GatedConvDecoder)

@@ -18,11 +18,22 @@ __all__ = ["IAF", "MADE"]
 
 
 class MaskedLinear(nn.Linear):
-    """``nn.Linear`` whose weight is multiplied by a fixed 0/1 mask ``[out, in]``."""
+    """``nn.Linear`` whose weight is multiplied by a fixed 0/1 mask ``[out, in]``.
+
+    Initialised as the papers' code initialises its masked layers: He-normal weights with
+    standard deviation ``sqrt(2 / out_features)`` and zero biases. (That code stores weights
+    as ``[in, out]``, so PyTorch's fan-in is the output size there; in this ``[out, in]``
+    layout that is the fan-out.) PyTorch's ``nn.Linear`` default would start the MADE's output
+    heads about 5x smaller at the papers' sizes.
+    """
 
     def __init__(self, in_features: int, out_features: int, mask: Tensor) -> None:
         super().__init__(in_features, out_features)
         self.register_buffer("mask", mask.to(self.weight.dtype))
+
+    def reset_parameters(self) -> None:
+        nn.init.kaiming_normal_(self.weight, mode="fan_out")
+        nn.init.zeros_(self.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x, self.weight * self.mask, self.bias)
