@@ -97,3 +97,28 @@ def test_merge_reports_several_result_files_and_keeps_each_commit(tmp_path: Path
     assert "`bbb`" not in report  # its iaf runs were replaced by the later file's
     assert "| iaf | loss | step 1 | 9.00 [9.00, 9.00] | 9.00 [9.00, 9.00] | +0.00 |" in report
     assert "| none | kl | peak | 3.00 [3.00, 3.00] |" in report
+
+
+@pytest.mark.skipif(
+    bool(missing_dependencies())
+    or not (SHARED / "reference" / "ffjord" / "vae_lib").is_dir()
+    or not (SHARED / "data" / "binarized_mnist.npz").is_file(),
+    reason="needs ../shared/reference, its dependencies and ../shared/data/binarized_mnist.npz",
+)
+def test_lockstep_with_the_reference_gives_the_same_losses() -> None:
+    # Same weights, batches and noise: the papers' encoder, decoder, ELBO and Adamax step
+    # agree with the reference's own code to rounding, step after step.
+    done = subprocess.run(
+        [sys.executable, str(REPO / "experiments" / "lockstep.py"), "--steps", "4",
+         "--batch-size", "20", "--every", "1", "--reference", str(SHARED / "reference"),
+         "--data-dir", str(SHARED / "data")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [line.split("|")[1:-1] for line in done.stdout.splitlines() if line.startswith("| ")]
+    values = [[float(v) for v in row] for row in rows[1:]]  # after the header
+    assert [v[0] for v in values] == [1, 2, 3, 4]
+    for _, ref_loss, our_loss, ref_kl, our_kl in values:
+        assert our_loss == pytest.approx(ref_loss, abs=1e-2)
+        assert our_kl == pytest.approx(ref_kl, abs=1e-2)
+    assert values[-1][1] < values[0][1]  # and they did train
