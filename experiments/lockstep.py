@@ -10,6 +10,12 @@ convolutions become one), and both train on identical inputs with their own loss
 objects. Equal losses step after step mean the same architecture, the same objective, the same
 gradients and the same optimizer.
 
+``--ffjord`` checks the paper's flow the same way, forward: the reference's amortized low-rank
+CNF VAE (``cnf_rank``) and vaeflow's FFJORD (``lowrank_init = "reference"``) with the same
+weights (the shared layers' time column moved from first to last, the head's rows reordered to
+vaeflow's ``U, V, c``), the same ``z0``, the exact trace in both, float64 and tight tolerances:
+``zK`` and the log-determinant agree to the solvers' error.
+
     python experiments/lockstep.py --steps 50 --reference ../shared/reference \\
         --data-dir ../shared/data
 """
@@ -40,13 +46,22 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", type=Path, default=REPO.parent / "shared" / "reference")
     p.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data")
     p.add_argument("--every", type=int, default=10, help="print every N steps (default 10)")
+    p.add_argument("--ffjord", action="store_true", help="the forward check of FFJORD instead")
+    p.add_argument("--dims", default="64-64", help="FFJORD hidden widths (default 64-64)")
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--blocks", type=int, default=2)
     return p
+
+
+def _import_reference(reference: Path) -> None:
+    sys.dont_write_bytecode = True  # the shared copy is read-only
+    if str(reference / "ffjord") not in sys.path:
+        sys.path.insert(0, str(reference / "ffjord"))
 
 
 def reference_vae(reference: Path) -> tuple[torch.nn.Module, Any]:
     """The reference's no-flow VAE for static MNIST and its ``calculate_loss``."""
-    sys.dont_write_bytecode = True  # the shared copy is read-only
-    sys.path.insert(0, str(reference / "ffjord"))
+    _import_reference(reference)
     from vae_lib.models.VAE import VAE
     from vae_lib.optimization.loss import calculate_loss
 
@@ -70,6 +85,77 @@ def vaeflow_weights(ref: torch.nn.Module) -> dict[str, Tensor]:
     for name, layer in heads.items():
         out[f"{name}.weight"], out[f"{name}.bias"] = layer.weight, layer.bias
     return {k: v.detach().clone() for k, v in out.items()}
+
+
+def ffjord_weights(ref: torch.nn.Module, ours: torch.nn.Module, rank: int) -> dict[str, Any]:
+    """The reference cnf_rank VAE's weights under the names of vaeflow's ``ours``: per block,
+    the shared ``ConcatLinear`` layers (input ``[t, x]``; vaeflow's is ``[x, t]``) and the
+    amortization head, whose rows per layer are ``[u (in x r), v (r x out), bias (out)]`` with
+    the update ``x u v``; vaeflow's head holds ``u{l} [out, r]``, ``v{l} [in, r]``, ``c{l}``
+    with the update ``u (v^T x)``, so its ``v`` is the reference's ``u`` and its ``u`` the
+    reference's ``v`` transposed."""
+    out: dict[str, Any] = dict(ours.state_dict())
+    out.update(vaeflow_weights(ref))
+    for b, (func, head_ref) in enumerate(zip(ref.odefuncs, ref.q_am, strict=True)):
+        rows: dict[str, Tensor] = {}
+        offset = 0
+        for i, layer in enumerate(func.diffeq.layers):
+            weight = layer._layer.weight  # [out, 1 + in], the time column first
+            out[f"flow.blocks.{b}.layers.{i}.weight"] = torch.cat([weight[:, 1:], weight[:, :1]], 1)
+            out[f"flow.blocks.{b}.layers.{i}.bias"] = layer._layer.bias
+            d_out, d_in = weight.shape[0], weight.shape[1] - 1
+            u, v = offset, offset + d_in * rank
+            rows[f"v{i}"] = torch.arange(u, v)
+            rows[f"u{i}"] = torch.arange(d_out * rank).view(rank, d_out).T.reshape(-1) + v
+            rows[f"c{i}"] = torch.arange(d_out) + v + d_out * rank
+            offset = v + d_out * rank + d_out
+        order = torch.cat([rows[name] for name in ours.flow.blocks[b].head.shapes])
+        out[f"flow.blocks.{b}.head.linear.weight"] = head_ref.weight[order]
+        out[f"flow.blocks.{b}.head.linear.bias"] = head_ref.bias[order]
+    return {k: v.detach().clone() if torch.is_tensor(v) else v for k, v in out.items()}
+
+
+def ffjord_forward(
+    reference: Path, data_dir: Path, dims: Sequence[int], rank: int, blocks: int,
+    points: int = 20, tol: float = 1e-7, seed: int = 0,
+) -> dict[str, float]:
+    """The largest differences of ``z0``, ``zK`` and the log-determinant between the two
+    codes' FFJORD VAEs with the same weights and noise (exact trace, float64), and how far
+    the flow moves ``z0`` (so that a flow that does nothing cannot pass)."""
+    from vaeflow.configs import resolve
+    from vaeflow.data import load_dataset
+    from vaeflow.model import build_model
+
+    _import_reference(reference)
+    from vae_lib.models.CNFVAE import AmortizedLowRankCNFVAE
+
+    args = types.SimpleNamespace(
+        z_size=LATENT, input_size=[1, 28, 28], input_type="binary", cuda=False,
+        dims="-".join(map(str, dims)), rank=rank, num_blocks=blocks, layer_type="concat",
+        nonlinearity="softplus", divergence_fn="brute_force", residual=False, rademacher=False,
+        time_length=0.5, atol=tol, rtol=tol, solver="dopri5",
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    ref = AmortizedLowRankCNFVAE(args).double().eval()
+    config = resolve("static_mnist", "ffjord", {"data_dir": str(data_dir)})
+    config.flow_kwargs.update(hidden_dims=list(dims), rank=rank, num_blocks=blocks, atol=tol,
+                              rtol=tol)  # fmt: skip
+    ours = build_model(config).double().eval()
+    ours.load_state_dict(ffjord_weights(ref, ours, rank))
+    x = load_dataset("static_mnist", data_dir, "cpu").train[:points].double()
+    eps = torch.randn(points, LATENT, generator=torch.Generator().manual_seed(seed + 1),
+                      dtype=torch.float64)  # fmt: skip
+    ref.reparameterize = lambda mu, var: eps * var.sqrt() + mu
+    _, _, _, ldj, z0_ref, zk_ref = ref(x)
+    with torch.no_grad():
+        mu, sigma, h = ours.encoder(x)
+        z0 = mu + sigma * eps
+        zk, logdet = ours.flow(z0, h)
+    return {
+        "z0": (z0_ref - z0).abs().max().item(), "zK": (zk_ref - zk).abs().max().item(),
+        "logdet": (ldj - logdet).abs().max().item(), "moved": (zk - z0).abs().mean().item(),
+        "logdet_mean": logdet.mean().item(),
+    }  # fmt: skip
 
 
 def lockstep(
@@ -117,6 +203,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     import warnings
 
     warnings.filterwarnings("ignore", message="size_average and reduce")  # the reference's BCE
+    if args.ffjord:
+        dims = [int(w) for w in args.dims.split("-")]
+        diff = ffjord_forward(args.reference, args.data_dir, dims, args.rank, args.blocks,
+                              seed=args.seed)  # fmt: skip
+        print(f"FFJORD {args.dims}, rank {args.rank}, {args.blocks} blocks, 20 points, "
+              f"float64, dopri5 at 1e-7, exact trace: the flow moves z0 by "
+              f"{diff['moved']:.4f} on average (log-determinant {diff['logdet_mean']:.4f})")
+        for key in ("z0", "zK", "logdet"):
+            print(f"largest {key} difference: {diff[key]:.2e}")
+        return 0
     rows = lockstep(args.steps, args.reference, args.data_dir, args.batch_size, args.seed)
     print("| step | reference loss | vaeflow loss | reference KL | vaeflow KL |")
     print("|---:|---:|---:|---:|---:|")

@@ -122,3 +122,26 @@ def test_lockstep_with_the_reference_gives_the_same_losses() -> None:
         assert our_loss == pytest.approx(ref_loss, abs=1e-2)
         assert our_kl == pytest.approx(ref_kl, abs=1e-2)
     assert values[-1][1] < values[0][1]  # and they did train
+
+
+@pytest.mark.skipif(
+    bool(missing_dependencies())
+    or not (SHARED / "reference" / "ffjord" / "vae_lib").is_dir()
+    or not (SHARED / "data" / "binarized_mnist.npz").is_file(),
+    reason="needs ../shared/reference, its dependencies and ../shared/data/binarized_mnist.npz",
+)
+def test_ffjord_with_the_reference_weights_is_the_reference_flow() -> None:
+    import re
+
+    done = subprocess.run(
+        [sys.executable, str(REPO / "experiments" / "lockstep.py"), "--ffjord", "--dims", "16-16",
+         "--rank", "2", "--blocks", "2", "--reference", str(SHARED / "reference"),
+         "--data-dir", str(SHARED / "data")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    found = dict(re.findall(r"largest (\w+) difference: (\S+)", done.stdout))
+    moved = float(re.search(r"moves z0 by (\S+) on average", done.stdout).group(1))
+    assert moved > 0.01, done.stdout  # the flow does something
+    assert float(found["z0"]) < 1e-9, done.stdout
+    assert float(found["zK"]) < 1e-5 and float(found["logdet"]) < 1e-5, done.stdout
