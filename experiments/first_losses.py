@@ -310,9 +310,8 @@ def merge(args: argparse.Namespace) -> int:
             run.setdefault("commit", summary["commit"])
             runs[(run["side"], run["flow"], run["seed"])] = run
     parts = []
-    for summary in summaries:
-        kept = [r for r in runs.values() if r["commit"] == summary["commit"]
-                and r in summary["runs"]]  # fmt: skip
+    for summary in summaries:  # the runs of each file that no later file replaced
+        kept = [r for r in summary["runs"] if runs[(r["side"], r["flow"], r["seed"])] is r]
         if kept:
             parts.append(_part(summary, kept))
     records = sorted(runs.values(), key=lambda r: (FLOWS.index(r["flow"]), r["seed"], r["side"]))

@@ -17,6 +17,18 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 
 
+def needs_reference(part: str) -> pytest.MarkDecorator:
+    """Skip unless ``part`` of ../shared/reference, the reference's dependencies and the
+    static-MNIST file are at hand."""
+    return pytest.mark.skipif(
+        bool(missing_dependencies())
+        or not (SHARED / "reference" / part).exists()
+        or not (SHARED / "data" / "binarized_mnist.npz").is_file(),
+        reason=f"needs ../shared/reference/{part}, its dependencies and "
+        "../shared/data/binarized_mnist.npz",
+    )
+
+
 def test_the_reference_log_lines_are_parsed() -> None:
     lines = [
         "INFO beta = 0.0100",
@@ -47,12 +59,7 @@ def test_the_summary_compares_means_over_seeds() -> None:
     assert last["reference"]["mean"] == 9.0 and last["gap"] == 0.0
 
 
-@pytest.mark.skipif(
-    bool(missing_dependencies())
-    or not (SHARED / "reference" / "refbench.py").is_file()
-    or not (SHARED / "data" / "binarized_mnist.npz").is_file(),
-    reason="needs ../shared/reference, its dependencies and ../shared/data/binarized_mnist.npz",
-)
+@needs_reference("refbench.py")
 def test_smoke_run_trains_both_codes_and_reports_them(tmp_path: Path) -> None:
     out = tmp_path / "out"
     cmd = [
@@ -99,12 +106,7 @@ def test_merge_reports_several_result_files_and_keeps_each_commit(tmp_path: Path
     assert "| none | kl | peak | 3.00 [3.00, 3.00] |" in report
 
 
-@pytest.mark.skipif(
-    bool(missing_dependencies())
-    or not (SHARED / "reference" / "ffjord" / "vae_lib").is_dir()
-    or not (SHARED / "data" / "binarized_mnist.npz").is_file(),
-    reason="needs ../shared/reference, its dependencies and ../shared/data/binarized_mnist.npz",
-)
+@needs_reference("ffjord/vae_lib")
 def test_lockstep_with_the_reference_gives_the_same_losses() -> None:
     # Same weights, batches and noise: the papers' encoder, decoder, ELBO and Adamax step
     # agree with the reference's own code to rounding, step after step.
@@ -124,12 +126,7 @@ def test_lockstep_with_the_reference_gives_the_same_losses() -> None:
     assert values[-1][1] < values[0][1]  # and they did train
 
 
-@pytest.mark.skipif(
-    bool(missing_dependencies())
-    or not (SHARED / "reference" / "ffjord" / "vae_lib").is_dir()
-    or not (SHARED / "data" / "binarized_mnist.npz").is_file(),
-    reason="needs ../shared/reference, its dependencies and ../shared/data/binarized_mnist.npz",
-)
+@needs_reference("ffjord/vae_lib")
 def test_ffjord_with_the_reference_weights_is_the_reference_flow() -> None:
     import re
 

@@ -142,7 +142,6 @@ class LowRankDynamics(_Dynamics):
     ) -> None:
         super().__init__()
         check_choice("lowrank_init", init, LOWRANK_INITS)
-        self.init = init
         self.act = NONLINEARITIES[nonlinearity]
         self.act_grad = NONLINEARITY_GRADS[nonlinearity]
         widths = [dim, *hidden_dims, dim]
