@@ -23,6 +23,7 @@ vaeflow's ``U, V, c``), the same ``z0``, the exact trace in both, float64 and ti
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import types
 from collections.abc import Sequence
@@ -46,6 +47,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", type=Path, default=REPO.parent / "shared" / "reference")
     p.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data")
     p.add_argument("--every", type=int, default=10, help="print every N steps (default 10)")
+    p.add_argument("--flow", nargs="+", default=["none"], choices=list(REFERENCE_CLASSES),
+                   help="the posteriors of the training lockstep, one after the other "
+                        "(default none)")
     p.add_argument("--ffjord", action="store_true", help="the forward check of FFJORD instead")
     p.add_argument("--dims", default="64-64", help="FFJORD hidden widths (default 64-64)")
     p.add_argument("--rank", type=int, default=8)
@@ -59,15 +63,29 @@ def _import_reference(reference: Path) -> None:
         sys.path.insert(0, str(reference / "ffjord"))
 
 
-def reference_vae(reference: Path) -> tuple[torch.nn.Module, Any]:
-    """The reference's no-flow VAE for static MNIST and its ``calculate_loss``."""
+# vaeflow's flow name -> the reference's VAE class (vae_lib.models.VAE).
+REFERENCE_CLASSES = {
+    "none": "VAE", "planar": "PlanarVAE", "iaf": "IAFVAE", "orthogonal": "OrthogonalSylvesterVAE",
+    "householder": "HouseholderSylvesterVAE", "triangular": "TriangularSylvesterVAE",
+}  # fmt: skip
+
+
+def reference_vae(
+    reference: Path, flow: str = "none", kwargs: dict[str, Any] | None = None
+) -> tuple[torch.nn.Module, Any]:
+    """The reference's static-MNIST VAE with ``flow`` (vaeflow's name; its hyperparameters
+    ``kwargs`` are vaeflow's ``flow_kwargs``) and the reference's ``calculate_loss``."""
     _import_reference(reference)
-    from vae_lib.models.VAE import VAE
+    from vae_lib.models import VAE as models
     from vae_lib.optimization.loss import calculate_loss
 
-    args = types.SimpleNamespace(z_size=LATENT, input_size=[1, 28, 28], input_type="binary",
-                                 cuda=False)  # fmt: skip
-    return VAE(args), calculate_loss
+    kw = kwargs or {}
+    args = types.SimpleNamespace(
+        z_size=LATENT, input_size=[1, 28, 28], input_type="binary", cuda=False,
+        num_flows=kw.get("num_steps", 1), num_ortho_vecs=kw.get("num_ortho_vecs", LATENT),
+        num_householder=kw.get("num_householder", 1), made_h_size=kw.get("hidden_dim", 320),
+    )  # fmt: skip
+    return getattr(models, REFERENCE_CLASSES[flow])(args), calculate_loss
 
 
 def vaeflow_weights(ref: torch.nn.Module) -> dict[str, Tensor]:
@@ -85,6 +103,82 @@ def vaeflow_weights(ref: torch.nn.Module) -> dict[str, Tensor]:
     for name, layer in heads.items():
         out[f"{name}.weight"], out[f"{name}.bias"] = layer.weight, layer.bias
     return {k: v.detach().clone() for k, v in out.items()}
+
+
+def _rows(*layout: int, order: Sequence[int]) -> Tensor:
+    """The reference's output rows of a head whose per-sample output is laid out as the
+    shape ``layout``, in the order of vaeflow's layout ``layout`` permuted by ``order``."""
+    n = 1
+    for size in layout:
+        n *= size
+    return torch.arange(n).view(*layout).permute(*order).reshape(-1)
+
+
+def flow_weights(flow: str, ref: torch.nn.Module, ours: torch.nn.Module) -> dict[str, Tensor]:
+    """The weights of the reference VAE ``ref`` with a baseline ``flow`` under the names of
+    vaeflow's ``ours``: the shared VAE's (:func:`vaeflow_weights`) and the flow's amortization
+    heads, whose separate ``amor_*`` layers become the rows of vaeflow's one ``ContextHead`` in
+    its order. The Sylvester heads put the step index last (``[M, M, K]``; vaeflow's ``[K, M,
+    M]``), and the Householder product runs the other way (``H_L ... H_1``; vaeflow's ``H_1 ...
+    H_L``), so vaeflow's reflections are the reference's in reverse order."""
+    out = {**ours.state_dict(), **vaeflow_weights(ref)}  # vaeflow's buffers kept
+    if flow == "none":
+        return out
+    f = ours.flow
+    if flow == "planar":
+        layers = {"u": ref.amor_u, "w": ref.amor_w, "b": ref.amor_b}
+        rows = {name: None for name in layers}
+    elif flow in ("orthogonal", "householder", "triangular"):
+        k, m, d = f.num_steps, f.num_vectors, f.dim
+        layers = {"full": ref.amor_d, "diag1": ref.amor_diag1[0], "diag2": ref.amor_diag2[0],
+                  "b": ref.amor_b}  # fmt: skip
+        rows = {"full": _rows(m, m, k, order=(2, 0, 1)), "diag1": _rows(m, k, order=(1, 0)),
+                "diag2": _rows(m, k, order=(1, 0)), "b": _rows(m, k, order=(1, 0))}  # fmt: skip
+        if flow == "orthogonal":
+            layers["q"], rows["q"] = ref.amor_q, None  # both [K, D, M]
+        if flow == "householder":
+            layers["v"], rows["v"] = ref.amor_q, _rows(k, f.num_householder, d, order=(0, 1, 2))
+            rows["v"] = rows["v"].view(k, f.num_householder, d).flip(1).reshape(-1)
+    elif flow == "iaf":
+        return {**out, **_iaf_weights(ref.flow, f), "flow.context.weight": ref.h_context.weight,
+                "flow.context.bias": ref.h_context.bias}  # fmt: skip
+    else:
+        raise ValueError(f"no weight mapping for flow {flow!r}")
+    weights, biases = [], []
+    for name in f.head.shapes:
+        layer, order = layers[name], rows[name]
+        weights.append(layer.weight if order is None else layer.weight[order])
+        biases.append(layer.bias if order is None else layer.bias[order])
+    out["flow.head.linear.weight"] = torch.cat(weights).detach().clone()
+    out["flow.head.linear.bias"] = torch.cat(biases).detach().clone()
+    return out
+
+
+def _iaf_weights(ref: torch.nn.Module, ours: torch.nn.Module) -> dict[str, Tensor]:
+    """The reference IAF's MADEs (``MaskedLinear`` weights ``[in, out]``) as vaeflow's
+    ``masks = "reference"`` MADEs (``[out, in]``). Where the reference's step sees ``z``
+    reversed, vaeflow's step reverses its degrees instead, so that step's ``z`` columns and
+    output rows are the reference's flipped."""
+    if getattr(ours, "masks", None) != "reference":
+        raise ValueError("the reference's IAF is vaeflow's IAF with masks='reference'")
+    if (ours.num_steps // 2) % 2:
+        raise ValueError("an odd number of flips leaves the reference's zK reversed for the "
+                         "decoder; the lockstep maps only an even number (num_steps 4k, 4k+1)")
+    out = {}
+    for k, ((z_feats, zh_feats, mean, gate), made) in enumerate(zip(ref.flows, ours.steps,
+                                                                   strict=True)):  # fmt: skip
+        flip = ours.reversed_step(k)
+        first = z_feats[0].weight.T  # [W, D]
+        out[f"flow.steps.{k}.hidden.0.weight"] = first.flip(1) if flip else first
+        out[f"flow.steps.{k}.hidden.0.bias"] = z_feats[0].bias
+        for i in range(1, len(made.hidden)):
+            out[f"flow.steps.{k}.hidden.{i}.weight"] = zh_feats[2 * (i - 1)].weight.T
+            out[f"flow.steps.{k}.hidden.{i}.bias"] = zh_feats[2 * (i - 1)].bias
+        for name, layer in (("out_m", mean), ("out_s", gate)):
+            weight, bias = layer.weight.T, layer.bias  # [D, W], [D]
+            out[f"flow.steps.{k}.{name}.weight"] = weight.flip(0) if flip else weight
+            out[f"flow.steps.{k}.{name}.bias"] = bias.flip(0) if flip else bias
+    return {key: v.detach().clone() for key, v in out.items()}
 
 
 def ffjord_weights(ref: torch.nn.Module, ours: torch.nn.Module, rank: int) -> dict[str, Any]:
@@ -158,21 +252,29 @@ def ffjord_forward(
     }  # fmt: skip
 
 
-def lockstep(
-    steps: int, reference: Path, data_dir: Path, batch_size: int = 100, seed: int = 0
-) -> list[dict[str, float]]:
-    """Per step: both codes' loss and KL (nats per image) on the same batch and noise."""
-    from vaeflow.configs import resolve
+@functools.cache
+def _train_images(data_dir: Path) -> Tensor:
     from vaeflow.data import load_dataset
+
+    return load_dataset("static_mnist", data_dir, "cpu").train
+
+
+def lockstep(
+    steps: int, reference: Path, data_dir: Path, batch_size: int = 100, seed: int = 0,
+    flow: str = "none",
+) -> list[dict[str, float]]:
+    """Per step: both codes' loss and KL (nats per image) on the same batch and noise, for
+    the paper's static-MNIST cell with ``flow``."""
+    from vaeflow.configs import resolve
     from vaeflow.model import build_model
     from vaeflow.train import make_optimizer, train_step
 
     torch.manual_seed(seed)
-    ref, calculate_loss = reference_vae(reference)
-    config = resolve("static_mnist", "none", {"data_dir": str(data_dir)})
-    train = load_dataset("static_mnist", data_dir, "cpu").train
+    config = resolve("static_mnist", flow, {"data_dir": str(data_dir)})
+    ref, calculate_loss = reference_vae(reference, flow, config.flow_kwargs)
+    train = _train_images(data_dir)
     ours = build_model(config)
-    ours.load_state_dict(vaeflow_weights(ref))
+    ours.load_state_dict(flow_weights(flow, ref, ours))
     # The reference's own optimizer line (train_vae_flow.py), and vaeflow's from the config.
     opt_ref = torch.optim.Adamax(ref.parameters(), lr=5e-4, eps=1.0e-7)
     opt_ours = make_optimizer(config, ours)
@@ -213,15 +315,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         for key in ("z0", "zK", "logdet"):
             print(f"largest {key} difference: {diff[key]:.2e}")
         return 0
-    rows = lockstep(args.steps, args.reference, args.data_dir, args.batch_size, args.seed)
-    print("| step | reference loss | vaeflow loss | reference KL | vaeflow KL |")
-    print("|---:|---:|---:|---:|---:|")
-    for r in rows:
-        if r["step"] in (1, args.steps) or r["step"] % args.every == 0:
-            print(f"| {r['step']} | {r['reference_loss']:.3f} | {r['vaeflow_loss']:.3f} | "
-                  f"{r['reference_kl']:.3f} | {r['vaeflow_kl']:.3f} |")
-    worst = max(abs(r["vaeflow_loss"] - r["reference_loss"]) for r in rows)
-    print(f"\nlargest loss difference over {len(rows)} steps: {worst:.2e} nats")
+    print(f"static MNIST, the papers' cells, {args.steps} steps of {args.batch_size} images")
+    for flow in args.flow:
+        rows = lockstep(args.steps, args.reference, args.data_dir, args.batch_size, args.seed,
+                        flow)  # fmt: skip
+        print(f"\nflow {flow}:\n")
+        print("| step | reference loss | vaeflow loss | reference KL | vaeflow KL |")
+        print("|---:|---:|---:|---:|---:|")
+        for r in rows:
+            if r["step"] in (1, args.steps) or r["step"] % args.every == 0:
+                print(f"| {r['step']} | {r['reference_loss']:.3f} | {r['vaeflow_loss']:.3f} | "
+                      f"{r['reference_kl']:.3f} | {r['vaeflow_kl']:.3f} |")
+        worst = max(abs(r["vaeflow_loss"] - r["reference_loss"]) for r in rows)
+        worst_kl = max(abs(r["vaeflow_kl"] - r["reference_kl"]) for r in rows)
+        print(f"\n{flow}: largest loss difference over {len(rows)} steps: {worst:.2e} nats "
+              f"(KL: {worst_kl:.2e})")
     return 0
 
 

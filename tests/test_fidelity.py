@@ -56,6 +56,8 @@ def test_the_papers_cells_start_their_flows_as_the_papers_code_does() -> None:
 
     for dataset in REFERENCE_PARAMETERS:  # FFJORD: the plain linear head of the reference
         assert resolve(dataset, "ffjord").flow_kwargs["lowrank_init"] == "reference"
+        # IAF: vae_lib's MADE masks and step orders (experiments/lockstep.py --flow iaf)
+        assert resolve(dataset, "iaf").flow_kwargs["masks"] == "reference"
     # The reference's masked layers: kaiming_normal on an [in, out] weight, zero bias, i.e.
     # std sqrt(2 / out_features); the MADE's output heads would start ~5x smaller otherwise.
     torch.manual_seed(0)

@@ -108,22 +108,37 @@ def test_merge_reports_several_result_files_and_keeps_each_commit(tmp_path: Path
 
 @needs_reference("ffjord/vae_lib")
 def test_lockstep_with_the_reference_gives_the_same_losses() -> None:
-    # Same weights, batches and noise: the papers' encoder, decoder, ELBO and Adamax step
-    # agree with the reference's own code to rounding, step after step.
+    # Same weights, batches and noise: the papers' encoder, decoder, baseline flows, ELBO and
+    # Adamax step agree with the reference's own code to rounding, step after step.
+    import re
+
+    flows = ["none", "planar", "iaf", "orthogonal", "householder", "triangular"]
     done = subprocess.run(
-        [sys.executable, str(REPO / "experiments" / "lockstep.py"), "--steps", "4",
+        [sys.executable, str(REPO / "experiments" / "lockstep.py"), "--steps", "3",
          "--batch-size", "20", "--every", "1", "--reference", str(SHARED / "reference"),
-         "--data-dir", str(SHARED / "data")],
+         "--data-dir", str(SHARED / "data"), "--flow", *flows],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
-    rows = [line.split("|")[1:-1] for line in done.stdout.splitlines() if line.startswith("| ")]
-    values = [[float(v) for v in row] for row in rows[1:]]  # after the header
-    assert [v[0] for v in values] == [1, 2, 3, 4]
-    for _, ref_loss, our_loss, ref_kl, our_kl in values:
-        assert our_loss == pytest.approx(ref_loss, abs=1e-2)
-        assert our_kl == pytest.approx(ref_kl, abs=1e-2)
-    assert values[-1][1] < values[0][1]  # and they did train
+    sections = re.split(r"^flow (\w+):$", done.stdout, flags=re.M)[1:]
+    assert sections[::2] == flows
+    for flow, text in zip(sections[::2], sections[1::2], strict=True):
+        rows = [line.split("|")[1:-1] for line in text.splitlines() if line.startswith("| ")]
+        values = [[float(v) for v in row] for row in rows[1:]]  # after the header
+        assert [v[0] for v in values] == [1, 2, 3], flow
+        for _, ref_loss, our_loss, ref_kl, our_kl in values:
+            assert our_loss == pytest.approx(ref_loss, abs=1e-2), flow
+            assert our_kl == pytest.approx(ref_kl, abs=1e-2), flow
+        assert values[-1][1] < values[0][1], flow  # and they did train
+        if flow != "none":  # the flow's log-determinant is in the KL
+            assert values[0][3] != pytest.approx(_first_kl(sections), abs=1e-3), flow
+
+
+def _first_kl(sections: list[str]) -> float:
+    """The step-1 KL of the run without a flow (same weights of the shared VAE, same noise)."""
+    text = sections[sections.index("none") + 1]
+    row = next(line for line in text.splitlines() if line.startswith("| 1 |"))
+    return float(row.split("|")[4])
 
 
 @needs_reference("ffjord/vae_lib")

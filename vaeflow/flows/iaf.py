@@ -3,6 +3,18 @@
 The architecture is the one the Sylvester and FFJORD papers' IAF baseline uses: one projection of
 the encoder's context to the MADE width, shared by every step, and per step a MADE whose first
 masked layer reads ``z``; the projected context is added after that layer's activation.
+
+Two mask layouts (``masks``), both autoregressive, with the same parameter count:
+
+- ``"cycled"`` (the default): Germain et al.'s MADE. Hidden degrees cycle through ``1 .. D-1``,
+  every masked layer connects a unit to every unit of no higher degree, and the steps' orders
+  alternate (natural, reversed, natural, ...).
+- ``"reference"``: the papers' code (``vae_lib``'s ``MaskedLinear`` and ``IAF``), which every
+  per-data-set config uses. Hidden degrees come in blocks of ``W / D`` (unit ``j`` has degree
+  ``j // (W / D) + 1``, so the last block feeds no output); hidden-to-hidden layers connect
+  unit ``i`` to the units ``j <= i`` only; and the code reverses ``z`` before every second
+  step without restoring it, so the orders run natural, reversed, reversed, natural, natural,
+  ... Needs ``W`` to be a multiple of ``D``.
 """
 
 from __future__ import annotations
@@ -11,10 +23,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..checks import check_number
-from .base import Flow, check_positive_int
+from ..checks import InputError, check_number
+from .base import Flow, check_choice, check_positive_int
 
-__all__ = ["IAF", "MADE"]
+__all__ = ["IAF", "MADE", "MASKS"]
+
+MASKS = ("cycled", "reference")
 
 
 class MaskedLinear(nn.Linear):
@@ -52,21 +66,37 @@ class MADE(nn.Module):
         hidden_dim: W, the width of every hidden layer.
         num_hidden_layers: masked hidden layers (>= 1); the papers' IAF uses 2.
         reverse: use the order D, ..., 1 instead of 1, ..., D.
+        masks: ``"cycled"`` or ``"reference"`` (see the module's docstring).
     """
 
     def __init__(
-        self, dim: int, hidden_dim: int, num_hidden_layers: int = 2, reverse: bool = False
+        self, dim: int, hidden_dim: int, num_hidden_layers: int = 2, reverse: bool = False,
+        masks: str = "cycled",
     ) -> None:
         super().__init__()
+        check_choice("masks", masks, MASKS)
         degrees_in = torch.arange(1, dim + 1)
         if reverse:
             degrees_in = degrees_in.flip(0)
-        # Hidden degrees cycle through 1..D-1 so every input that may be used is used.
-        degrees_hidden = torch.arange(hidden_dim) % max(dim - 1, 1) + 1
+        if masks == "cycled":
+            # Hidden degrees cycle through 1..D-1 so every input that may be used is used.
+            degrees_hidden = torch.arange(hidden_dim) % max(dim - 1, 1) + 1
+        else:
+            if hidden_dim % dim:
+                raise InputError(
+                    f"masks='reference' needs hidden_dim to be a multiple of dim, got "
+                    f"hidden_dim={hidden_dim}, dim={dim}; masks='cycled' takes any width"
+                )
+            degrees_hidden = torch.arange(hidden_dim) // (hidden_dim // dim) + 1
         layers: list[nn.Module] = []
         previous = degrees_in
-        for _ in range(num_hidden_layers):
-            mask = (degrees_hidden[:, None] >= previous[None, :]).float()
+        for i in range(num_hidden_layers):
+            if masks == "reference" and i > 0:
+                # By unit index (i sees j <= i): a subset of the degree rule, since these
+                # degrees do not decrease with the index.
+                mask = torch.tril(torch.ones(hidden_dim, hidden_dim))
+            else:
+                mask = (degrees_hidden[:, None] >= previous[None, :]).float()
             layers.append(MaskedLinear(previous.numel(), hidden_dim, mask))
             previous = degrees_hidden
         self.hidden = nn.ModuleList(layers)
@@ -99,6 +129,8 @@ class IAF(Flow):
         num_hidden_layers: masked hidden layers per MADE (default 2, as in the papers' code:
             ``z -> W``, context added, ``W -> W``).
         forget_bias: added to ``s`` so a fresh flow starts close to the identity (default 1.0).
+        masks: the MADEs' masks and the steps' orders: ``"cycled"`` (default) or
+            ``"reference"``, the papers' code (see the module's docstring).
     """
 
     has_inverse = True
@@ -111,17 +143,25 @@ class IAF(Flow):
         hidden_dim: int = 320,
         num_hidden_layers: int = 2,
         forget_bias: float = 1.0,
+        masks: str = "cycled",
     ) -> None:
         super().__init__(dim, context_dim)
         self.num_steps = check_positive_int("num_steps", num_steps)
         check_positive_int("hidden_dim", hidden_dim)
         check_positive_int("num_hidden_layers", num_hidden_layers)
         self.forget_bias = check_number("forget_bias", forget_bias)
+        self.masks = check_choice("masks", masks, MASKS)
         self.context = nn.Linear(context_dim, hidden_dim)
         self.steps = nn.ModuleList(
-            MADE(dim, hidden_dim, num_hidden_layers, reverse=k % 2 == 1)
+            MADE(dim, hidden_dim, num_hidden_layers, self.reversed_step(k), masks)
             for k in range(num_steps)
         )
+
+    def reversed_step(self, k: int) -> bool:
+        """Whether step ``k`` (from 0) runs in the reversed order. The reference code flips
+        ``z`` before steps 1, 3, 5, ... and never flips it back, so its step ``k`` sees ``z``
+        reversed after ``(k + 1) // 2`` flips."""
+        return (k if self.masks == "cycled" else (k + 1) // 2) % 2 == 1
 
     def _gate(self, made: MADE, z: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
         m, s = made(z, c)
@@ -155,4 +195,4 @@ class IAF(Flow):
         return z, logdet
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, num_steps={self.num_steps}"
+        return f"{super().extra_repr()}, num_steps={self.num_steps}, masks={self.masks!r}"
