@@ -1,23 +1,30 @@
-"""vaeflow's VAE and the FFJORD paper's code stepped in lockstep: the same initial weights, the
-same batches and the same posterior noise, one Adamax step each per batch.
+"""vaeflow's VAEs and the FFJORD paper's code stepped in lockstep: the same initial weights,
+the same batches and the same posterior noise, one Adamax step each per batch.
 
 Where ``experiments/first_losses.py`` compares the two codes in distribution (each from its
-own seeds, whose early training is chaotic), this removes the randomness: the reference's
-no-flow VAE (``vae_lib.models.VAE``, the gated-conv encoder and decoder every cell shares) is
-built, its weights are copied into vaeflow's static-MNIST model (the gated layers' two
-convolutions become one), and both train on identical inputs with their own loss code
-(``vae_lib``'s ``calculate_loss``; ``vaeflow.train.train_step``) and their own optimizer
-objects. Equal losses step after step mean the same architecture, the same objective, the same
-gradients and the same optimizer.
+own seeds, whose early training is chaotic), this removes the randomness. For each posterior
+of ``--flow`` the reference's static-MNIST VAE (``vae_lib.models``: the gated-conv encoder and
+decoder every cell shares, and the planar, IAF or Sylvester flow with the papers' settings) is
+built, its weights are copied into vaeflow's model of the same cell (the gated layers' two
+convolutions become one, the flows' separate amortization layers the rows of one head), and
+both train on identical inputs with their own loss code (``vae_lib``'s ``calculate_loss``;
+``vaeflow.train.train_step``) and their own optimizer objects. Equal losses step after step
+mean the same architecture, the same objective, the same gradients and the same optimizer.
 
-``--ffjord`` checks the paper's flow the same way, forward: the reference's amortized low-rank
-CNF VAE (``cnf_rank``) and vaeflow's FFJORD (``lowrank_init = "reference"``) with the same
-weights (the shared layers' time column moved from first to last, the head's rows reordered to
-vaeflow's ``U, V, c``), the same ``z0``, the exact trace in both, float64 and tight tolerances:
-``zK`` and the log-determinant agree to the solvers' error.
+``--flow ffjord`` does the same for the paper's flow at the size of ``--dims``, ``--rank`` and
+``--blocks``, in float64 at ``--tol``: the reference's amortized low-rank CNF VAE
+(``cnf_rank``, gradients by the adjoint) and vaeflow's FFJORD (``lowrank_init = "reference"``,
+Gaussian Hutchinson probes, gradients through the solver) with the same probes.
 
-    python experiments/lockstep.py --steps 50 --reference ../shared/reference \\
-        --data-dir ../shared/data
+``--ffjord`` checks FFJORD forward instead: the same weights (the shared layers' time column
+moved from first to last, the head's rows reordered to vaeflow's ``U, V, c``), the same
+``z0``, the exact trace in both, float64 and tight tolerances: ``zK`` and the log-determinant
+agree to the solvers' error.
+
+    python experiments/lockstep.py --steps 50 --flow none planar iaf orthogonal householder \\
+        triangular --reference ../shared/reference --data-dir ../shared/data
+    python experiments/lockstep.py --steps 5 --flow ffjord --dims 64-64 --rank 8 --tol 1e-8
+    python experiments/lockstep.py --ffjord --dims 1024-1024 --rank 64 --blocks 2
 """
 
 from __future__ import annotations
@@ -47,13 +54,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", type=Path, default=REPO.parent / "shared" / "reference")
     p.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data")
     p.add_argument("--every", type=int, default=10, help="print every N steps (default 10)")
-    p.add_argument("--flow", nargs="+", default=["none"], choices=list(REFERENCE_CLASSES),
+    p.add_argument("--flow", nargs="+", default=["none"], choices=[*REFERENCE_CLASSES, "ffjord"],
                    help="the posteriors of the training lockstep, one after the other "
                         "(default none)")
     p.add_argument("--ffjord", action="store_true", help="the forward check of FFJORD instead")
     p.add_argument("--dims", default="64-64", help="FFJORD hidden widths (default 64-64)")
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--blocks", type=int, default=2)
+    p.add_argument("--float64", action="store_true",
+                   help="the baselines' lockstep in float64 (FFJORD's always is)")
+    p.add_argument("--tol", type=float, default=1e-7, help="FFJORD's dopri5 atol = rtol")
     return p
 
 
@@ -209,15 +219,15 @@ def ffjord_weights(ref: torch.nn.Module, ours: torch.nn.Module, rank: int) -> di
     return {k: v.detach().clone() if torch.is_tensor(v) else v for k, v in out.items()}
 
 
-def ffjord_forward(
+def ffjord_pair(
     reference: Path, data_dir: Path, dims: Sequence[int], rank: int, blocks: int,
-    points: int = 20, tol: float = 1e-7, seed: int = 0,
-) -> dict[str, float]:
-    """The largest differences of ``z0``, ``zK`` and the log-determinant between the two
-    codes' FFJORD VAEs with the same weights and noise (exact trace, float64), and how far
-    the flow moves ``z0`` (so that a flow that does nothing cannot pass)."""
+    tol: float = 1e-7, seed: int = 0, exact: bool = True,
+) -> tuple[torch.nn.Module, torch.nn.Module, Any]:
+    """The reference's ``cnf_rank`` VAE and vaeflow's FFJORD VAE (``lowrank_init =
+    "reference"``, its config returned too) with the same weights, in float64, solved by
+    dopri5 at ``tol``: with the exact trace (``exact``) or the Gaussian Hutchinson estimator
+    (the reference's ``--rademacher False``)."""
     from vaeflow.configs import resolve
-    from vaeflow.data import load_dataset
     from vaeflow.model import build_model
 
     _import_reference(reference)
@@ -226,17 +236,29 @@ def ffjord_forward(
     args = types.SimpleNamespace(
         z_size=LATENT, input_size=[1, 28, 28], input_type="binary", cuda=False,
         dims="-".join(map(str, dims)), rank=rank, num_blocks=blocks, layer_type="concat",
-        nonlinearity="softplus", divergence_fn="brute_force", residual=False, rademacher=False,
-        time_length=0.5, atol=tol, rtol=tol, solver="dopri5",
+        nonlinearity="softplus", divergence_fn="brute_force" if exact else "approximate",
+        residual=False, rademacher=False, time_length=0.5, atol=tol, rtol=tol, solver="dopri5",
     )  # fmt: skip
     torch.manual_seed(seed)
-    ref = AmortizedLowRankCNFVAE(args).double().eval()
+    ref = AmortizedLowRankCNFVAE(args).double()
     config = resolve("static_mnist", "ffjord", {"data_dir": str(data_dir)})
     config.flow_kwargs.update(hidden_dims=list(dims), rank=rank, num_blocks=blocks, atol=tol,
-                              rtol=tol)  # fmt: skip
-    ours = build_model(config).double().eval()
+                              rtol=tol, noise="gaussian")  # fmt: skip
+    ours = build_model(config).double()
     ours.load_state_dict(ffjord_weights(ref, ours, rank))
-    x = load_dataset("static_mnist", data_dir, "cpu").train[:points].double()
+    return ref, ours, config
+
+
+def ffjord_forward(
+    reference: Path, data_dir: Path, dims: Sequence[int], rank: int, blocks: int,
+    points: int = 20, tol: float = 1e-7, seed: int = 0,
+) -> dict[str, float]:
+    """The largest differences of ``z0``, ``zK`` and the log-determinant between the two
+    codes' FFJORD VAEs with the same weights and noise (exact trace, float64), and how far
+    the flow moves ``z0`` (so that a flow that does nothing cannot pass)."""
+    ref, ours, _ = ffjord_pair(reference, data_dir, dims, rank, blocks, tol, seed)
+    ref.eval(), ours.eval()
+    x = _train_images(data_dir)[:points].double()
     eps = torch.randn(points, LATENT, generator=torch.Generator().manual_seed(seed + 1),
                       dtype=torch.float64)  # fmt: skip
     ref.reparameterize = lambda mu, var: eps * var.sqrt() + mu
@@ -262,32 +284,57 @@ def _train_images(data_dir: Path) -> Tensor:
 def lockstep(
     steps: int, reference: Path, data_dir: Path, batch_size: int = 100, seed: int = 0,
     flow: str = "none",
+    ffjord: dict[str, Any] | None = None,
+    float64: bool = False,
 ) -> list[dict[str, float]]:
     """Per step: both codes' loss and KL (nats per image) on the same batch and noise, for
-    the paper's static-MNIST cell with ``flow``."""
+    the paper's static-MNIST cell with ``flow``; for ``"ffjord"``, :func:`ffjord_pair`'s
+    models at the size ``ffjord`` (``dims``, ``rank``, ``blocks``, ``tol``) with the same
+    Gaussian Hutchinson probes (the reference solves its gradients with the adjoint,
+    vaeflow backpropagates through the solver: they agree to the solvers' error), always in
+    float64; the other flows in float32 unless ``float64``."""
+    if (flow == "ffjord") != (ffjord is not None):
+        raise ValueError("the FFJORD lockstep needs its size (ffjord=...), and only it does")
     from vaeflow.configs import resolve
     from vaeflow.model import build_model
     from vaeflow.train import make_optimizer, train_step
 
-    torch.manual_seed(seed)
-    config = resolve("static_mnist", flow, {"data_dir": str(data_dir)})
-    ref, calculate_loss = reference_vae(reference, flow, config.flow_kwargs)
+    dtype = torch.float64 if ffjord is not None or float64 else torch.float32
+    if ffjord is not None:  # flow == "ffjord"
+        ref, ours, config = ffjord_pair(reference, data_dir, **ffjord, seed=seed, exact=False)
+        from vae_lib.optimization.loss import calculate_loss
+    else:
+        torch.manual_seed(seed)
+        config = resolve("static_mnist", flow, {"data_dir": str(data_dir)})
+        ref, calculate_loss = reference_vae(reference, flow, config.flow_kwargs)
+        ours = build_model(config)
+        ours.load_state_dict(flow_weights(flow, ref, ours))
+        ref.to(dtype), ours.to(dtype)
     train = _train_images(data_dir)
-    ours = build_model(config)
-    ours.load_state_dict(flow_weights(flow, ref, ours))
     # The reference's own optimizer line (train_vae_flow.py), and vaeflow's from the config.
     opt_ref = torch.optim.Adamax(ref.parameters(), lr=5e-4, eps=1.0e-7)
     opt_ours = make_optimizer(config, ours)
-    noise: dict[str, Tensor] = {}
+    noise: dict[str, Any] = {}
     ref.reparameterize = lambda mu, var: noise["eps"] * var.sqrt() + mu
     ours._noise = lambda like, generator: noise["eps"]
+    if ffjord is not None:
+        # The same Hutchinson probe per block in both: the reference draws its probe in
+        # lib.layers.odefunc at each block's first evaluation, vaeflow per block solve.
+        import lib.layers.odefunc as odefunc
+
+        odefunc.sample_gaussian_like = lambda y: noise["reference_probes"].pop(0)
+        ours.flow._noise = lambda z: noise["vaeflow_probes"].pop(0)
     ref.train(), ours.train()
     gen = torch.Generator().manual_seed(seed + 1)
     loss_args = types.SimpleNamespace(input_type="binary")
     rows = []
     for step in range(1, steps + 1):
-        x = train[torch.randint(0, len(train), (batch_size,), generator=gen)]
-        noise["eps"] = torch.randn(batch_size, LATENT, generator=gen)
+        x = train[torch.randint(0, len(train), (batch_size,), generator=gen)].to(dtype)
+        noise["eps"] = torch.randn(batch_size, LATENT, generator=gen, dtype=dtype)
+        if ffjord is not None:
+            probes = [torch.randn(batch_size, LATENT, generator=gen, dtype=dtype)
+                      for _ in range(ffjord["blocks"])]  # fmt: skip
+            noise["reference_probes"], noise["vaeflow_probes"] = list(probes), list(probes)
         opt_ref.zero_grad()
         x_mean, z_mu, z_var, ldj, z0, zk = ref(x)
         loss, _, kl, _ = calculate_loss(x_mean, x, z_mu, z_var, z0, zk, ldj, loss_args, beta=BETA)
@@ -305,12 +352,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     import warnings
 
     warnings.filterwarnings("ignore", message="size_average and reduce")  # the reference's BCE
+    size = {"dims": [int(w) for w in args.dims.split("-")], "rank": args.rank,
+            "blocks": args.blocks, "tol": args.tol}  # fmt: skip
     if args.ffjord:
-        dims = [int(w) for w in args.dims.split("-")]
-        diff = ffjord_forward(args.reference, args.data_dir, dims, args.rank, args.blocks,
-                              seed=args.seed)  # fmt: skip
+        diff = ffjord_forward(args.reference, args.data_dir, **size, seed=args.seed)
         print(f"FFJORD {args.dims}, rank {args.rank}, {args.blocks} blocks, 20 points, "
-              f"float64, dopri5 at 1e-7, exact trace: the flow moves z0 by "
+              f"float64, dopri5 at {args.tol:g}, exact trace: the flow moves z0 by "
               f"{diff['moved']:.4f} on average (log-determinant {diff['logdet_mean']:.4f})")
         for key in ("z0", "zK", "logdet"):
             print(f"largest {key} difference: {diff[key]:.2e}")
@@ -318,8 +365,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"static MNIST, the papers' cells, {args.steps} steps of {args.batch_size} images")
     for flow in args.flow:
         rows = lockstep(args.steps, args.reference, args.data_dir, args.batch_size, args.seed,
-                        flow)  # fmt: skip
-        print(f"\nflow {flow}:\n")
+                        flow, size if flow == "ffjord" else None, args.float64)  # fmt: skip
+        about = " (float64)" if args.float64 else ""
+        if flow == "ffjord":
+            about = (f" ({args.dims}, rank {args.rank}, {args.blocks} blocks, float64, dopri5 "
+                     f"at {args.tol:g}, Gaussian Hutchinson probes)")  # fmt: skip
+        print(f"\nflow {flow}{about}:\n")
         print("| step | reference loss | vaeflow loss | reference KL | vaeflow KL |")
         print("|---:|---:|---:|---:|---:|")
         for r in rows:

@@ -110,8 +110,6 @@ def test_merge_reports_several_result_files_and_keeps_each_commit(tmp_path: Path
 def test_lockstep_with_the_reference_gives_the_same_losses() -> None:
     # Same weights, batches and noise: the papers' encoder, decoder, baseline flows, ELBO and
     # Adamax step agree with the reference's own code to rounding, step after step.
-    import re
-
     flows = ["none", "planar", "iaf", "orthogonal", "householder", "triangular"]
     done = subprocess.run(
         [sys.executable, str(REPO / "experiments" / "lockstep.py"), "--steps", "3",
@@ -120,11 +118,10 @@ def test_lockstep_with_the_reference_gives_the_same_losses() -> None:
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
-    sections = re.split(r"^flow (\w+):$", done.stdout, flags=re.M)[1:]
+    sections = _sections(done.stdout)
     assert sections[::2] == flows
     for flow, text in zip(sections[::2], sections[1::2], strict=True):
-        rows = [line.split("|")[1:-1] for line in text.splitlines() if line.startswith("| ")]
-        values = [[float(v) for v in row] for row in rows[1:]]  # after the header
+        values = _table(text)
         assert [v[0] for v in values] == [1, 2, 3], flow
         for _, ref_loss, our_loss, ref_kl, our_kl in values:
             assert our_loss == pytest.approx(ref_loss, abs=1e-2), flow
@@ -132,6 +129,20 @@ def test_lockstep_with_the_reference_gives_the_same_losses() -> None:
         assert values[-1][1] < values[0][1], flow  # and they did train
         if flow != "none":  # the flow's log-determinant is in the KL
             assert values[0][3] != pytest.approx(_first_kl(sections), abs=1e-3), flow
+
+
+def _sections(out: str) -> list[str]:
+    """lockstep.py's output as ``[flow, its table, flow, its table, ...]``."""
+    import re
+
+    return re.split(r"^flow (\w+)[^\n]*:$", out, flags=re.M)[1:]
+
+
+def _table(text: str) -> list[list[float]]:
+    """The rows of a lockstep table: step, reference loss, vaeflow loss, reference KL,
+    vaeflow KL."""
+    rows = [line.split("|")[1:-1] for line in text.splitlines() if line.startswith("| ")]
+    return [[float(v) for v in row] for row in rows[1:]]  # after the header
 
 
 def _first_kl(sections: list[str]) -> float:
@@ -157,3 +168,25 @@ def test_ffjord_with_the_reference_weights_is_the_reference_flow() -> None:
     assert moved > 0.01, done.stdout  # the flow does something
     assert float(found["z0"]) < 1e-9, done.stdout
     assert float(found["zK"]) < 1e-5 and float(found["logdet"]) < 1e-5, done.stdout
+
+
+@needs_reference("ffjord/vae_lib")
+def test_ffjord_training_steps_follow_the_reference() -> None:
+    # Hutchinson estimator with the same probes; the reference's gradients come from the
+    # adjoint, vaeflow's through the solver: float64 and a tight tolerance make them agree.
+    done = subprocess.run(
+        [sys.executable, str(REPO / "experiments" / "lockstep.py"), "--flow", "ffjord",
+         "--dims", "8-8", "--rank", "2", "--blocks", "2", "--tol", "1e-8", "--steps", "2",
+         "--batch-size", "4", "--every", "1", "--reference", str(SHARED / "reference"),
+         "--data-dir", str(SHARED / "data")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    flow, text = _sections(done.stdout)
+    assert flow == "ffjord"
+    values = _table(text)
+    assert [v[0] for v in values] == [1, 2]
+    for _, ref_loss, our_loss, ref_kl, our_kl in values:
+        assert our_loss == pytest.approx(ref_loss, abs=1e-3)
+        assert our_kl == pytest.approx(ref_kl, abs=1e-3)
+    assert values[1][1] != values[0][1]  # a step was taken
