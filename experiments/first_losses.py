@@ -286,10 +286,11 @@ def plot(records: list[dict[str, Any]], flows: Sequence[str], path: Path) -> Non
     plt.close(fig)
 
 
-def _part(summary: dict[str, Any], runs: list[dict[str, Any]]) -> dict[str, Any]:
+def _part(source: dict[str, Any], runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """A report's line on ``runs`` of one command (``source``: its commit, date, command)."""
     flows = sorted({r["flow"] for r in runs}, key=FLOWS.index)
     seeds = sorted({r["seed"] for r in runs})
-    return {"commit": summary["commit"], "date": summary["date"], "command": summary["command"],
+    return {"commit": source["commit"], "date": source["date"], "command": source["command"],
             "runs": len(runs), "what": f"{', '.join(flows)}; seeds {seeds}"}  # fmt: skip
 
 
@@ -301,19 +302,27 @@ def write_report(summary: dict[str, Any], out_dir: Path) -> None:
     print(f"wrote {out_dir}")
 
 
+def _source(summary: dict[str, Any]) -> dict[str, str]:
+    """Where a run comes from (a merged file keeps it per run, so it can be merged again)."""
+    return {key: summary[key] for key in ("commit", "date", "command")}
+
+
 def merge(args: argparse.Namespace) -> int:
-    """One report of the runs of several result files (each part keeps its commit)."""
+    """One report of the runs of several result files (each part keeps its commit); a run of
+    a later file replaces an earlier file's run of the same side, flow and seed."""
     runs: dict[tuple[str, str, int], dict[str, Any]] = {}
     summaries = [json.loads(path.read_text()) for path in args.merge]
     for summary in summaries:
         for run in summary["runs"]:
             run.setdefault("commit", summary["commit"])
+            run.setdefault("source", _source(summary))
             runs[(run["side"], run["flow"], run["seed"])] = run
-    parts = []
-    for summary in summaries:  # the runs of each file that no later file replaced
-        kept = [r for r in summary["runs"] if runs[(r["side"], r["flow"], r["seed"])] is r]
-        if kept:
-            parts.append(_part(summary, kept))
+    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for summary in summaries:  # the runs that no later file replaced, by where they come from
+        for run in summary["runs"]:
+            if runs[(run["side"], run["flow"], run["seed"])] is run:
+                groups.setdefault(tuple(run["source"].values()), []).append(run)
+    parts = [_part(kept[0]["source"], kept) for kept in groups.values()]
     records = sorted(runs.values(), key=lambda r: (FLOWS.index(r["flow"]), r["seed"], r["side"]))
     flows = sorted({r["flow"] for r in records}, key=FLOWS.index)
     steps = min(len(r.get("loss", [])) for r in records)
@@ -358,6 +367,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "flows": list(args.flows), "rows": summarise(records, args.flows, args.steps),
         "runs": records,
     }  # fmt: skip
+    for record in records:
+        record["source"] = _source(summary)
     summary["parts"] = [_part(summary, records)]
     write_report(summary, args.out_dir)
     if scratch is not None:

@@ -104,6 +104,15 @@ def test_merge_reports_several_result_files_and_keeps_each_commit(tmp_path: Path
     assert "`bbb`" not in report  # its iaf runs were replaced by the later file's
     assert "| iaf | loss | step 1 | 9.00 [9.00, 9.00] | 9.00 [9.00, 9.00] | +0.00 |" in report
     assert "| none | kl | peak | 3.00 [3.00, 3.00] |" in report
+    # A merged file merges again with its parts: aaa's runs stay, ddd's replace ccc's.
+    files.append(tmp_path / "3.json")
+    files[-1].write_text(json.dumps(result("ddd", "iaf", 4.0)))
+    assert main([str(tmp_path / "again"), "--merge", str(tmp_path / "out" / "first-losses.json"),
+                 str(files[-1])]) == 0  # fmt: skip
+    report = (tmp_path / "again" / "first-losses.md").read_text()
+    assert "at commit `aaa`" in report and "at commit `ddd`" in report
+    assert "`ccc`" not in report and "`bbb`" not in report
+    assert "| iaf | loss | step 1 | 4.00 [4.00, 4.00] |" in report
 
 
 @needs_reference("ffjord/vae_lib")
