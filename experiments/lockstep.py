@@ -16,6 +16,11 @@ mean the same architecture, the same objective, the same gradients and the same 
 (``cnf_rank``, gradients by the adjoint) and vaeflow's FFJORD (``lowrank_init = "reference"``,
 Gaussian Hutchinson probes, gradients through the solver) with the same probes.
 
+``--init N`` checks what the locksteps cannot see, since they copy the reference's weights: how
+each code draws them. Each initialises its own model from N seeds, and each parameter's root
+mean square in vaeflow is compared with the reference's (a ratio outside ~4 standard deviations
+of N draws is reported, and the exit status is 1).
+
 ``--ffjord`` checks FFJORD forward instead: the same weights (the shared layers' time column
 moved from first to last, the head's rows reordered to vaeflow's ``U, V, c``), the same
 ``z0``, the exact trace in both, float64 and tight tolerances: ``zK`` and the log-determinant
@@ -25,12 +30,15 @@ agree to the solvers' error.
         triangular --reference ../shared/reference --data-dir ../shared/data
     python experiments/lockstep.py --steps 5 --flow ffjord --dims 64-64 --rank 8 --tol 1e-8
     python experiments/lockstep.py --ffjord --dims 1024-1024 --rank 64 --blocks 2
+    python experiments/lockstep.py --init 3 --flow none planar iaf orthogonal householder \\
+        triangular ffjord --dims 16-16 --rank 2
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import math
 import sys
 import types
 from collections.abc import Sequence
@@ -57,6 +65,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--flow", nargs="+", default=["none"], choices=[*REFERENCE_CLASSES, "ffjord"],
                    help="the posteriors of the training lockstep, one after the other "
                         "(default none)")
+    p.add_argument("--init", type=int, metavar="SEEDS",
+                   help="compare the codes' initialisations instead, parameter by parameter, "
+                        "over this many seeds (for each --flow)")
     p.add_argument("--ffjord", action="store_true", help="the forward check of FFJORD instead")
     p.add_argument("--dims", default="64-64", help="FFJORD hidden widths (default 64-64)")
     p.add_argument("--rank", type=int, default=8)
@@ -221,12 +232,13 @@ def ffjord_weights(ref: torch.nn.Module, ours: torch.nn.Module, rank: int) -> di
 
 def ffjord_pair(
     reference: Path, data_dir: Path, dims: Sequence[int], rank: int, blocks: int,
-    tol: float = 1e-7, seed: int = 0, exact: bool = True,
+    tol: float = 1e-7, seed: int = 0, exact: bool = True, copy: bool = True,
 ) -> tuple[torch.nn.Module, torch.nn.Module, Any]:
     """The reference's ``cnf_rank`` VAE and vaeflow's FFJORD VAE (``lowrank_init =
-    "reference"``, its config returned too) with the same weights, in float64, solved by
-    dopri5 at ``tol``: with the exact trace (``exact``) or the Gaussian Hutchinson estimator
-    (the reference's ``--rademacher False``)."""
+    "reference"``, its config returned too) with the same weights (unless not ``copy``: then
+    each with its own initialisation), in float64, solved by dopri5 at ``tol``: with the exact
+    trace (``exact``) or the Gaussian Hutchinson estimator (the reference's ``--rademacher
+    False``)."""
     from vaeflow.configs import resolve
     from vaeflow.model import build_model
 
@@ -245,8 +257,51 @@ def ffjord_pair(
     config.flow_kwargs.update(hidden_dims=list(dims), rank=rank, num_blocks=blocks, atol=tol,
                               rtol=tol, noise="gaussian")  # fmt: skip
     ours = build_model(config).double()
-    ours.load_state_dict(ffjord_weights(ref, ours, rank))
+    if copy:
+        ours.load_state_dict(ffjord_weights(ref, ours, rank))
     return ref, ours, config
+
+
+def init_scales(
+    flow: str, reference: Path, data_dir: Path, seeds: Sequence[int],
+    ffjord: dict[str, Any] | None = None,
+) -> list[dict[str, Any]]:
+    """What the lockstep cannot see, since it copies the reference's weights: how each code
+    initialises them. Per parameter of vaeflow's model of ``flow``, the root mean square of
+    vaeflow's own initial values and of the reference's mapped onto it (masked weights: the
+    entries the mask keeps), pooled over ``seeds``, and the largest ratio that ``n`` draws of
+    one distribution would plausibly show (about 4 standard deviations)."""
+    from vaeflow.configs import resolve
+    from vaeflow.model import build_model
+
+    pooled: dict[str, tuple[list[Tensor], list[Tensor]]] = {}
+    for seed in seeds:
+        if ffjord is not None:
+            ref, ours, _ = ffjord_pair(reference, data_dir, **ffjord, seed=seed, copy=False)
+            mapped = ffjord_weights(ref, ours, ffjord["rank"])
+        else:
+            torch.manual_seed(seed)
+            config = resolve("static_mnist", flow, {"data_dir": str(data_dir)})
+            ref, _ = reference_vae(reference, flow, config.flow_kwargs)
+            ours = build_model(config)
+            mapped = flow_weights(flow, ref, ours)
+        state = ours.state_dict()
+        for name, param in ours.named_parameters():
+            mine, theirs = param.detach().double(), mapped[name].double()
+            mask = state.get(name.removesuffix("weight") + "mask")
+            if name.endswith("weight") and mask is not None:
+                mine, theirs = mine[mask.bool()], theirs[mask.bool()]
+            pooled.setdefault(name, ([], []))[0].append(mine.flatten())
+            pooled[name][1].append(theirs.flatten())
+    rows = []
+    for name, (mine, theirs) in pooled.items():
+        a, b = torch.cat(mine), torch.cat(theirs)
+        rms = [x.square().mean().sqrt().item() for x in (a, b)]
+        ratio = rms[0] / rms[1] if rms[1] else (1.0 if rms[0] == 0 else math.inf)
+        allowed = 4.0 / math.sqrt(2 * a.numel()) + 0.02
+        rows.append({"name": name, "n": a.numel(), "vaeflow": rms[0], "reference": rms[1],
+                     "ratio": ratio, "ok": abs(ratio - 1.0) <= allowed})  # fmt: skip
+    return rows
 
 
 def ffjord_forward(
@@ -347,6 +402,22 @@ def lockstep(
     return rows
 
 
+def _print_init_scales(args: argparse.Namespace, size: dict[str, Any]) -> int:
+    outside = 0
+    for flow in args.flow:
+        rows = init_scales(flow, args.reference, args.data_dir, range(args.init),
+                           size if flow == "ffjord" else None)  # fmt: skip
+        bad = [r for r in rows if not r["ok"]]
+        outside += len(bad)
+        worst = max(rows, key=lambda r: abs(r["ratio"] - 1.0))
+        print(f"init {flow}: {len(rows)} parameters over {args.init} seeds, {len(bad)} outside "
+              f"(largest ratio of root mean squares {worst['ratio']:.3f}, {worst['name']})")
+        for r in bad:
+            print(f"  {r['name']}: vaeflow {r['vaeflow']:.4g}, reference {r['reference']:.4g} "
+                  f"(ratio {r['ratio']:.3f}, n = {r['n']})")
+    return 1 if outside else 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     import warnings
@@ -354,6 +425,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message="size_average and reduce")  # the reference's BCE
     size = {"dims": [int(w) for w in args.dims.split("-")], "rank": args.rank,
             "blocks": args.blocks, "tol": args.tol}  # fmt: skip
+    if args.init:
+        return _print_init_scales(args, size)
     if args.ffjord:
         diff = ffjord_forward(args.reference, args.data_dir, **size, seed=args.seed)
         print(f"FFJORD {args.dims}, rank {args.rank}, {args.blocks} blocks, 20 points, "

@@ -199,3 +199,21 @@ def test_ffjord_training_steps_follow_the_reference() -> None:
         assert our_loss == pytest.approx(ref_loss, abs=1e-3)
         assert our_kl == pytest.approx(ref_kl, abs=1e-3)
     assert values[1][1] != values[0][1]  # a step was taken
+
+
+@needs_reference("ffjord/vae_lib")
+def test_every_parameter_starts_at_the_reference_codes_scale() -> None:
+    # The locksteps copy the reference's weights, so they cannot see how either code draws
+    # them: here each code initialises its own model, and every parameter's root mean square
+    # must agree (the IAF's former nn.Linear start, 5x smaller heads, fails this).
+    flows = ["none", "planar", "iaf", "ffjord"]
+    done = subprocess.run(
+        [sys.executable, str(REPO / "experiments" / "lockstep.py"), "--init", "2", "--flow",
+         *flows, "--dims", "8-8", "--rank", "2", "--reference", str(SHARED / "reference"),
+         "--data-dir", str(SHARED / "data")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    for flow in flows:
+        assert f"init {flow}: " in done.stdout and "outside" in done.stdout
+    assert done.stdout.count(" 0 outside") == len(flows), done.stdout
