@@ -84,7 +84,11 @@ def test_exact_trace_matches_jacobian(dynamics: str) -> None:
 def test_reference_lowrank_init_matches_the_jacobian_and_the_papers_head() -> None:
     flow = sharpen(make(trace="exact", lowrank_init="reference")).train()
     z0, h = data()
+    # A smaller context: with this start a unit-scale h makes the field stiff (2,030 function
+    # evaluations per solve at these tolerances, a minute of Jacobian; 170 at 0.3 h).
+    h = 0.3 * h
     _, logdet = flow(z0, h)
+    assert logdet.abs().max() > 0.1  # the flow does something
     torch.testing.assert_close(logdet, jacobian_logdet(flow, z0, h), rtol=1e-6, atol=1e-8)
     # The paper's code: a plain nn.Linear head (uniform in +-1/sqrt(H)), V used as it is.
     torch.manual_seed(1)
