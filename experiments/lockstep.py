@@ -49,10 +49,9 @@ import torch
 from reference_weights import (
     LATENT,
     REFERENCE_CLASSES,
+    baseline_pair,
     ffjord_pair,
-    ffjord_weights,
     flow_weights,
-    reference_vae,
 )
 from torch import Tensor
 
@@ -94,20 +93,13 @@ def init_scales(
     vaeflow's own initial values and of the reference's mapped onto it (masked weights: the
     entries the mask keeps), pooled over ``seeds``, and the largest ratio that ``n`` draws of
     one distribution would plausibly show (about 4 standard deviations)."""
-    from vaeflow.configs import resolve
-    from vaeflow.model import build_model
-
     pooled: dict[str, tuple[list[Tensor], list[Tensor]]] = {}
     for seed in seeds:
         if ffjord is not None:
             ref, ours, _ = ffjord_pair(reference, data_dir, **ffjord, seed=seed, copy=False)
-            mapped = ffjord_weights(ref, ours, ffjord["rank"])
         else:
-            torch.manual_seed(seed)
-            config = resolve("static_mnist", flow, {"data_dir": str(data_dir)})
-            ref, _ = reference_vae(reference, flow, config.flow_kwargs)
-            ours = build_model(config)
-            mapped = flow_weights(flow, ref, ours)
+            ref, ours, _ = baseline_pair(reference, data_dir, flow, seed, copy=False)
+        mapped = flow_weights(flow, ref, ours)
         state = ours.state_dict()
         for name, param in ours.named_parameters():
             mine, theirs = param.detach().double(), mapped[name].double()
@@ -173,21 +165,15 @@ def lockstep(
     float64; the other flows in float32 unless ``float64``."""
     if (flow == "ffjord") != (ffjord is not None):
         raise ValueError("the FFJORD lockstep needs its size (ffjord=...), and only it does")
-    from vaeflow.configs import resolve
-    from vaeflow.model import build_model
     from vaeflow.train import make_optimizer, train_step
 
     dtype = torch.float64 if ffjord is not None or float64 else torch.float32
     if ffjord is not None:  # flow == "ffjord"
         ref, ours, config = ffjord_pair(reference, data_dir, **ffjord, seed=seed, exact=False)
-        from vae_lib.optimization.loss import calculate_loss
     else:
-        torch.manual_seed(seed)
-        config = resolve("static_mnist", flow, {"data_dir": str(data_dir)})
-        ref, calculate_loss = reference_vae(reference, flow, config.flow_kwargs)
-        ours = build_model(config)
-        ours.load_state_dict(flow_weights(flow, ref, ours))
+        ref, ours, config = baseline_pair(reference, data_dir, flow, seed)
         ref.to(dtype), ours.to(dtype)
+    from vae_lib.optimization.loss import calculate_loss  # importable once a pair is built
     train = _train_images(data_dir)
     # The reference's own optimizer line (train_vae_flow.py), and vaeflow's from the config.
     opt_ref = torch.optim.Adamax(ref.parameters(), lr=5e-4, eps=1.0e-7)

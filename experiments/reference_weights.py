@@ -10,6 +10,7 @@ that see ``z`` reversed, and FFJORD's ``[t, x]`` inputs and ``U, V, c`` head.
 
 from __future__ import annotations
 
+import math
 import sys
 import types
 from collections.abc import Sequence
@@ -35,22 +36,44 @@ REFERENCE_CLASSES = {
 }  # fmt: skip
 
 
+def _reference_args(**flow_args: Any) -> types.SimpleNamespace:
+    """The reference's ``args`` of a static-MNIST model on the CPU, with ``flow_args``."""
+    return types.SimpleNamespace(z_size=LATENT, input_size=[1, 28, 28], input_type="binary",
+                                 cuda=False, **flow_args)  # fmt: skip
+
+
 def reference_vae(
     reference: Path, flow: str = "none", kwargs: dict[str, Any] | None = None
-) -> tuple[torch.nn.Module, Any]:
-    """The reference's static-MNIST VAE with ``flow`` (vaeflow's name; its hyperparameters
-    ``kwargs`` are vaeflow's ``flow_kwargs``) and the reference's ``calculate_loss``."""
+) -> torch.nn.Module:
+    """The reference's static-MNIST VAE with a baseline ``flow`` (vaeflow's name; its
+    hyperparameters ``kwargs`` are vaeflow's ``flow_kwargs``)."""
     _import_reference(reference)
     from vae_lib.models import VAE as models
-    from vae_lib.optimization.loss import calculate_loss
 
     kw = kwargs or {}
-    args = types.SimpleNamespace(
-        z_size=LATENT, input_size=[1, 28, 28], input_type="binary", cuda=False,
+    args = _reference_args(
         num_flows=kw.get("num_steps", 1), num_ortho_vecs=kw.get("num_ortho_vecs", LATENT),
         num_householder=kw.get("num_householder", 1), made_h_size=kw.get("hidden_dim", 320),
     )  # fmt: skip
-    return getattr(models, REFERENCE_CLASSES[flow])(args), calculate_loss
+    return getattr(models, REFERENCE_CLASSES[flow])(args)
+
+
+def baseline_pair(
+    reference: Path, data_dir: Path, flow: str, seed: int = 0, copy: bool = True
+) -> tuple[torch.nn.Module, torch.nn.Module, Any]:
+    """The reference's VAE with a baseline ``flow`` and vaeflow's model of the same
+    static-MNIST cell (its config returned too), with the reference's weights (unless not
+    ``copy``: then each with its own initialisation)."""
+    from vaeflow.configs import resolve
+    from vaeflow.model import build_model
+
+    torch.manual_seed(seed)
+    config = resolve("static_mnist", flow, {"data_dir": str(data_dir)})
+    ref = reference_vae(reference, flow, config.flow_kwargs)
+    ours = build_model(config)
+    if copy:
+        ours.load_state_dict(flow_weights(flow, ref, ours))
+    return ref, ours, config
 
 
 def vaeflow_weights(ref: torch.nn.Module) -> dict[str, Tensor]:
@@ -70,13 +93,16 @@ def vaeflow_weights(ref: torch.nn.Module) -> dict[str, Tensor]:
     return {k: v.detach().clone() for k, v in out.items()}
 
 
+def _shared_weights(ref: torch.nn.Module, ours: torch.nn.Module) -> dict[str, Any]:
+    """``ours``'s state (its buffers kept) with the reference's shared VAE weights."""
+    return {**ours.state_dict(), **vaeflow_weights(ref)}
+
+
 def _rows(*layout: int, order: Sequence[int]) -> Tensor:
-    """The reference's output rows of a head whose per-sample output is laid out as the
-    shape ``layout``, in the order of vaeflow's layout ``layout`` permuted by ``order``."""
-    n = 1
-    for size in layout:
-        n *= size
-    return torch.arange(n).view(*layout).permute(*order).reshape(-1)
+    """For each output of vaeflow's head, in order, the row of the reference's head that
+    holds it: the reference lays a sample's output out as the shape ``layout``, vaeflow as
+    that shape's axes permuted by ``order``."""
+    return torch.arange(math.prod(layout)).view(*layout).permute(*order).reshape(-1)
 
 
 def flow_weights(flow: str, ref: torch.nn.Module, ours: torch.nn.Module) -> dict[str, Tensor]:
@@ -85,8 +111,11 @@ def flow_weights(flow: str, ref: torch.nn.Module, ours: torch.nn.Module) -> dict
     heads, whose separate ``amor_*`` layers become the rows of vaeflow's one ``ContextHead`` in
     its order. The Sylvester heads put the step index last (``[M, M, K]``; vaeflow's ``[K, M,
     M]``), and the Householder product runs the other way (``H_L ... H_1``; vaeflow's ``H_1 ...
-    H_L``), so vaeflow's reflections are the reference's in reverse order."""
-    out = {**ours.state_dict(), **vaeflow_weights(ref)}  # vaeflow's buffers kept
+    H_L``), so vaeflow's reflections are the reference's in reverse order. FFJORD's
+    (``cnf_rank``): :func:`ffjord_weights`."""
+    if flow == "ffjord":
+        return ffjord_weights(ref, ours)
+    out = _shared_weights(ref, ours)
     if flow == "none":
         return out
     f = ours.flow
@@ -101,12 +130,14 @@ def flow_weights(flow: str, ref: torch.nn.Module, ours: torch.nn.Module) -> dict
                 "diag2": _rows(m, k, order=(1, 0)), "b": _rows(m, k, order=(1, 0))}  # fmt: skip
         if flow == "orthogonal":
             layers["q"], rows["q"] = ref.amor_q, None  # both [K, D, M]
-        if flow == "householder":
-            layers["v"], rows["v"] = ref.amor_q, _rows(k, f.num_householder, d, order=(0, 1, 2))
-            rows["v"] = rows["v"].view(k, f.num_householder, d).flip(1).reshape(-1)
+        if flow == "householder":  # both [K, L, D], the reflections in reverse order
+            v = torch.arange(k * f.num_householder * d).view(k, f.num_householder, d)
+            layers["v"], rows["v"] = ref.amor_q, v.flip(1).reshape(-1)
     elif flow == "iaf":
-        return {**out, **_iaf_weights(ref.flow, f), "flow.context.weight": ref.h_context.weight,
-                "flow.context.bias": ref.h_context.bias}  # fmt: skip
+        context = {"flow.context.weight": ref.h_context.weight,
+                   "flow.context.bias": ref.h_context.bias}  # fmt: skip
+        return {**out, **_iaf_weights(ref.flow, f),
+                **{k: v.detach().clone() for k, v in context.items()}}  # fmt: skip
     else:
         raise ValueError(f"no weight mapping for flow {flow!r}")
     weights, biases = [], []
@@ -146,15 +177,15 @@ def _iaf_weights(ref: torch.nn.Module, ours: torch.nn.Module) -> dict[str, Tenso
     return {key: v.detach().clone() for key, v in out.items()}
 
 
-def ffjord_weights(ref: torch.nn.Module, ours: torch.nn.Module, rank: int) -> dict[str, Any]:
+def ffjord_weights(ref: torch.nn.Module, ours: torch.nn.Module) -> dict[str, Any]:
     """The reference cnf_rank VAE's weights under the names of vaeflow's ``ours``: per block,
     the shared ``ConcatLinear`` layers (input ``[t, x]``; vaeflow's is ``[x, t]``) and the
     amortization head, whose rows per layer are ``[u (in x r), v (r x out), bias (out)]`` with
     the update ``x u v``; vaeflow's head holds ``u{l} [out, r]``, ``v{l} [in, r]``, ``c{l}``
     with the update ``u (v^T x)``, so its ``v`` is the reference's ``u`` and its ``u`` the
     reference's ``v`` transposed."""
-    out: dict[str, Any] = dict(ours.state_dict())
-    out.update(vaeflow_weights(ref))
+    rank = ours.flow.config["rank"]
+    out = _shared_weights(ref, ours)
     for b, (func, head_ref) in enumerate(zip(ref.odefuncs, ref.q_am, strict=True)):
         rows: dict[str, Tensor] = {}
         offset = 0
@@ -189,8 +220,7 @@ def ffjord_pair(
     _import_reference(reference)
     from vae_lib.models.CNFVAE import AmortizedLowRankCNFVAE
 
-    args = types.SimpleNamespace(
-        z_size=LATENT, input_size=[1, 28, 28], input_type="binary", cuda=False,
+    args = _reference_args(
         dims="-".join(map(str, dims)), rank=rank, num_blocks=blocks, layer_type="concat",
         nonlinearity="softplus", divergence_fn="brute_force" if exact else "approximate",
         residual=False, rademacher=False, time_length=0.5, atol=tol, rtol=tol, solver="dopri5",
@@ -202,5 +232,5 @@ def ffjord_pair(
                               rtol=tol, noise="gaussian")  # fmt: skip
     ours = build_model(config).double()
     if copy:
-        ours.load_state_dict(ffjord_weights(ref, ours, rank))
+        ours.load_state_dict(ffjord_weights(ref, ours))
     return ref, ours, config
