@@ -120,13 +120,7 @@ def test_lockstep_with_the_reference_gives_the_same_losses() -> None:
     # Same weights, batches and noise: the papers' encoder, decoder, baseline flows, ELBO and
     # Adamax step agree with the reference's own code to rounding, step after step.
     flows = ["none", "planar", "iaf", "orthogonal", "householder", "triangular"]
-    done = subprocess.run(
-        [sys.executable, str(REPO / "experiments" / "lockstep.py"), "--steps", "3",
-         "--batch-size", "20", "--every", "1", "--reference", str(SHARED / "reference"),
-         "--data-dir", str(SHARED / "data"), "--flow", *flows],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-2000:]
+    done = _lockstep("--steps", "3", "--batch-size", "20", "--every", "1", "--flow", *flows)
     sections = _sections(done.stdout)
     assert sections[::2] == flows
     for flow, text in zip(sections[::2], sections[1::2], strict=True):
@@ -138,6 +132,17 @@ def test_lockstep_with_the_reference_gives_the_same_losses() -> None:
         assert values[-1][1] < values[0][1], flow  # and they did train
         if flow != "none":  # the flow's log-determinant is in the KL
             assert values[0][3] != pytest.approx(_first_kl(sections), abs=1e-3), flow
+
+
+def _lockstep(*args: str) -> subprocess.CompletedProcess[str]:
+    """``experiments/lockstep.py *args`` on ../shared's reference and data; it must succeed."""
+    done = subprocess.run(
+        [sys.executable, str(REPO / "experiments" / "lockstep.py"), *args,
+         "--reference", str(SHARED / "reference"), "--data-dir", str(SHARED / "data")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    return done
 
 
 def _sections(out: str) -> list[str]:
@@ -165,13 +170,7 @@ def _first_kl(sections: list[str]) -> float:
 def test_ffjord_with_the_reference_weights_is_the_reference_flow() -> None:
     import re
 
-    done = subprocess.run(
-        [sys.executable, str(REPO / "experiments" / "lockstep.py"), "--ffjord", "--dims", "16-16",
-         "--rank", "2", "--blocks", "2", "--reference", str(SHARED / "reference"),
-         "--data-dir", str(SHARED / "data")],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-2000:]
+    done = _lockstep("--ffjord", "--dims", "16-16", "--rank", "2", "--blocks", "2")
     found = dict(re.findall(r"largest (\w+) difference: (\S+)", done.stdout))
     moved = float(re.search(r"moves z0 by (\S+) on average", done.stdout).group(1))
     assert moved > 0.01, done.stdout  # the flow does something
@@ -183,14 +182,8 @@ def test_ffjord_with_the_reference_weights_is_the_reference_flow() -> None:
 def test_ffjord_training_steps_follow_the_reference() -> None:
     # Hutchinson estimator with the same probes; the reference's gradients come from the
     # adjoint, vaeflow's through the solver: float64 and a tight tolerance make them agree.
-    done = subprocess.run(
-        [sys.executable, str(REPO / "experiments" / "lockstep.py"), "--flow", "ffjord",
-         "--dims", "8-8", "--rank", "2", "--blocks", "2", "--tol", "1e-8", "--steps", "2",
-         "--batch-size", "4", "--every", "1", "--reference", str(SHARED / "reference"),
-         "--data-dir", str(SHARED / "data")],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-2000:]
+    done = _lockstep("--flow", "ffjord", "--dims", "8-8", "--rank", "2", "--blocks", "2",
+                     "--tol", "1e-8", "--steps", "2", "--batch-size", "4", "--every", "1")
     flow, text = _sections(done.stdout)
     assert flow == "ffjord"
     values = _table(text)
@@ -207,13 +200,7 @@ def test_every_parameter_starts_at_the_reference_codes_scale() -> None:
     # them: here each code initialises its own model, and every parameter's root mean square
     # must agree (the IAF's former nn.Linear start, 5x smaller heads, fails this).
     flows = ["none", "planar", "iaf", "ffjord"]
-    done = subprocess.run(
-        [sys.executable, str(REPO / "experiments" / "lockstep.py"), "--init", "2", "--flow",
-         *flows, "--dims", "8-8", "--rank", "2", "--reference", str(SHARED / "reference"),
-         "--data-dir", str(SHARED / "data")],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    done = _lockstep("--init", "2", "--flow", *flows, "--dims", "8-8", "--rank", "2")
     for flow in flows:
         assert f"init {flow}: " in done.stdout and "outside" in done.stdout
     assert done.stdout.count(" 0 outside") == len(flows), done.stdout
