@@ -290,8 +290,7 @@ def _part(source: dict[str, Any], runs: list[dict[str, Any]]) -> dict[str, Any]:
     """A report's line on ``runs`` of one command (``source``: its commit, date, command)."""
     flows = sorted({r["flow"] for r in runs}, key=FLOWS.index)
     seeds = sorted({r["seed"] for r in runs})
-    return {"commit": source["commit"], "date": source["date"], "command": source["command"],
-            "runs": len(runs), "what": f"{', '.join(flows)}; seeds {seeds}"}  # fmt: skip
+    return {**source, "runs": len(runs), "what": f"{', '.join(flows)}; seeds {seeds}"}
 
 
 def write_report(summary: dict[str, Any], out_dir: Path) -> None:
@@ -314,7 +313,6 @@ def merge(args: argparse.Namespace) -> int:
     summaries = [json.loads(path.read_text()) for path in args.merge]
     for summary in summaries:
         for run in summary["runs"]:
-            run.setdefault("commit", summary["commit"])
             run.setdefault("source", _source(summary))
             runs[(run["side"], run["flow"], run["seed"])] = run
     groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
@@ -357,8 +355,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     with ThreadPoolExecutor(args.parallel) as pool:
         records = list(pool.map(lambda job: run_one(*job, ctx), jobs))
     env = environment("cpu")
-    for record in records:
-        record["commit"] = env["commit"]
     summary = {
         "machine": env["device_name"], "commit": env["commit"], "date": time.strftime("%Y-%m-%d"),
         "environment": env,
@@ -369,7 +365,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     }  # fmt: skip
     for record in records:
         record["source"] = _source(summary)
-    summary["parts"] = [_part(summary, records)]
+    summary["parts"] = [_part(_source(summary), records)]
     write_report(summary, args.out_dir)
     if scratch is not None:
         scratch.cleanup()
