@@ -15,6 +15,7 @@ import torch
 
 from vaeflow import runs
 from vaeflow.flows import FLOWS
+from vaeflow.graphs import graph_unavailable
 
 FAST = ["--smoke", "--commit", "test", "--iters", "2", "--warmup", "1", "--batch-size", "10"]
 
@@ -95,6 +96,23 @@ def test_rounds_pool_the_steps_of_each_variant(tmp_path) -> None:
 def test_cuda_only_variants_are_skipped_on_cpu() -> None:
     result = bench_timing.bench_variant("ffjord-rk4-cudagraph", "small", "cpu", iters=1, warmup=0)
     assert result.ms_median is None and result.note == "skipped: needs CUDA (CUDA graphs)"
+
+
+def test_graphed_baselines_are_the_flows_a_graph_can_hold() -> None:
+    # The registry's list of baselines with a "-cudagraph" variant must follow the flows' own
+    # graph_blocker answers, or the GPU run would time a variant that can only be skipped.
+    for name in bench_variants.BASELINES:
+        with torch.device("meta"):
+            model = bench_variants.build_model(name, "small")
+        holdable = graph_unavailable(model, torch.device("cuda")) is None
+        assert holdable == (name in bench_variants.GRAPHED_BASELINES), name
+        graphed = bench_variants.VARIANTS.get(f"{name}-cudagraph")
+        assert (graphed is not None) == holdable
+        if graphed is not None:
+            assert graphed.flow == name and graphed.cuda_graph and graphed.same_step
+    # same_step: the default step computed another way; never another solver or estimator
+    same = {n for n, v in bench_variants.VARIANTS.items() if v.flow == "ffjord" and v.same_step}
+    assert same == {"ffjord", "ffjord-fused", "ffjord-compiled", "ffjord-compiled-cudagraphs"}
 
 
 def test_parallel_runs_report_aggregate_throughput() -> None:

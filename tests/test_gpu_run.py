@@ -5,6 +5,7 @@ where its dependencies or its code are missing."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -12,8 +13,11 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from bench_report import Result
+from bench_variants import VARIANTS
 from gpu_guard import Deadline, LineWorker, StageTimeout, stream_lines
 from gpu_reference import missing_dependencies, parse_times
+from gpu_report import render_bench, speedups
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -80,6 +84,40 @@ def test_smoke_run_writes_every_file_and_survives_failures(tmp_path) -> None:
         names = tar.getnames()
     assert "logs/bench.log" in names and "logs/table.log" in names
     assert not [n for n in names if n.endswith((".pt", ".amat"))]
+
+
+def test_speedups_take_the_default_and_the_fastest_same_step() -> None:
+    def record(variant: str, ms: float | None, status: str = "ok") -> dict:
+        flow = VARIANTS[variant].flow
+        result = Result(variant, flow, "paper", "cuda", 100, 30, 5, ms_median=ms)
+        fields = {k: v for k, v in dataclasses.asdict(result).items() if k != "samples"}
+        return {"variant": variant, "status": status, "result": fields if ms else None}
+
+    summary = {
+        "smoke": False, "command": "test", "stages": {},
+        "bench": {"variants": [
+            record("ffjord", 200.0), record("ffjord-rk4", 20.0),  # another solver: never best
+            record("ffjord-compiled", 80.0), record("ffjord-adjoint", 50.0),
+            record("planar", 9.0), record("planar-cudagraph", 3.0),
+            record("iaf", 12.0), record("iaf-cudagraph", None, "timeout"),
+        ]},
+        "reference": {"note": "n", "flows": {
+            f: {"args": [], "status": "ok", "s_per_iter": s}
+            for f, s in (("ffjord", 4.0), ("planar", 0.018), ("iaf", 0.024), ("none", 0.01))
+        }},
+    }  # fmt: skip
+    ratios = speedups(summary)
+    assert set(ratios) == {"ffjord", "planar", "iaf"}  # "none" was not timed here
+    assert ratios["ffjord"]["speedup"] == pytest.approx(20.0)
+    assert (ratios["ffjord"]["best_variant"], ratios["ffjord"]["best_speedup"]) == (
+        "ffjord-compiled", pytest.approx(50.0))
+    assert ratios["planar"]["speedup"] == pytest.approx(2.0)
+    assert ratios["planar"]["best_variant"] == "planar-cudagraph"
+    assert ratios["planar"]["best_speedup"] == pytest.approx(6.0)
+    assert (ratios["iaf"]["best_variant"], ratios["iaf"]["best_speedup"]) == ("iaf", 2.0)
+    summary["ratios"] = ratios
+    assert "| planar | 18.0 | 9.0 | 2.00x | planar-cudagraph | 3.0 | 6.00x |" in render_bench(
+        summary)
 
 
 def test_stream_lines_keeps_what_came_before_a_timeout(tmp_path) -> None:
