@@ -46,6 +46,9 @@ class Result:
     ops_per_step: int | None = None
     host_reads_per_step: int | None = None
     final_loss: float | None = None
+    # CUDA-graph variants: the largest |graphed - eager| loss of the first steps of twin models
+    # (same seed, batches and random state): 0, or float rounding, if the graph is the step.
+    graph_loss_gap: float | None = None
     note: str = ""
     # The raw samples (not reported): per-step times in ms and NFE, to merge rounds.
     samples: dict[str, list[float]] = field(default_factory=dict, repr=False)
@@ -123,6 +126,14 @@ def _fmt(value: Any, digits: int = 2) -> str:
     return str(value)
 
 
+def _note(r: Result) -> str:
+    """The note column: the graph check's gap first, where there is one."""
+    if r.graph_loss_gap is None:
+        return r.note
+    gap = f"graphed - eager loss, first steps: at most {r.graph_loss_gap:.3g}"
+    return "; ".join(n for n in (gap, r.note) if n)
+
+
 def write_report(
     results: Sequence[Result],
     env: dict[str, str],
@@ -173,7 +184,7 @@ def write_report(
             f"| {iqr} | {_fmt(r.steps_per_s)} | {_fmt(r.nfe_forward, 1)} "
             f"| {_fmt(r.nfe_backward, 1)} | {_fmt(r.ops_per_step)} "
             f"| {_fmt(r.host_reads_per_step)} | {_fmt(r.peak_mem_mib, 1)} | {_fmt(r.params)} "
-            f"| {_fmt(r.final_loss)} | {r.note.replace('|', '/')} |"
+            f"| {_fmt(r.final_loss)} | {_note(r).replace('|', '/')} |"
         )
     speedups = _speedups(results)
     if speedups:

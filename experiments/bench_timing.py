@@ -30,6 +30,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from vaeflow.checks import check_int, check_positive_int
 from vaeflow.graphs import GraphedStep, graph_unavailable
+from vaeflow.rng import rng_state, set_rng_state
 from vaeflow.train import make_optimizer, train_step
 from vaeflow.vae import VAE
 
@@ -37,6 +38,8 @@ __all__ = ["bench_variant", "check_parallel", "check_runnable", "repo_env", "run
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH_SCRIPT = Path(__file__).resolve().with_name("bench.py")
+# A graphed variant's first replays are checked against this many eager steps of a twin model.
+GRAPH_CHECK_STEPS = 3
 
 
 def repo_env(**extra: str) -> dict[str, str]:
@@ -77,6 +80,17 @@ def check_runnable(variant: Variant, device: torch.device) -> str | None:
         if reason is not None:
             return reason
     return None
+
+
+def _eager_losses(
+    variant: Variant, size: str, seed: int, device: torch.device, batches: Tensor
+) -> Tensor:
+    """``[n]``: the losses of eager training steps on ``batches [n, B, 1, 28, 28]`` of a twin of
+    the benchmark's model (same seed, same optimizer), from the current random state: what
+    the CUDA graph's first ``n`` replays must give."""
+    twin = build_model(variant, size, seed).to(device).train()
+    optimizer = _optimizer(twin, variant, size)
+    return torch.stack([train_step(twin, optimizer, x, 1.0)["loss"].detach() for x in batches])
 
 
 def _nfe(model: VAE) -> dict[str, int]:
@@ -137,11 +151,23 @@ def bench_variant(
         return out
 
     step: Callable[[int], dict[str, Tensor]] = reference if variant.reference_emulation else plain
+    notes: list[str] = []
     if variant.cuda_graph:
+        start = rng_state(device)
+        twin = None
+        if not variant.overrides.get("compile"):  # a compiled twin would compile a second time
+            try:
+                twin = _eager_losses(variant, size, seed, device, pool[:GRAPH_CHECK_STEPS])
+            except Exception as err:  # the check must not cost the timing
+                notes.append(f"graph check failed: {type(err).__name__}: {err}"[:200])
+            set_rng_state(start, device)
         graphed = GraphedStep(
             lambda xs, beta: train_step(model, optimizer, xs, beta), model, optimizer,
             pool[0].to(device),
         )
+        if twin is not None:  # the first replays: the same weights, batches and random state
+            losses = torch.stack([graphed(x)["loss"] for x in pool[:GRAPH_CHECK_STEPS]])
+            result.graph_loss_gap = float((losses - twin).abs().max())
 
         def step(i: int) -> dict[str, Tensor]:
             return graphed(pool[i % pool_batches], copy=False)
@@ -181,7 +207,8 @@ def bench_variant(
             result.samples[key] = [float(n[key]) for n in nfe]
     result.summarize()
     result.final_loss = float(out["loss"])
-    notes = [] if math.isfinite(result.final_loss) else ["non-finite loss"]
+    if not math.isfinite(result.final_loss):
+        notes.append("non-finite loss")
     for m in model.modules():
         compiled = getattr(m, "_compiled", None)
         if compiled is not None and compiled.fallback_reason:

@@ -115,6 +115,31 @@ def test_graphed_baselines_are_the_flows_a_graph_can_hold() -> None:
     assert same == {"ffjord", "ffjord-fused", "ffjord-compiled", "ffjord-compiled-cudagraphs"}
 
 
+def test_a_graphed_variant_is_checked_against_eager_steps_of_a_twin(monkeypatch, tmp_path):
+    # CUDA graphs need a GPU: on the CPU an eager stand-in takes the graph's place, so that
+    # what the GPU run relies on is tested here: the twin from the same seed and random state,
+    # the comparison, the report. A stand-in that is not the eager step shows a gap.
+    class Replay:
+        def __init__(self, step, model, optimizer, x) -> None:
+            self.step, self.model = step, model
+
+        def __call__(self, x, beta=1.0, copy=True):
+            return self.step(x * self.scale, beta)
+
+    monkeypatch.setattr(bench_timing, "check_runnable", lambda variant, device: None)
+    monkeypatch.setattr(bench_timing, "GraphedStep", Replay)
+    plain = bench_timing.make_optimizer  # Adamax's capturable form is for devices with graphs
+    monkeypatch.setattr(bench_timing, "make_optimizer", lambda c, m, capturable: plain(c, m))
+    gaps = {}
+    for scale in (1.0, 0.0):  # the step itself, then a step on blank images
+        Replay.scale = scale
+        result = bench_timing.bench_variant("planar-cudagraph", "small", "cpu", 2, 0, 10)
+        gaps[scale] = result.graph_loss_gap
+    assert gaps[1.0] == 0.0 and gaps[0.0] > 1.0
+    md, _ = bench.write_report([result], {}, tmp_path, "t")
+    assert "graphed - eager loss, first steps: at most" in md.read_text()
+
+
 def test_parallel_runs_report_aggregate_throughput() -> None:
     p = bench_timing.run_parallel(
         "none", 2, "small", "cpu", iters=2, warmup=0, batch_size=10, threads=1
