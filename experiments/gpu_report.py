@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from bench_report import Result, write_report
-from bench_variants import VARIANTS
+from bench_variants import BASELINES, VARIANTS
 
-__all__ = ["render_bench", "render_table", "speedups"]
+__all__ = ["SPEED_TARGETS", "render_bench", "render_table", "speedups", "targets"]
 
 
 def _fmt(value: Any, digits: int = 2) -> str:
@@ -70,6 +70,32 @@ def speedups(summary: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     return out
 
 
+# What the GPU run is to show: vaeflow's step this many times faster than the paper's code on
+# the same GPU (FFJORD; every other flow), and a test NELBO in every cell of one table row.
+SPEED_TARGETS = {"ffjord": 10.0, "baseline": 3.0}
+
+
+def targets(summary: Mapping[str, Any]) -> dict[str, Any]:
+    """Each flow's speed-up against its target, by the default step and by the fastest same
+    step (None: not measured on both sides), and whether every posterior has a test NELBO in
+    the table row; ``met``: all of it, in a run that is not a smoke run."""
+    ratios = summary.get("ratios", {})
+    speed: dict[str, Any] = {}
+    for flow in summary.get("reference", {}).get("flows", {}):
+        target = SPEED_TARGETS.get(flow, SPEED_TARGETS["baseline"])
+        r = ratios.get(flow)
+        speed[flow] = {"target": target, "default": None, "same_step": None}
+        if r:
+            speed[flow].update(default=r["speedup"] >= target,
+                               same_step=r["best_speedup"] >= target)  # fmt: skip
+    measured = {c["flow"] for c in summary.get("table", {}).get("cells", [])
+                if c.get("test_nelbo") is not None}  # fmt: skip
+    row = measured >= {*BASELINES, "ffjord"}
+    every = {*BASELINES, "ffjord"}
+    met = speed.keys() >= every and all(v["same_step"] for v in speed.values()) and row
+    return {"speed": speed, "table_row": row, "met": met and not summary.get("smoke")}
+
+
 def render_bench(summary: Mapping[str, Any]) -> str:
     """``bench.md``: the benchmark's table of vaeflow's variants, then the reference's times
     and the speed-ups."""
@@ -112,7 +138,27 @@ def render_bench(summary: Mapping[str, Any]) -> str:
             lines.append(f"| {flow} | {r['reference_ms']:.1f} | {r['vaeflow_ms']:.1f} "
                          f"| {r['speedup']:.2f}x | {r['best_variant']} | {r['best_ms']:.1f} "
                          f"| {r['best_speedup']:.2f}x |")  # fmt: skip
+    lines += _targets(summary)
     return "\n".join(lines) + "\n"
+
+
+def _targets(summary: Mapping[str, Any]) -> list[str]:
+    got = summary.get("targets")
+    if not got:
+        return []
+    mark = {True: "met", False: "NOT met", None: "not measured"}
+    lines = ["", "## Targets", "",
+             f"FFJORD {SPEED_TARGETS['ffjord']:g}x and every other flow "
+             f"{SPEED_TARGETS['baseline']:g}x faster than the reference's step on the same GPU; "
+             "a test NELBO in every cell of the table row.", "",
+             "| flow | target | default step | fastest same step |",
+             "|---|---:|---|---|"]  # fmt: skip
+    for flow, v in got["speed"].items():
+        lines.append(f"| {flow} | {v['target']:g}x | {mark[v['default']]} "
+                     f"| {mark[v['same_step']]} |")  # fmt: skip
+    smoke = " (a smoke run counts for nothing)" if summary.get("smoke") else ""
+    lines += ["", f"Table row: {mark[got['table_row']]}. All targets: {mark[got['met']]}{smoke}."]
+    return lines
 
 
 def _graph_check(summary: Mapping[str, Any]) -> list[str]:

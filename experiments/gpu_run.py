@@ -38,7 +38,7 @@ from typing import Any
 from gpu_bench import DEFAULT_VARIANTS, FAULTS, SMOKE_SKIPPED, run_bench
 from gpu_guard import Deadline, guarded, stream_lines
 from gpu_reference import REFERENCE_FLOWS, missing_dependencies, prepare_reference, run_reference
-from gpu_report import render_bench, render_table, speedups
+from gpu_report import render_bench, render_table, speedups, targets
 from gpu_table import (
     OVERHEAD_S,
     SMOKE_FLOW_OPTS,
@@ -304,6 +304,7 @@ class GpuRun:
             self.stages["reference"] = {"status": "skipped",
                                         "error": self.summary["reference"]["skipped"]}
         self.summary["ratios"] = speedups(self.summary)
+        self.summary["targets"] = targets(self.summary)
         self.summary["wall_s"] = round(self.deadline.elapsed(), 1)
         guarded(self.stages, "report", self.write)
         print(f"wrote {self.out} in {self.deadline.elapsed():.0f} s", flush=True)

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 from bench_report import Result
-from bench_variants import VARIANTS
+from bench_variants import BASELINES, VARIANTS
 from gpu_guard import Deadline, LineWorker, StageTimeout, stream_lines
 from gpu_reference import missing_dependencies, parse_times
-from gpu_report import render_bench, speedups
+from gpu_report import render_bench, speedups, targets
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -79,6 +79,7 @@ def test_smoke_run_writes_every_file_and_survives_failures(tmp_path) -> None:
     bench_md, table_md = (out / "bench.md").read_text(), (out / "table.md").read_text()
     assert "injected fault in planar" in bench_md and "timeout" in bench_md
     assert "## The training loop in one CUDA graph" in bench_md and "| graph |" in bench_md
+    assert summary["targets"]["met"] is False and "a smoke run counts for nothing" in bench_md
     assert "| ffjord | 82.82 |" in table_md and "SMOKE" in table_md
     with tarfile.open(out / "logs.tar.gz") as tar:
         names = tar.getnames()
@@ -116,8 +117,25 @@ def test_speedups_take_the_default_and_the_fastest_same_step() -> None:
     assert ratios["planar"]["best_speedup"] == pytest.approx(6.0)
     assert (ratios["iaf"]["best_variant"], ratios["iaf"]["best_speedup"]) == ("iaf", 2.0)
     summary["ratios"] = ratios
+    summary["targets"] = got = targets(summary)
     assert "| planar | 18.0 | 9.0 | 2.00x | planar-cudagraph | 3.0 | 6.00x |" in render_bench(
         summary)
+    assert got["speed"]["ffjord"] == {"target": 10.0, "default": True, "same_step": True}
+    assert got["speed"]["planar"] == {"target": 3.0, "default": False, "same_step": True}
+    assert got["speed"]["iaf"] == {"target": 3.0, "default": False, "same_step": False}
+    assert got["speed"]["none"] == {"target": 3.0, "default": None, "same_step": None}
+    assert not got["table_row"] and not got["met"]
+    assert "| planar | 3x | NOT met | met |" in render_bench(summary)
+    # every flow fast enough and a whole row: met (a smoke run never is)
+    flows = [*BASELINES, "ffjord"]
+    summary["ratios"] = {f: {"speedup": 30.0, "best_speedup": 30.0} for f in flows}
+    summary["reference"]["flows"] = {f: {} for f in flows}
+    summary["table"] = {"cells": [{"flow": f, "test_nelbo": 90.0} for f in flows]}
+    assert targets(summary)["met"] and targets(summary)["table_row"]
+    summary["table"]["cells"][-1]["test_nelbo"] = None  # the FFJORD cell did not finish
+    assert not targets(summary)["table_row"] and not targets(summary)["met"]
+    summary["table"]["cells"][-1]["test_nelbo"] = 90.0
+    assert not targets({**summary, "smoke": True})["met"]
 
 
 def test_stream_lines_keeps_what_came_before_a_timeout(tmp_path) -> None:
