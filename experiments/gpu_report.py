@@ -41,12 +41,27 @@ def _bench_results(summary: Mapping[str, Any]) -> list[Result]:
     return out
 
 
+# A graphed variant stands for the eager step only if its first replays gave the eager
+# steps' losses (Result.graph_loss_gap) to within this many nats (losses are 80-600 nats).
+GRAPH_GAP_TOL = 1e-2
+
+
+def _same_step(r: Result, variant: Any) -> bool:
+    """Whether ``r`` may stand for its flow's default step: a same-step variant, a finite
+    loss, and for a CUDA graph a passed check against eager steps."""
+    if not variant.same_step or (r.final_loss is not None and not math.isfinite(r.final_loss)):
+        return False
+    return not variant.cuda_graph or (r.graph_loss_gap is not None
+                                      and r.graph_loss_gap <= GRAPH_GAP_TOL)  # fmt: skip
+
+
 def speedups(summary: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """Per flow measured by both: vaeflow's default variant's ms per step, the reference's ms
     per iteration, ``speedup`` = reference / vaeflow (above 1: vaeflow is faster) and its
     inverse ``vaeflow_over_reference``; then the fastest variant that computes the same step
-    (``Variant.same_step``: e.g. the step in one CUDA graph, or the compiled field; never
-    another solver or estimator), as ``best_variant``, ``best_ms`` and ``best_speedup``."""
+    (``Variant.same_step``: e.g. the step in one CUDA graph whose first replays matched eager
+    steps, or the compiled field; never another solver or estimator, nor a non-finite loss),
+    as ``best_variant``, ``best_ms`` and ``best_speedup``."""
     ms: dict[str, float] = {}
     best: dict[str, tuple[float, str]] = {}
     for r in _bench_results(summary):
@@ -55,7 +70,7 @@ def speedups(summary: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
             continue
         if r.variant == variant.flow:
             ms[variant.flow] = r.ms_median
-        if variant.same_step and r.ms_median < best.get(variant.flow, (math.inf, ""))[0]:
+        if _same_step(r, variant) and r.ms_median < best.get(variant.flow, (math.inf, ""))[0]:
             best[variant.flow] = (r.ms_median, r.variant)
     out = {}
     for flow, ref in summary.get("reference", {}).get("flows", {}).items():

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import subprocess
 import sys
 import tarfile
@@ -88,9 +89,9 @@ def test_smoke_run_writes_every_file_and_survives_failures(tmp_path) -> None:
 
 
 def test_speedups_take_the_default_and_the_fastest_same_step() -> None:
-    def record(variant: str, ms: float | None, status: str = "ok") -> dict:
+    def record(variant: str, ms: float | None, status: str = "ok", **more) -> dict:
         flow = VARIANTS[variant].flow
-        result = Result(variant, flow, "paper", "cuda", 100, 30, 5, ms_median=ms)
+        result = Result(variant, flow, "paper", "cuda", 100, 30, 5, ms_median=ms, **more)
         fields = {k: v for k, v in dataclasses.asdict(result).items() if k != "samples"}
         return {"variant": variant, "status": status, "result": fields if ms else None}
 
@@ -99,16 +100,23 @@ def test_speedups_take_the_default_and_the_fastest_same_step() -> None:
         "bench": {"variants": [
             record("ffjord", 200.0), record("ffjord-rk4", 20.0),  # another solver: never best
             record("ffjord-compiled", 80.0), record("ffjord-adjoint", 50.0),
-            record("planar", 9.0), record("planar-cudagraph", 3.0),
+            record("planar", 9.0), record("planar-cudagraph", 3.0, graph_loss_gap=0.0),
             record("iaf", 12.0), record("iaf-cudagraph", None, "timeout"),
+            # a graph whose replays were not the eager steps, a NaN loss: neither counts
+            record("householder", 10.0), record("householder-cudagraph", 2.0, graph_loss_gap=3.0),
+            record("triangular", 10.0, final_loss=7.0),
+            record("triangular-cudagraph", 2.0, graph_loss_gap=0.0, final_loss=math.nan),
         ]},
         "reference": {"note": "n", "flows": {
             f: {"args": [], "status": "ok", "s_per_iter": s}
-            for f, s in (("ffjord", 4.0), ("planar", 0.018), ("iaf", 0.024), ("none", 0.01))
+            for f, s in (("ffjord", 4.0), ("planar", 0.018), ("iaf", 0.024), ("none", 0.01),
+                         ("householder", 0.02), ("triangular", 0.02))
         }},
     }  # fmt: skip
     ratios = speedups(summary)
-    assert set(ratios) == {"ffjord", "planar", "iaf"}  # "none" was not timed here
+    assert set(ratios) == {"ffjord", "planar", "iaf", "householder", "triangular"}  # not "none"
+    assert ratios["householder"]["best_variant"] == "householder"
+    assert ratios["triangular"]["best_variant"] == "triangular"
     assert ratios["ffjord"]["speedup"] == pytest.approx(20.0)
     assert (ratios["ffjord"]["best_variant"], ratios["ffjord"]["best_speedup"]) == (
         "ffjord-compiled", pytest.approx(50.0))
