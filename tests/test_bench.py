@@ -139,6 +139,16 @@ def test_a_graphed_variant_is_checked_against_eager_steps_of_a_twin(monkeypatch,
     md, _ = bench.write_report([result], {}, tmp_path, "t")
     assert "graphed - eager loss, first steps: at most" in md.read_text()
 
+    # a compiled field's twin is the same fused field, uncompiled (no second compilation)
+    def built(variant, size, seed):
+        raise LookupError(variant.overrides)
+
+    monkeypatch.setattr(bench_timing, "build_model", built)
+    compiled = bench_variants.VARIANTS["ffjord-rk4-compiled-cudagraph"]
+    with pytest.raises(LookupError) as twin:
+        bench_timing._eager_losses(compiled, "small", 0, torch.device("cpu"), torch.zeros(1))
+    assert twin.value.args[0] == {**compiled.overrides, "compile": False, "fused": True}
+
 
 def test_parallel_runs_report_aggregate_throughput() -> None:
     p = bench_timing.run_parallel(
