@@ -253,3 +253,23 @@ def test_sigkill_mid_epoch_then_resume_gives_the_same_results(
     assert not (run / "results.json").exists()
     assert main(["train", "--resume", str(run), "--quiet"]) == 0
     assert json.loads((run / "results.json").read_text()) == reference
+
+
+def test_flows_lists_class_defaults_and_what_a_data_set_sets(capsys) -> None:
+    assert main(["flows"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == list(FLOWS)
+    assert "masks='cycled'" in lines[list(FLOWS).index("iaf")]
+
+    assert main(["flows", "--dataset", "static_mnist"]) == 0
+    out = capsys.readouterr().out
+    # the paper's MNIST models: only what differs from the class defaults, and the sizes
+    assert ("static_mnist (latent 64, context 256): lowrank_init='reference', "
+            "hidden_dims=[1024, 1024], rank=64, num_blocks=2") in out  # fmt: skip
+    assert "static_mnist (latent 64, context 256): masks='reference'" in out
+    assert "static_mnist (latent 64, context 256): the class defaults" in out  # planar
+    assert main(["flows", "--dataset", "static_mnist", "--preset", "quick"]) == 0
+    assert "--preset quick (latent 32, context 64): method='rk4'" in capsys.readouterr().out
+
+    assert main(["flows", "--preset", "quick"]) == 2
+    assert "--preset needs --dataset" in capsys.readouterr().err

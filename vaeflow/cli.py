@@ -6,6 +6,7 @@
     vaeflow eval runs/smoke                                            # test NELBO and IS LL
     vaeflow compare runs/mnist-planar runs/mnist-ffjord                # table and curves
     vaeflow flows                                                      # flows and their options
+    vaeflow flows --dataset static_mnist                    # and what the paper's models set
 
 The settings of a run come, lowest priority first, from :class:`vaeflow.configs.TrainConfig`'s
 defaults, the papers' settings that ship with vaeflow (``vaeflow/configs/``: the shared
@@ -193,7 +194,17 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _same(a: Any, b: Any) -> bool:
+    """Equal as hyperparameters: a TOML list and a tuple default with the same items are."""
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        return list(a) == list(b)
+    return a == b
+
+
 def cmd_flows(args: argparse.Namespace) -> int:
+    if args.preset and not args.dataset:
+        raise CLIError("flows --preset needs --dataset (a preset applies over a data set's "
+                         f"settings); data sets: {', '.join(DATASETS)}")
     for name, cls in FLOWS.items():
         params = [
             p
@@ -202,6 +213,16 @@ def cmd_flows(args: argparse.Namespace) -> int:
         ]
         opts = ", ".join(f"{p.name}={p.default!r}" for p in params) or "(no options)"
         print(f"{name:12s} {cls.__name__}: {opts}")
+        if args.dataset is None or not params:
+            continue
+        # What a run of this flow on the data set builds: the papers' settings (and a preset).
+        config = resolve(args.dataset, name, preset=args.preset)
+        defaults = {p.name: p.default for p in params}
+        changed = {k: v for k, v in config.flow_kwargs.items() if not _same(v, defaults.get(k))}
+        sets = ", ".join(f"{k}={v!r}" for k, v in changed.items()) or "the class defaults"
+        where = args.dataset + (f" --preset {args.preset}" if args.preset else "")
+        print(f"{'':12s} {where} (latent {config.latent_dim}, context {config.context_dim}): "
+              f"{sets}")
     return 0
 
 
@@ -272,6 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_compare)
 
     f = sub.add_parser("flows", help="list the flows and their hyperparameters")
+    f.add_argument("--dataset", choices=list(DATASETS),
+                   help="also show what a run on this data set sets (the papers' models)")
+    f.add_argument("--preset", choices=presets() or None, help="with --dataset: over the paper's")
     f.set_defaults(func=cmd_flows)
 
     return parser
