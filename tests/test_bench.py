@@ -98,18 +98,20 @@ def test_cuda_only_variants_are_skipped_on_cpu() -> None:
     assert result.ms_median is None and result.note == "skipped: needs CUDA (CUDA graphs)"
 
 
-def test_graphed_baselines_are_the_flows_a_graph_can_hold() -> None:
-    # The registry's list of baselines with a "-cudagraph" variant must follow the flows' own
-    # graph_blocker answers, or the GPU run would time a variant that can only be skipped.
+def test_every_baseline_has_a_graphed_variant_that_a_graph_can_hold() -> None:
+    # Each "-cudagraph" variant must build a model whose step a graph can hold (the flows' own
+    # graph_blocker answers), or the GPU run would time a variant that can only be skipped.
+    cuda = torch.device("cuda")  # only named: nothing runs on it
+    assert bench_variants.GRAPHED_BASELINES == bench_variants.BASELINES
     for name in bench_variants.BASELINES:
+        graphed = bench_variants.VARIANTS[f"{name}-cudagraph"]
+        assert graphed.flow == name and graphed.cuda_graph and graphed.same_step
         with torch.device("meta"):
-            model = bench_variants.build_model(name, "small")
-        holdable = graph_unavailable(model, torch.device("cuda")) is None
-        assert holdable == (name in bench_variants.GRAPHED_BASELINES), name
-        graphed = bench_variants.VARIANTS.get(f"{name}-cudagraph")
-        assert (graphed is not None) == holdable
-        if graphed is not None:
-            assert graphed.flow == name and graphed.cuda_graph and graphed.same_step
+            default = bench_variants.build_model(name, "small")
+            model = bench_variants.build_model(graphed, "small")
+        assert graph_unavailable(model, cuda) is None, name
+        # only the orthogonal flow needs an option for it (the same Q, tested in test_flows)
+        assert (graph_unavailable(default, cuda) is None) == (name != "orthogonal"), name
     # same_step: the default step computed another way; never another solver or estimator
     same = {n for n, v in bench_variants.VARIANTS.items() if v.flow == "ffjord" and v.same_step}
     assert same == {"ffjord", "ffjord-fused", "ffjord-compiled", "ffjord-compiled-cudagraphs"}

@@ -174,6 +174,49 @@ def test_orthogonal_sylvester_q_is_orthonormal() -> None:
     torch.testing.assert_close(q.transpose(-1, -2) @ q, eye.expand_as(q.transpose(-1, -2) @ q))
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("iters", [100, 23])  # 23: the last test falls between the fives
+def test_orthogonal_check_on_the_device_is_the_host_check_bit_for_bit(dtype, iters) -> None:
+    def run(check: str) -> tuple[torch.Tensor, ...]:
+        flow = build("orthogonal", ortho_check=check, max_ortho_iters=iters).to(dtype)
+        z0, h = (t.to(dtype) for t in inputs(6))
+        zK, logdet = flow(z0.requires_grad_(True), h)
+        (zK.square().sum() + logdet.sum()).backward()
+        return zK, logdet, z0.grad, *(p.grad for p in flow.parameters())
+
+    host, device = run("host"), run("device")
+    assert all(torch.equal(a, b) for a, b in zip(host, device, strict=True))
+    flow = build("orthogonal", ortho_check="device", max_ortho_iters=iters)
+    z0, h = inputs()
+    torch.testing.assert_close(flow(z0, h)[1], jacobian_logdet(flow, z0, h), rtol=1e-6, atol=1e-7)
+
+
+def test_orthogonal_check_on_the_device_needs_no_host_read_in_a_graph(monkeypatch) -> None:
+    from vaeflow.flows import sylvester
+
+    def step(check: str) -> None:  # on the meta device any host read raises
+        flow = build("orthogonal", ortho_check=check).to("meta")
+        z0, h = (t.to("meta") for t in inputs())
+        zK, logdet = flow(z0, h)
+        (zK.sum() + logdet.sum()).backward()
+
+    monkeypatch.setattr(sylvester, "_capturing", lambda t: True)  # as inside a capture
+    step("device")
+    with pytest.raises(RuntimeError, match="meta"):
+        step("host")
+    monkeypatch.setattr(sylvester, "_capturing", lambda t: False)  # eager: reads, to warn
+    with pytest.raises(RuntimeError, match="meta"):
+        step("device")
+
+
+def test_orthogonal_check_on_the_device_warns_when_it_does_not_converge() -> None:
+    flow = build("orthogonal", ortho_check="device", ortho_tol=1e-30, max_ortho_iters=3)
+    with pytest.warns(RuntimeWarning, match="stopped after 3 iterations"):
+        flow(*inputs())
+    with pytest.raises(ValueError, match="ortho_check.*'host', 'device'"):
+        build("orthogonal", ortho_check="gpu")
+
+
 def test_householder_q_is_orthogonal() -> None:
     flow = build("householder")
     _, h = inputs()

@@ -82,6 +82,7 @@ def test_each_flow_says_whether_its_step_can_be_captured() -> None:
     for name in ("none", "planar", "iaf", "householder", "triangular"):
         assert graph_unavailable(make_flow(name, 4, 3), cuda) is None, name
     assert "orthogonal Sylvester" in (graph_unavailable(make_flow("orthogonal", 4, 3), cuda) or "")
+    assert graph_unavailable(make_flow("orthogonal", 4, 3, ortho_check="device"), cuda) is None
     fixed = dict(method="rk4", solver_options={"step_size": 0.25})
     assert graph_unavailable(FFJORD(3, 2, hidden_dims=(4,), rank=1, **fixed), cuda) is None
     adjoint = FFJORD(3, 2, hidden_dims=(4,), rank=1, adjoint=True, **fixed)

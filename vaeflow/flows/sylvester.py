@@ -16,10 +16,10 @@ import warnings
 import torch
 from torch import Tensor
 
-from ..checks import check_number
+from ..checks import check_choice, check_number
 from .base import ContextHead, Flow, check_positive_int
 
-__all__ = ["OrthogonalSylvester", "HouseholderSylvester", "TriangularSylvester"]
+__all__ = ["ORTHO_CHECKS", "OrthogonalSylvester", "HouseholderSylvester", "TriangularSylvester"]
 
 
 class _Sylvester(Flow):
@@ -68,6 +68,22 @@ class _Sylvester(Flow):
         return f"{super().extra_repr()}, num_steps={self.num_steps}, M={self.num_vectors}"
 
 
+# Where the orthogonalization's convergence is tested (OrthogonalSylvester's ortho_check).
+ORTHO_CHECKS = ("host", "device")
+
+
+def _converged(err: float, tol: float) -> bool:
+    """``err < tol`` for the orthogonalization's residual; a non-finite one is an error."""
+    if not math.isfinite(err):
+        raise FloatingPointError("orthogonalization of Q gave non-finite values")
+    return err < tol
+
+
+def _capturing(t: Tensor) -> bool:
+    """Whether ``t``'s device is recording a CUDA graph now (when no host read may happen)."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 class OrthogonalSylvester(_Sylvester):
     """O-SNF: ``Q [D, M]`` from the context, orthogonalized by the iteration
     ``Q <- Q (I + (I - Q^T Q) / 2)`` after scaling by its Frobenius norm (which puts every
@@ -77,11 +93,19 @@ class OrthogonalSylvester(_Sylvester):
         num_steps: K (default 16).
         num_ortho_vecs: M, clipped to D (default 32).
         ortho_tol: stop when ``max |Q^T Q - I| < ortho_tol`` (default 1e-6 in float32; the
-            float64 tolerance is 1e-12).
+            float64 tolerance is 1e-12), tested every 5 iterations.
         max_ortho_iters: stop after this many iterations even when the tolerance is not reached
             (default 100). As in the papers' code, that is not an error: float32 rounding puts
             the residual's floor near 5e-7 on some hardware, so a long run must not end on it.
             A ``RuntimeWarning`` with the residual is issued once per flow.
+        ortho_check: ``"host"`` (default, the papers' code): the test reads the residual on the
+            host and the loop ends there. ``"device"``: the loop always runs
+            ``max_ortho_iters`` iterations and ``Q`` stops changing once the same test passes,
+            on the device, so the result is the same ``Q`` bit for bit (and the same
+            gradients) with no host read, which lets a CUDA graph hold the training step, at
+            the cost of the iterations after convergence: lower ``max_ortho_iters`` with it.
+            Outside a graph capture the final residual is still read once per call, to warn
+            (and to refuse non-finite values) as ``"host"`` does.
     """
 
     def __init__(
@@ -92,17 +116,22 @@ class OrthogonalSylvester(_Sylvester):
         num_ortho_vecs: int = 32,
         ortho_tol: float = 1e-6,
         max_ortho_iters: int = 100,
+        ortho_check: str = "host",
     ) -> None:
         m = min(check_positive_int("num_ortho_vecs", num_ortho_vecs), dim)
         super().__init__(dim, context_dim, num_steps, m, {"q": (num_steps, dim, m)})
         self.ortho_tol = check_number("ortho_tol", ortho_tol, positive=True)
         self.max_ortho_iters = check_positive_int("max_ortho_iters", max_ortho_iters)
+        self.ortho_check = check_choice("ortho_check", ortho_check, ORTHO_CHECKS)
         self._warned = False
 
     def graph_blocker(self) -> str | None:
+        if self.ortho_check == "device":
+            return None
         return (
             "the orthogonal Sylvester flow tests the convergence of its orthogonalization on "
-            "the host, which a CUDA graph cannot hold (householder and triangular can)"
+            "the host, which a CUDA graph cannot hold (--flow-opt ortho_check=device tests it "
+            "on the device; householder and triangular can)"
         )
 
     def _q(self, p: dict[str, Tensor]) -> Tensor:
@@ -110,19 +139,27 @@ class OrthogonalSylvester(_Sylvester):
         q = q / q.flatten(-2).norm(dim=-1).clamp_min(1e-12)[..., None, None]
         eye = torch.eye(self.num_vectors, dtype=q.dtype, device=q.device)
         tol = self.ortho_tol if q.dtype != torch.float64 else min(self.ortho_tol, 1e-12)
-        # The convergence test needs the host; checking every few iterations keeps the
-        # synchronizations few while the iteration itself converges quadratically.
+        # The test needs the residual over the whole batch; every few iterations keeps it (and,
+        # on the host, the synchronizations) rare while the iteration converges quadratically.
         check_every = 5
-        err = math.inf
+        done = None  # "device": whether the test has passed, on the device
+        if self.ortho_check == "device":
+            done = torch.zeros((), dtype=torch.bool, device=q.device)
+        err: float | Tensor = math.inf
         for it in range(1, self.max_ortho_iters + 1):
-            qtq = q.transpose(-1, -2) @ q
-            q = q @ (eye + 0.5 * (eye - qtq))
+            step = q @ (eye + 0.5 * (eye - q.transpose(-1, -2) @ q))
+            q = step if done is None else torch.where(done, q, step)  # frozen once converged
             if it % check_every == 0 or it == self.max_ortho_iters:
-                err = float(((q.transpose(-1, -2) @ q) - eye).abs().amax().detach())
-                if not math.isfinite(err):
-                    raise FloatingPointError("orthogonalization of Q gave non-finite values")
-                if err < tol:
+                err = ((q.transpose(-1, -2) @ q) - eye).abs().amax().detach()
+                if done is not None:
+                    done = done | (err < tol)
+                elif _converged(err := float(err), tol):
                     return q
+        if done is not None:
+            if _capturing(q):
+                return q  # a graph cannot read the device; the eager calls warn
+            if _converged(err := float(err), tol):
+                return q
         if not self._warned:
             self._warned = True
             warnings.warn(
@@ -133,6 +170,9 @@ class OrthogonalSylvester(_Sylvester):
                 stacklevel=2,
             )
         return q
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, ortho_check={self.ortho_check!r}"
 
 
 class HouseholderSylvester(_Sylvester):
