@@ -88,10 +88,13 @@ def _eager_losses(
 ) -> Tensor:
     """``[n]``: the losses of eager training steps on ``batches [n, B, 1, 28, 28]`` of a twin of
     the benchmark's model (same seed, same optimizer), from the current random state: what
-    the CUDA graph's first ``n`` replays must give. A compiled field's twin runs the same
-    fused field uncompiled (compiling twice would double the cost; the losses then agree to
-    rounding, not bit for bit)."""
-    if variant.overrides.get("compile"):
+    the CUDA graph's first ``n`` replays must give. The twin has the variant's
+    ``twin_overrides`` where it names them (the default step it claims to be); a compiled
+    field's twin runs the same fused field uncompiled (compiling twice would double the cost;
+    the losses then agree to rounding, not bit for bit)."""
+    if variant.twin_overrides is not None:
+        variant = dataclasses.replace(variant, overrides=variant.twin_overrides)
+    elif variant.overrides.get("compile"):
         variant = dataclasses.replace(
             variant, overrides={**variant.overrides, "compile": False, "fused": True})
     twin = build_model(variant, size, seed).to(device).train()

@@ -138,6 +138,10 @@ def test_a_graphed_variant_is_checked_against_eager_steps_of_a_twin(monkeypatch,
         result = bench_timing.bench_variant("planar-cudagraph", "small", "cpu", 2, 0, 10)
         gaps[scale] = result.graph_loss_gap
     assert gaps[1.0] == 0.0 and gaps[0.0] > 1.0
+    # the orthogonal flow's device test with its lower cap is the default step (host test)
+    Replay.scale = 1.0
+    result = bench_timing.bench_variant("orthogonal-cudagraph", "small", "cpu", 2, 0, 10)
+    assert result.graph_loss_gap == 0.0
     md, _ = bench.write_report([result], {}, tmp_path, "t")
     assert "graphed - eager loss, first steps: at most" in md.read_text()
 
@@ -150,6 +154,12 @@ def test_a_graphed_variant_is_checked_against_eager_steps_of_a_twin(monkeypatch,
     with pytest.raises(LookupError) as twin:
         bench_timing._eager_losses(compiled, "small", 0, torch.device("cpu"), torch.zeros(1))
     assert twin.value.args[0] == {**compiled.overrides, "compile": False, "fused": True}
+    # the graphed orthogonal step (device test, lower cap) is checked against the default step
+    orthogonal = bench_variants.VARIANTS["orthogonal-cudagraph"]
+    assert orthogonal.overrides == {"ortho_check": "device", "max_ortho_iters": 30}
+    with pytest.raises(LookupError) as twin:
+        bench_timing._eager_losses(orthogonal, "small", 0, torch.device("cpu"), torch.zeros(1))
+    assert twin.value.args[0] == {}
 
 
 def test_parallel_runs_report_aggregate_throughput() -> None:
