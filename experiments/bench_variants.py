@@ -195,7 +195,7 @@ _BASELINE_VARIANTS = [
             _GRAPH_OVERRIDES.get(name, {}),
             f"{name} with the whole training step in one CUDA graph (CUDA only; what "
             "`vaeflow train --set cuda_graph=true` runs"
-            + (", with --flow-opt ortho_check=device max_ortho_iters=30)"
+            + (", with --flow-opt ortho_check=device --flow-opt max_ortho_iters=30)"
                if name in _GRAPH_OVERRIDES else ")"),
             cuda_graph=True,
             same_step=True,
