@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench_variants import GRAPHED_BASELINES
+from bench_variants import BASELINES
 from gpu_guard import Deadline, LineWorker, StageTimeout, WorkerDied, error_text, send
 
 __all__ = ["DEFAULT_VARIANTS", "SMOKE_SKIPPED", "run_bench"]
@@ -29,7 +29,7 @@ __all__ = ["DEFAULT_VARIANTS", "SMOKE_SKIPPED", "run_bench"]
 # variants; the compiled ones, slowest to start, come last and get the time that is left.
 DEFAULT_VARIANTS = (
     "ffjord", "none", "planar", "iaf", "orthogonal", "householder", "triangular",
-    *(f"{name}-cudagraph" for name in GRAPHED_BASELINES),
+    *(f"{name}-cudagraph" for name in BASELINES),
     "ffjord-fused", "ffjord-rk4", "ffjord-rk4-cudagraph", "ffjord-adjoint",
     "ffjord-compiled", "ffjord-rk4-compiled-cudagraph",
 )  # fmt: skip
