@@ -144,6 +144,14 @@ def test_speedups_take_the_default_and_the_fastest_same_step() -> None:
     assert not targets(summary)["table_row"] and not targets(summary)["met"]
     summary["table"]["cells"][-1]["test_nelbo"] = 90.0
     assert not targets({**summary, "smoke": True})["met"]
+    # a default step whose loss is NaN, and nothing else timed: its speed-up, but no same step
+    summary["bench"]["variants"] = [record("planar", 9.0, final_loss=math.nan)]
+    summary["reference"]["flows"] = {"planar": {"args": [], "status": "ok", "s_per_iter": 0.018}}
+    summary["ratios"] = ratios = speedups(summary)
+    assert ratios["planar"]["speedup"] == pytest.approx(2.0)
+    assert ratios["planar"]["best_variant"] is ratios["planar"]["best_speedup"] is None
+    assert targets(summary)["speed"]["planar"]["same_step"] is None
+    assert "| planar | 18.0 | 9.0 | 2.00x |  |  |  |" in render_bench(summary)
 
 
 def test_stream_lines_keeps_what_came_before_a_timeout(tmp_path) -> None:
