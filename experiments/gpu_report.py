@@ -97,7 +97,7 @@ def targets(summary: Mapping[str, Any]) -> dict[str, Any]:
     """Each flow's speed-up against its target, by the default step and by the fastest same
     step (None: not measured on both sides), and whether every posterior has a test NELBO in
     the table row; ``met``: all of it, in a run that is not a smoke run."""
-    ratios = summary.get("ratios", {})
+    ratios = summary.get("ratios") or {}
     speed: dict[str, Any] = {}
     for flow in summary.get("reference", {}).get("flows", {}):
         target = SPEED_TARGETS.get(flow, SPEED_TARGETS["baseline"])
@@ -143,7 +143,7 @@ def render_bench(summary: Mapping[str, Any]) -> str:
                 f"| {r['status']} {r.get('error', '')} |"
             )
     lines += _graph_check(summary)
-    ratios = summary.get("ratios", {})
+    ratios = summary.get("ratios") or {}
     if ratios:
         same = "SMOKE: other sizes, NOT comparable" if summary["smoke"] else "same device and model"
         lines += ["", f"## vaeflow against the reference ({same})", "",

@@ -305,8 +305,9 @@ class GpuRun:
         if "reference" in self.summary and "skipped" in self.summary["reference"]:
             self.stages["reference"] = {"status": "skipped",
                                         "error": self.summary["reference"]["skipped"]}
-        self.summary["ratios"] = speedups(self.summary)
-        self.summary["targets"] = targets(self.summary)
+        # guarded like the stages: a bug in the analysis must not cost the report
+        self.summary["ratios"] = guarded(self.stages, "ratios", lambda: speedups(self.summary))
+        self.summary["targets"] = guarded(self.stages, "targets", lambda: targets(self.summary))
         self.summary["wall_s"] = round(self.deadline.elapsed(), 1)
         guarded(self.stages, "report", self.write)
         print(f"wrote {self.out} in {self.deadline.elapsed():.0f} s", flush=True)
