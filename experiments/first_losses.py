@@ -110,7 +110,7 @@ def vaeflow_command(
     batch's terms logged; a short evaluation at the end (it is not what is compared)."""
     sets: dict[str, Any] = {
         "split_sizes": [args.train_rows, 100, 100], "log_every": 1, "is_samples": 0,
-        "eval_points": 100, "valid_points": 100, "image_every": 0, "checkpoint_every": 0,
+        "eval_points": 100, "valid_points": 100, "pictures": False, "checkpoint_every": 0,
         **(SMOKE_SETS if args.smoke else {}),
     }  # fmt: skip
     cmd = [sys.executable, "-m", "vaeflow.cli", "train", "--dataset", "static_mnist",

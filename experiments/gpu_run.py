@@ -67,7 +67,7 @@ GRAPH_ARGS = ("--dataset", "static_mnist", "--flow", "ffjord", "--arch", "mlp",
               "--set", "net_kwargs={hidden_sizes=[512,256]}", "--flow-opt", "hidden_dims=[64,64]",
               "--flow-opt", "rank=4", "--flow-opt", "method=rk4",
               "--flow-opt", "solver_options={step_size=0.25}", "--set", "is_samples=0",
-              "--set", "eval_points=1000", "--set", "valid_points=1000", "--set", "image_every=0",
+              "--set", "eval_points=1000", "--set", "valid_points=1000", "--set", "pictures=false",
               "--quiet")  # fmt: skip
 GRAPH_STEPS = 200
 GRAPH_MIN_S = 60.0  # per run, off in a smoke run
@@ -77,7 +77,7 @@ FLOWS = ("none", "planar", "iaf", "orthogonal", "householder", "triangular", "ff
 # subset of 2000 test points and FFJORD's exact trace in wide batches keep the evaluation to
 # seconds; no importance sampling (not in the paper's table).
 TABLE_SETS = ("warmup_epochs=0", "is_samples=0", "eval_points=2000", "valid_points=2000",
-              "eval_batch_rows=12800", "image_every=0")  # fmt: skip
+              "eval_batch_rows=12800", "pictures=false")  # fmt: skip
 REPORT_RESERVE_S = 20.0  # kept for the reports and the archive
 LOG_SUFFIXES = (".log", ".json", ".md", ".csv", ".txt")
 LOG_LIMIT = 12 * 2**20  # logs.tar.gz stays well under the device tool's 16 MiB per file

@@ -67,13 +67,13 @@ def cell_file(run_dir: Path, name: str) -> Path:
 # config keys that change neither what a run learns nor its test NELBO (the importance-sampled
 # likelihood is not in the paper's table)
 NEUTRAL_KEYS = {
-    "device", "data_dir", "log_every", "image_every", "checkpoint_every", "is_samples",
+    "device", "data_dir", "log_every", "image_every", "pictures", "checkpoint_every", "is_samples",
     "is_points", "eval_batch_rows",
 }  # fmt: skip
 # ... and those that are the budget, reported on their own
 BUDGET_KEYS = {"max_epochs", "max_minutes", "max_steps"}
 # a smoke cell: a tiny budget and a small evaluation, to check that every cell runs
-SMOKE_SETS = ("eval_points=100", "valid_points=100", "is_samples=0", "image_every=0")
+SMOKE_SETS = ("eval_points=100", "valid_points=100", "is_samples=0", "pictures=false")
 
 
 def read_json(path: Path) -> Any:

@@ -24,6 +24,7 @@ SMALL = [
     "--set", "is_samples=3",
     "--set", "is_points=4",
     "--set", "log_every=2",
+    "--set", "pictures=false",
     "--quiet",
 ]
 SMALL_FLOW = {

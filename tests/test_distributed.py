@@ -44,7 +44,8 @@ def cli_args(data_dir: Path, flow: str, *extra: str) -> list[str]:
         "--set", f"split_sizes={list(TINY_SPLITS)}", "--arch", "mlp",
         "--set", "net_kwargs={hidden_sizes=[16]}", "--set", "latent_dim=4",
         "--set", "context_dim=8", "--set", "is_samples=3", "--set", "is_points=4",
-        "--set", "log_every=2", "--set", "eval_points=30", "--batch-size", "21",
+        "--set", "log_every=2", "--set", "eval_points=30", "--set", "pictures=false",
+        "--batch-size", "21",
         "--device", "cpu", "--quiet", "--flow", flow,
         *(field if flow == "ffjord" else ["--flow-opt", "num_steps=2"]), *extra,
     ]

@@ -39,7 +39,8 @@ def tiny(data_dir: Path, out: Path, flow: str = "planar", *extra: str) -> list[s
         "--data-dir", str(data_dir), "--set", f"split_sizes={list(TINY_SPLITS)}",
         "--arch", "mlp", "--set", "net_kwargs={hidden_sizes=[16]}",
         "--set", "latent_dim=4", "--set", "context_dim=8", "--set", "is_samples=2",
-        "--set", "is_points=4", "--set", "eval_points=20", "--batch-size", "50",
+        "--set", "is_points=4", "--set", "eval_points=20", "--set", "pictures=false",
+        "--batch-size", "50",
         "--max-epochs", "2", "--device", "cpu", "--quiet", "--out", str(out), *extra,
     ]
 

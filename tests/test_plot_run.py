@@ -15,7 +15,7 @@ from vaeflow.train import train
 def test_plot_two_runs(tiny_data_dir: Path, tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     for flow in ("none", "planar"):
-        config = tiny_config(tiny_data_dir, flow, is_samples=0, image_every=0)
+        config = tiny_config(tiny_data_dir, flow, is_samples=0)
         train(config, tmp_path / flow, progress=False)
     run = Run(tmp_path / "planar")
     history = run.history

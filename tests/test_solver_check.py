@@ -37,7 +37,7 @@ def test_the_command_on_a_run(
 ) -> None:
     rk4 = {"hidden_dims": [16], "rank": 2, "method": "rk4", "solver_options": {"step_size": 0.5}}
     run = tmp_path / "run"
-    train(tiny_config(tiny_data_dir, "ffjord", flow_kwargs=rk4, is_samples=0, image_every=0,
+    train(tiny_config(tiny_data_dir, "ffjord", flow_kwargs=rk4, is_samples=0,
                       max_epochs=1), run, progress=False)
     argv = [str(run), "--points", "3", "--step-sizes", "0.5", "0.1"]
     assert solver_check.main(argv) == 0
@@ -48,7 +48,7 @@ def test_the_command_on_a_run(
     assert len(numbers) == 5 and numbers[3] < 1e-2  # 10 steps: trace and map agree
 
     planar = tmp_path / "planar"
-    train(tiny_config(tiny_data_dir, "planar", is_samples=0, image_every=0, max_epochs=1),
+    train(tiny_config(tiny_data_dir, "planar", is_samples=0, max_epochs=1),
           planar, progress=False)
     assert solver_check.main([str(planar)]) == 2
     assert "solves no ODE" in capsys.readouterr().err

@@ -54,6 +54,7 @@ def tiny_config(data_dir: Path, flow: str = "planar", **overrides: Any) -> Train
         is_points=5,
         log_every=3,
         image_every=2,
+        pictures=False,  # a few seconds a run; the tests of pictures ask for them
     )
     values.update(overrides)
     return TrainConfig(**values)
@@ -92,11 +93,12 @@ def test_training_lowers_the_loss(tiny_data_dir: Path, tmp_path: Path, flow: str
     assert math.isfinite(results["test_nelbo"]) and results["test_nelbo"] < 0.8 * first
     if flow != "none":
         assert abs(history[-1]["train_logdet"]) > 1e-3  # the flow is in use
+    assert not list((tmp_path / "run").glob("*.png"))  # pictures=False: none, not even at the end
 
 
 def test_run_directory_contents(tiny_data_dir: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
-    results = train(tiny_config(tiny_data_dir, "ffjord"), run, progress=False)
+    results = train(tiny_config(tiny_data_dir, "ffjord", pictures=True), run, progress=False)
     names = {p.name for p in run.iterdir()}
     assert {"config.json", "checkpoint.pt", "best.pt", "results.json", "timing.json"} <= names
     assert any(n.startswith("events.out.tfevents") for n in names)
@@ -119,6 +121,7 @@ def test_run_directory_contents(tiny_data_dir: Path, tmp_path: Path) -> None:
                 "valid/nelbo", "test/nelbo"):
         assert tag in tags, tag
     assert {"samples", "reconstructions"} <= set(events.Tags()["images"])
+    assert {"samples.png", "reconstructions.png", "learning_curve.png"} <= names
     # the warm-up: beta of epoch 1 is 1/2, then 1
     betas = [e.value for e in events.Scalars("train/beta")]
     assert betas[0] == 0.5 and betas[-1] == 1.0
@@ -381,7 +384,7 @@ def test_validation_and_pictures_after_fixed_steps_use_the_evaluation_solve(
     monkeypatch.setattr(evaluate_mod, "image_grids", spy_grids)
     rk4 = {"hidden_dims": [16], "rank": 2, "method": "rk4", "solver_options": {"step_size": 0.5}}
     config = tiny_config(tiny_data_dir, "ffjord", flow_kwargs=rk4, max_epochs=2, is_samples=0,
-                         image_every=1)
+                         image_every=1, pictures=True)
     train(config, tmp_path / "run", progress=False)
     assert seen == ["dopri5", "dopri5"]  # one validation per epoch
     # the reconstructions show the model the test figures measure: each epoch's, the final

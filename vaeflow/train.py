@@ -362,8 +362,9 @@ class _Trainer:
 
     def log_images(self, epoch: int) -> None:
         """Sample and reconstruction grids to TensorBoard and, with the learning curve, as PNG
-        files in the run directory (rank 0's work)."""
-        if not self.world.is_main:
+        files in the run directory (rank 0's work); none when the config's ``pictures`` is
+        False."""
+        if not self.world.is_main or not self.config.pictures:
             return
         grids = run_pictures(self.model, self.data, self.config)
         if self.writer is not None:

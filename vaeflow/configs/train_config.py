@@ -63,7 +63,10 @@ class TrainConfig:
     The per-epoch validation uses the same solve. ``{}``: exactly the training solve.
 
     Logging and safety: ``log_every`` steps between host reads of the loss (TensorBoard and the
-    progress bar), ``image_every`` epochs between sample/reconstruction grids (0: never),
+    progress bar), ``image_every`` epochs between sample/reconstruction grids (0: only the
+    closing ones), ``pictures`` False draws none at all, neither those grids nor the closing
+    PNGs (sweeps, benchmarks and tests, where each run's pictures cost seconds: ``vaeflow eval
+    RUN`` draws them later),
     ``checkpoint_every`` steps between mid-epoch checkpoints (0: epoch ends only),
     ``nan_retries`` restarts from the last checkpoint with 10x tighter FFJORD tolerances.
 
@@ -111,6 +114,7 @@ class TrainConfig:
     split_sizes: list[int] | None = None
     log_every: int = 20
     image_every: int = 10
+    pictures: bool = True
     checkpoint_every: int = 0
     nan_retries: int = 0
     kinetic_weight: float = 0.0
