@@ -64,7 +64,7 @@ def test_smoke_run_trains_both_codes_and_reports_them(tmp_path: Path) -> None:
     out = tmp_path / "out"
     cmd = [
         sys.executable, str(REPO / "experiments" / "first_losses.py"), str(out), "--smoke",
-        "--steps", "3", "--seeds", "1", "--flows", "none", "planar", "--train-rows", "100",
+        "--steps", "3", "--seeds", "1", "--flows", "planar", "--train-rows", "100",
         "--data-dir", str(SHARED / "data"), "--reference", str(SHARED / "reference"),
         "--work", str(tmp_path / "work"),
     ]  # fmt: skip
