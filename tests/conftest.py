@@ -20,6 +20,19 @@ torch.set_num_threads(1)
 
 TINY_SPLITS = (200, 50, 50)
 
+# Module fixtures that train runs in child processes (the comparison grid, the torchrun
+# reference runs): every test that uses one is slow, whether or not it is the first to ask.
+SLOW_FIXTURES = {"grid", "reference_runs"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark ``slow`` the tests that use a :data:`SLOW_FIXTURES` fixture; the others that take
+    more than ~5 s on 2 cores carry ``@pytest.mark.slow`` themselves. ``pytest -m "not slow"``
+    is the quick loop while developing; CI runs everything."""
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
 
 def write_structured_mnist(directory: Path, sizes: tuple[int, int, int] = TINY_SPLITS) -> Path:
     """A learnable ``binarized_mnist.npz``: four random 28x28 binary prototypes with 5% of the

@@ -48,6 +48,7 @@ def test_paper_settings_are_the_flow_defaults(flow: str) -> None:
     assert settings and all(defaults[k].default == v for k, v in settings.items())
 
 
+@pytest.mark.slow
 def test_smoke_run_writes_table_and_csv(tmp_path, capsys) -> None:
     variants = ["none", "planar", "ffjord", "ffjord-rk4", "ffjord-reference-emulation"]
     status = bench.main([*FAST, "--out-dir", str(tmp_path), "--variants", *variants])
@@ -164,6 +165,7 @@ def test_a_graphed_variant_is_checked_against_eager_steps_of_a_twin(monkeypatch,
     assert twin.value.args[0] == {}
 
 
+@pytest.mark.slow
 def test_parallel_runs_report_aggregate_throughput() -> None:
     p = bench_timing.run_parallel(
         "none", 2, "small", "cpu", iters=2, warmup=0, batch_size=10, threads=1

@@ -207,6 +207,7 @@ def test_parse_value() -> None:
     assert parse_value("rk4") == "rk4" and parse_value('"x"') == "x"
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_gives_the_same_results(
     tiny_data_dir: Path, tmp_path: Path
 ) -> None:

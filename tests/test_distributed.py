@@ -172,6 +172,7 @@ def _gradient_worker(rank: int, port: int, data_dir: Path, out: Path) -> None:
     os._exit(0)  # the group is broken: leave without tearing it down
 
 
+@pytest.mark.slow
 def test_ddp_gradients_equal_one_process(tiny_data_dir: Path, tmp_path: Path) -> None:
     import torch.multiprocessing as mp
 
@@ -239,6 +240,7 @@ def test_killed_rank_then_resume_matches_the_uninterrupted_run(
     assert all(torch.equal(a[k], b[k]) for k in a if isinstance(a[k], torch.Tensor))
 
 
+@pytest.mark.slow
 def test_two_machines_train_ffjord_with_the_adjoint(tiny_data_dir: Path, tmp_path: Path) -> None:
     """Two torchrun launches, one process each, meet at a c10d rendezvous on localhost."""
     args = cli_args(tiny_data_dir, "ffjord", "--max-steps", "4", "--flow-opt", "adjoint=true")

@@ -192,6 +192,7 @@ def _start(args: list[str], code: str) -> subprocess.Popen[str]:
                             stderr=subprocess.PIPE, text=True, env=env)
 
 
+@pytest.mark.slow
 def test_a_signal_in_the_final_evaluation_stops_at_once_and_keeps_the_run(
     tiny_data_dir: Path, tmp_path: Path
 ) -> None:
@@ -212,6 +213,7 @@ def test_a_signal_in_the_final_evaluation_stops_at_once_and_keeps_the_run(
     assert json.loads((run / "results.json").read_text())["steps"] == 2
 
 
+@pytest.mark.slow
 def test_a_second_signal_exits_at_once(tiny_data_dir: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     proc = _start(tiny(tiny_data_dir, run, "planar", "--max-epochs", "50"),

@@ -147,6 +147,7 @@ def test_custom_field_without_vjp_uses_autograd() -> None:
 # torch.compile
 
 
+@pytest.mark.slow
 def test_compiled_field_matches_eager() -> None:
     """The real thing: inductor compiles the fused field (CPU C++ code; needs a C compiler).
     One block and one solve keep the compile time down."""

@@ -71,7 +71,7 @@ def linear_flow(a: Tensor, end_time: float = 0.7, **kw: object) -> FFJORD:
     return flow
 
 
-@pytest.mark.parametrize("dynamics", ["lowrank", "concat"])
+@pytest.mark.parametrize("dynamics", [pytest.param("lowrank", marks=pytest.mark.slow), "concat"])
 def test_exact_trace_matches_jacobian(dynamics: str) -> None:
     flow = sharpen(make(dynamics=dynamics, num_blocks=2, trace="exact")).train()
     z0, h = data()
@@ -81,6 +81,7 @@ def test_exact_trace_matches_jacobian(dynamics: str) -> None:
     torch.testing.assert_close(logdet, expected, rtol=1e-6, atol=1e-8)
 
 
+@pytest.mark.slow
 def test_reference_lowrank_init_matches_the_jacobian_and_the_papers_head() -> None:
     flow = sharpen(make(trace="exact", lowrank_init="reference")).train()
     z0, h = data()

@@ -60,6 +60,7 @@ def test_the_summary_compares_means_over_seeds() -> None:
 
 
 @needs_reference("refbench.py")
+@pytest.mark.slow
 def test_smoke_run_trains_both_codes_and_reports_them(tmp_path: Path) -> None:
     out = tmp_path / "out"
     cmd = [
@@ -116,6 +117,7 @@ def test_merge_reports_several_result_files_and_keeps_each_commit(tmp_path: Path
 
 
 @needs_reference("ffjord/vae_lib")
+@pytest.mark.slow
 def test_lockstep_with_the_reference_gives_the_same_losses() -> None:
     # Same weights, batches and noise: the papers' encoder, decoder, baseline flows, ELBO and
     # Adamax step agree with the reference's own code to rounding, step after step.
@@ -167,6 +169,7 @@ def _first_kl(sections: list[str]) -> float:
 
 
 @needs_reference("ffjord/vae_lib")
+@pytest.mark.slow
 def test_ffjord_with_the_reference_weights_is_the_reference_flow() -> None:
     import re
 
@@ -179,6 +182,7 @@ def test_ffjord_with_the_reference_weights_is_the_reference_flow() -> None:
 
 
 @needs_reference("ffjord/vae_lib")
+@pytest.mark.slow
 def test_ffjord_training_steps_follow_the_reference() -> None:
     # Hutchinson estimator with the same probes; the reference's gradients come from the
     # adjoint, vaeflow's through the solver: float64 and a tight tolerance make them agree.
@@ -195,6 +199,7 @@ def test_ffjord_training_steps_follow_the_reference() -> None:
 
 
 @needs_reference("ffjord/vae_lib")
+@pytest.mark.slow
 def test_every_parameter_starts_at_the_reference_codes_scale() -> None:
     # The locksteps copy the reference's weights, so they cannot see how either code draws
     # them: here each code initialises its own model, and every parameter's root mean square

@@ -24,6 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 
 
+@pytest.mark.slow
 def test_smoke_run_writes_every_file_and_survives_failures(tmp_path) -> None:
     out, work = tmp_path / "out", tmp_path / "work"
     reference = SHARED / "reference"

@@ -93,6 +93,7 @@ def test_modules_are_small_or_say_why() -> None:
             )
 
 
+@pytest.mark.slow
 def test_installed_wheel_carries_the_papers_settings(tmp_path: Path) -> None:
     """A non-editable install, used from an empty folder, resolves the paper's FFJORD."""
     target = tmp_path / "site"

@@ -157,7 +157,9 @@ def problem() -> LinearGaussian:
 SVI_STEPS = {"ffjord": 120}
 
 
-@pytest.mark.parametrize("name", list(FLOWS))
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.slow) if n == "ffjord" else n for n in FLOWS]
+)
 def test_svi_with_flow_guide_beats_best_diagonal_gaussian(
     name: str, problem: LinearGaussian
 ) -> None:

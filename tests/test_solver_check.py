@@ -14,6 +14,7 @@ from vaeflow.flows import FFJORD
 from vaeflow.train import train
 
 
+@pytest.mark.slow
 def test_a_fine_solve_integrates_the_log_determinant_of_its_map() -> None:
     torch.manual_seed(0)
     flow = FFJORD(3, 2, hidden_dims=(16,), rank=2, atol=1e-8, rtol=1e-8).double().eval()

@@ -74,7 +74,7 @@ def assert_same_params(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -
             assert a[key] == b[key], key
 
 
-@pytest.mark.parametrize("flow", ["none", "planar", "ffjord"])
+@pytest.mark.parametrize("flow", ["none", "planar", pytest.param("ffjord", marks=pytest.mark.slow)])
 def test_training_lowers_the_loss(tiny_data_dir: Path, tmp_path: Path, flow: str) -> None:
     epochs = 20 if flow == "ffjord" else 30
     config = tiny_config(
@@ -96,6 +96,7 @@ def test_training_lowers_the_loss(tiny_data_dir: Path, tmp_path: Path, flow: str
     assert not list((tmp_path / "run").glob("*.png"))  # pictures=False: none, not even at the end
 
 
+@pytest.mark.slow
 def test_run_directory_contents(tiny_data_dir: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     results = train(tiny_config(tiny_data_dir, "ffjord", pictures=True), run, progress=False)
@@ -147,7 +148,10 @@ def crash_at(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
     monkeypatch.setattr(train_mod, "train_step", step_or_crash)
 
 
-@pytest.mark.parametrize(("flow", "crash_step", "every"), [("ffjord", 14, 4), ("planar", 23, 0)])
+@pytest.mark.parametrize(
+    ("flow", "crash_step", "every"),
+    [pytest.param("ffjord", 14, 4, marks=pytest.mark.slow), ("planar", 23, 0)],
+)
 def test_resume_after_a_crash_is_bit_identical(
     tiny_data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flow: str,
     crash_step: int, every: int,
