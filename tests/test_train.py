@@ -97,6 +97,25 @@ def test_training_lowers_the_loss(tiny_data_dir: Path, tmp_path: Path, flow: str
 
 
 @pytest.mark.slow
+def test_pictures_change_nothing_that_the_run_computes(tiny_data_dir: Path, tmp_path: Path) -> None:
+    # They draw under their own seed: a run with them every epoch trains and evaluates exactly
+    # as one without, which is why a resumed run may switch them.
+    results = {}
+    for pictures in (True, False):
+        config = tiny_config(tiny_data_dir, "ffjord", max_epochs=2, image_every=1,
+                             pictures=pictures)
+        results[pictures] = train(config, tmp_path / str(pictures), progress=False)
+    assert_same_params(params(tmp_path / "True"), params(tmp_path / "False"))
+    for key in ("test_nelbo", "test_nll_is", "best_valid_nelbo"):
+        assert results[True][key] == results[False][key], key
+    assert (tmp_path / "True" / "samples.png").is_file()
+    assert not list((tmp_path / "False").glob("*.png"))
+    # a resume may switch them (this run is finished: nothing more runs), and records it
+    train(resume=tmp_path / "False", changes={"pictures": True}, progress=False)
+    assert json.loads((tmp_path / "False" / "config.json").read_text())["pictures"] is True
+
+
+@pytest.mark.slow
 def test_run_directory_contents(tiny_data_dir: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     results = train(tiny_config(tiny_data_dir, "ffjord", pictures=True), run, progress=False)

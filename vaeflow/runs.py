@@ -63,8 +63,9 @@ HISTORY = "history.json"
 # Bumped when a checkpoint of an older vaeflow can no longer be resumed as it is.
 CHECKPOINT_FORMAT = 2
 LOCK = ".lock"
-# What a resumed run may change: where and how long it runs, not what it computes.
-RESUMABLE = ("device", "data_dir", "max_steps", "max_epochs", "max_minutes")
+# What a resumed run may change: where and how long it runs, and whether it draws pictures
+# (they draw under their own seed), not what it computes.
+RESUMABLE = ("device", "data_dir", "max_steps", "max_epochs", "max_minutes", "pictures")
 # Files a fresh start (--overwrite) replaces; anything else in the folder is left alone.
 RUN_FILES = (CHECKPOINT, BEST, CONFIG, RESULTS, TIMING, HISTORY)
 RUN_PATTERNS = ("events.out.tfevents.*", "*.png")

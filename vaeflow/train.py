@@ -650,7 +650,8 @@ def train(
         run_dir: where to write: an absent or empty folder, unless ``overwrite``.
         resume: a run directory to continue from its ``checkpoint.pt`` (config from the run).
         changes: when resuming, new values of the keys a run may change on the way
-            (:data:`vaeflow.runs.RESUMABLE`: device, data directory, step/epoch/time budget);
+            (:data:`vaeflow.runs.RESUMABLE`: device, data directory, step/epoch/time budget,
+            pictures);
             any other key is refused.
         progress: show progress bars.
         overwrite: start afresh in a folder that holds a run; its run files are deleted only
