@@ -34,6 +34,18 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.slow)
 
 
+def readme_python(section: str) -> str:
+    """The Python blocks of the README's ``## section``, joined, to be executed as written."""
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert f"\n## {section}\n" in readme, section
+    text = readme.split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL)
+    assert blocks, section
+    return "\n".join(blocks)
+
+
 def write_structured_mnist(directory: Path, sizes: tuple[int, int, int] = TINY_SPLITS) -> Path:
     """A learnable ``binarized_mnist.npz``: four random 28x28 binary prototypes with 5% of the
     pixels flipped, in the packed-bits layout of shared/data."""

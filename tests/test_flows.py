@@ -3,10 +3,13 @@ inverses, state_dict round-trip, and clear errors."""
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import pytest
 import torch
 
-from vaeflow.flows import FLOWS, Flow, Sequential, make_flow
+from vaeflow.flows import FLOWS, Flow, Planar, Sequential, jacobian_logdet, make_flow, register_flow
 
 DIM, CONTEXT = 4, 3
 # Tight tolerances so the solver error stays far below the comparison tolerance.
@@ -24,13 +27,6 @@ def inputs(batch: int = 5, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     z0 = torch.randn(batch, DIM, generator=g, dtype=torch.float64)
     h = torch.randn(batch, CONTEXT, generator=g, dtype=torch.float64)
     return z0, h
-
-
-def jacobian_logdet(flow: Flow, z0: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """``log |det dzK/dz0|`` per sample from the autograd Jacobian of the whole batch map."""
-    jac = torch.autograd.functional.jacobian(lambda z: flow(z, h)[0], z0)  # [B, D, B, D]
-    per_sample = torch.stack([jac[i, :, i, :] for i in range(z0.shape[0])])
-    return torch.linalg.slogdet(per_sample)[1]
 
 
 def test_registry_names() -> None:
@@ -261,3 +257,38 @@ def test_iaf_reference_masks_are_the_papers_codes() -> None:
         FLOWS["iaf"](dim=3, context_dim=3, hidden_dim=8, masks="reference")
     with pytest.raises(ValueError, match="valid values are 'cycled', 'reference'"):
         FLOWS["iaf"](dim=2, context_dim=3, masks="made")
+
+
+def test_readme_flow_is_registered_checked_and_trains(tiny_data_dir, tmp_path) -> None:
+    from conftest import readme_python
+    from test_train import tiny_config
+
+    from vaeflow.cli import main
+    from vaeflow.runs import load_model
+    from vaeflow.train import train
+
+    saved = dict(FLOWS)
+    try:
+        namespace: dict[str, object] = {"__name__": "docs_flow"}
+        torch.manual_seed(0)
+        exec(compile(readme_python("Adding a flow"), "README.md", "exec"), namespace)
+        assert FLOWS["radial"] is namespace["Radial"]
+        config = dataclasses.replace(
+            tiny_config(tiny_data_dir, "planar", max_epochs=1, is_samples=0),
+            flow="radial", flow_kwargs={"num_steps": 2},
+        )  # fmt: skip
+        results = train(config, tmp_path / "run", progress=False)
+        assert results["flow"] == "radial" and math.isfinite(results["test_nelbo"])
+        model, _ = load_model(tmp_path / "run")
+        assert type(model.flow).__name__ == "Radial" and model.flow.num_steps == 2
+        assert main(["flows"]) == 0  # lists it with its hyperparameters
+        with pytest.raises(ValueError, match="'radial' is taken"):
+            register_flow("radial", Planar)
+    finally:
+        FLOWS.clear()
+        FLOWS.update(saved)
+    with pytest.raises(ValueError, match="letters, digits"):
+        register_flow("my flow", Planar)
+    with pytest.raises(TypeError, match="subclass of vaeflow.flows.Flow"):
+        register_flow("mine", torch.nn.Linear)
+    assert "mine" not in FLOWS

@@ -7,7 +7,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import re
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,6 +16,7 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from conftest import readme_python
 from pyro.distributions.conditional import ConditionalComposeTransformModule
 from pyro.infer import SVI, Trace_ELBO
 from torch import Tensor, nn
@@ -397,14 +397,9 @@ def test_on_cuda(name: str, problem: LinearGaussian) -> None:
 
 
 def test_readme_pyro_example_runs_as_written() -> None:
-    readme = (ROOT / "README.md").read_text()
-    assert "\n## Pyro guides\n" in readme
-    text = readme.split("\n## Pyro guides\n", 1)[1].split("\n## ", 1)[0]
-    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL)
-    assert len(blocks) >= 2
     namespace: dict[str, object] = {"__name__": "docs_pyro"}
     torch.manual_seed(0)
-    exec(compile("\n".join(blocks), "README.md", "exec"), namespace)
+    exec(compile(readme_python("Pyro guides"), "README.md", "exec"), namespace)
     losses = namespace["losses"]
     assert isinstance(losses, list) and losses and all(math.isfinite(v) for v in losses)
     flow = namespace["flow"]

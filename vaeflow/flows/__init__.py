@@ -7,9 +7,12 @@ zK, logdet = flow(z0, h)          # z0 [B, 64], h [B, 256] -> zK [B, 64], logdet
 
 from __future__ import annotations
 
+import re
+
 from .base import ContextHead, Flow, Identity, Sequential, use_solver
 from .ffjord import FFJORD
 from .iaf import IAF
+from .jacobian import jacobian_logdet
 from .planar import Planar
 from .sylvester import HouseholderSylvester, OrthogonalSylvester, TriangularSylvester
 
@@ -22,6 +25,27 @@ FLOWS: dict[str, type[Flow]] = {
     "triangular": TriangularSylvester,
     "ffjord": FFJORD,
 }
+
+
+def register_flow(name: str, cls: type[Flow]) -> type[Flow]:
+    """Add a flow class of one's own to :data:`FLOWS` as ``name``, so that everything that names
+    a flow takes it: :class:`~vaeflow.configs.TrainConfig`, :func:`~vaeflow.configs.resolve`,
+    ``--flow`` of :func:`vaeflow.cli.main` called from the same script, ``vaeflow flows``.
+    Register it again, in the same way, in any process that loads a run of it.
+
+    Raises:
+        ValueError: ``name`` is taken or is not made of letters, digits, ``_`` and ``-``.
+        TypeError: ``cls`` is not a subclass of :class:`Flow`.
+    """
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_-]+", name):
+        raise ValueError(f"a flow name is letters, digits, '_' and '-', got {name!r}")
+    if name in FLOWS:
+        raise ValueError(f"flow name {name!r} is taken (by {FLOWS[name].__name__}); "
+                         f"taken names: {', '.join(FLOWS)}")
+    if not (isinstance(cls, type) and issubclass(cls, Flow)):
+        raise TypeError(f"register_flow takes a subclass of vaeflow.flows.Flow, got {cls!r}")
+    FLOWS[name] = cls
+    return cls
 
 
 def check_hyperparameters(name: str, hyperparameters: dict[str, object]) -> None:
@@ -50,6 +74,8 @@ def make_flow(name: str, dim: int, context_dim: int, **hyperparameters: object) 
 
 __all__ = [
     "FLOWS",
+    "register_flow",
+    "jacobian_logdet",
     "make_flow",
     "check_hyperparameters",
     "use_solver",
