@@ -1,7 +1,9 @@
-"""Shared fixtures: tiny data sets written by the tests themselves (never downloaded)."""
+"""Shared fixtures and helpers: tiny data sets written by the tests themselves (never
+downloaded), the ``slow`` marker of the fixtures that train runs, the README's code blocks."""
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -36,8 +38,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 def readme_python(section: str) -> str:
     """The Python blocks of the README's ``## section``, joined, to be executed as written."""
-    import re
-
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert f"\n## {section}\n" in readme, section
     text = readme.split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
