@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from vaeflow.checks import InputError
-from vaeflow.flows import FFJORD, Planar, Sequential
+from vaeflow.flows import FFJORD, Planar, Sequential, jacobian_logdet
 from vaeflow.flows.ffjord import _Dynamics
 from vaeflow.ode import SolverError, check_solver
 
@@ -40,11 +40,6 @@ def data(batch: int = 4, seed: int = 0) -> tuple[Tensor, Tensor]:
         torch.randn(batch, D, generator=g, dtype=torch.float64),
         torch.randn(batch, H, generator=g, dtype=torch.float64),
     )
-
-
-def jacobian_logdet(flow: FFJORD, z0: Tensor, h: Tensor) -> Tensor:
-    jac = torch.autograd.functional.jacobian(lambda z: flow(z, h)[0], z0)
-    return torch.linalg.slogdet(torch.stack([jac[i, :, i] for i in range(len(z0))]))[1]
 
 
 class LinearField(_Dynamics):
