@@ -275,3 +275,17 @@ def test_flows_lists_class_defaults_and_what_a_data_set_sets(capsys) -> None:
 
     assert main(["flows", "--preset", "quick"]) == 2
     assert "--preset needs --dataset" in capsys.readouterr().err
+
+
+def test_a_reader_that_goes_away_is_not_a_traceback() -> None:
+    """``vaeflow flows | head -1``: the pipe closes before vaeflow writes; it exits quietly
+    with the shell's status for SIGPIPE."""
+    child = subprocess.Popen(
+        [sys.executable, "-m", "vaeflow.cli", "flows", "--dataset", "static_mnist"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    assert child.stdout is not None and child.stderr is not None
+    child.stdout.close()  # before the child has printed anything: it imports torch first
+    err = child.stderr.read().decode()
+    assert child.wait(timeout=60) == 141, err
+    assert err == ""

@@ -155,6 +155,39 @@ def test_compare_two_runs(tiny_data_dir: Path, tmp_path: Path,
     rows = report.compare_rows([Run(tmp_path / "runs" / f) for f in ("none", "planar")])
     assert [r["flow"] for r in rows] == ["none", "planar"]
     assert all(float(r["test NELBO"]) > 0 and r["epochs"] == "3" for r in rows)
+    # the same settings but the flow (a column already): no "settings" column
+    assert all(r["settings"] == "-" for r in rows) and "settings" not in lines[0]
+
+
+def test_compare_names_the_settings_in_which_runs_differ(tiny_data_dir: Path,
+                                                         tmp_path: Path) -> None:
+    """An ablation's table says what was ablated: training keys that differ, and a flow's
+    hyperparameters among runs of that flow, defaults filled in; never logging keys."""
+    tiny = {"hidden_dims": [16], "rank": 2, "atol": 1e-4, "rtol": 1e-4}
+    rk4 = {"method": "rk4", "solver_options": {"step_size": 0.5}}
+    variants = {
+        "a": ("ffjord", {}),
+        "b": ("ffjord", {"flow_kwargs": {**tiny, **rk4}, "seed": 3}),
+        # a class default set explicitly is the same setting as the default left out
+        "c": ("ffjord", {"flow_kwargs": {**tiny, "method": "dopri5"}}),
+        "d": ("planar", {"log_every": 1, "pictures": True}),
+    }
+    runs = []
+    for name, (flow, overrides) in variants.items():
+        config = tiny_config(tiny_data_dir, flow, **overrides)
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(config.to_dict()))
+        runs.append(Run(tmp_path / name))
+    assert report.differing_settings(runs) == [
+        "ffjord.method=dopri5 ffjord.solver_options=null seed=0",
+        'ffjord.method=rk4 ffjord.solver_options={"step_size": 0.5} seed=3',
+        "ffjord.method=dopri5 ffjord.solver_options=null seed=0",
+        "seed=0",  # planar's own options are the same in its only run; log_every is not listed
+    ]
+    table = report.compare_table(runs).splitlines()
+    assert table[0].split()[-1] == "settings" and table[3].endswith("seed=3")
+    # the same flow, the same settings: nothing to name
+    assert report.differing_settings(runs[:1] + runs[2:3]) == ["", ""]
 
 
 def test_compare_refuses_a_folder_without_runs(tmp_path: Path,

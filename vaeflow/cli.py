@@ -19,7 +19,6 @@ hyperparameter; VALUE is read as TOML: ``--flow-opt hidden_dims=[64,64]``, ``adj
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import sys
@@ -32,7 +31,7 @@ from vaeflow import report
 from vaeflow.checks import InputError
 from vaeflow.configs import TrainConfig, presets, resolve
 from vaeflow.data import DATASETS, DataNotFoundError
-from vaeflow.flows import FLOWS
+from vaeflow.flows import FLOWS, flow_hyperparameters
 from vaeflow.nets import ARCHITECTURES
 
 if sys.version_info >= (3, 11):
@@ -206,18 +205,13 @@ def cmd_flows(args: argparse.Namespace) -> int:
         raise CLIError("flows --preset needs --dataset (a preset applies over a data set's "
                          f"settings); data sets: {', '.join(DATASETS)}")
     for name, cls in FLOWS.items():
-        params = [
-            p
-            for p in inspect.signature(cls.__init__).parameters.values()
-            if p.name not in ("self", "dim", "context_dim")
-        ]
-        opts = ", ".join(f"{p.name}={p.default!r}" for p in params) or "(no options)"
+        defaults = flow_hyperparameters(name)
+        opts = ", ".join(f"{k}={v!r}" for k, v in defaults.items()) or "(no options)"
         print(f"{name:12s} {cls.__name__}: {opts}")
-        if args.dataset is None or not params:
+        if args.dataset is None or not defaults:
             continue
         # What a run of this flow on the data set builds: the papers' settings (and a preset).
         config = resolve(args.dataset, name, preset=args.preset)
-        defaults = {p.name: p.default for p in params}
         changed = {k: v for k, v in config.flow_kwargs.items() if not _same(v, defaults.get(k))}
         sets = ", ".join(f"{k}={v!r}" for k, v in changed.items()) or "the class defaults"
         where = args.dataset + (f" --preset {args.preset}" if args.preset else "")
@@ -309,10 +303,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Known failures become one line; anything else is a bug and shows its traceback.
     try:
         args = build_parser().parse_args(argv)
-        return int(args.func(args))
+        status = int(args.func(args))
+        sys.stdout.flush()  # here, not at exit, so that a reader gone away is caught below
+        return status
     except (InputError, FileExistsError, DataNotFoundError) as err:
         print(f"vaeflow: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader went away (``vaeflow flows | head``): nothing is wrong, so no traceback.
+        # Point stdout at devnull, or Python's own flush at exit would raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a process killed by it
     except OSError as err:
         if err.filename is None:  # not about a file: a bug, or the OS failing us elsewhere
             raise

@@ -3,6 +3,7 @@ a run, and a table of runs side by side. Everything is read through :mod:`vaeflo
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shlex
@@ -10,10 +11,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from vaeflow.flows import flow_hyperparameters
 from vaeflow.plots import LEARNING_CURVE, RECONSTRUCTIONS, SAMPLES
 from vaeflow.runs import BEST, CHECKPOINT, RESULTS, Run, RunError, find_runs
 
-__all__ = ["figures", "solver_text", "summary", "compare_rows", "compare_table", "expand_runs"]
+__all__ = [
+    "figures", "solver_text", "summary", "compare_rows", "compare_table", "differing_settings",
+    "expand_runs",
+]
 
 
 def _minutes(seconds: float | None) -> str:
@@ -107,7 +112,41 @@ def expand_runs(paths: Sequence[str | os.PathLike[str]]) -> list[Run]:
 
 
 _COLUMNS = ("run", "dataset", "flow", "parameters", "test NELBO", "IS NLL", "epochs",
-            "wall-clock", "NFE")
+            "wall-clock", "NFE", "settings")
+# Config keys that change neither what a run learns nor its figures, and those with columns
+# of their own: never listed under "settings".
+_UNLISTED = {"dataset", "flow", "flow_kwargs", "data_dir", "log_every", "image_every",
+             "pictures", "checkpoint_every", "eval_batch_rows"}
+
+
+def _text(value: Any) -> str:
+    """A setting as one writes it on the command line (TOML-like): ``true``, ``[64, 64]``."""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def differing_settings(runs: Sequence[Run]) -> list[str]:
+    """Per run, the settings in which the runs differ, as ``key=value`` words: training keys
+    (``seed=1``) and, among runs of the same flow, its hyperparameters with the class defaults
+    filled in (``ffjord.method=rk4``). Keys that only change the logs or pictures are left
+    out, and so are the data set and the flow, which have columns of their own."""
+    configs = [run.config.to_dict() for run in runs]
+    # JSON round trip: a TOML list and a tuple default with the same items are the same value.
+    plain = [json.loads(json.dumps(c, default=str)) for c in configs]
+    for config, run in zip(plain, runs, strict=True):
+        try:
+            defaults = flow_hyperparameters(run.config.flow)
+        except ValueError:  # a flow of one's own that this process has not registered
+            defaults = {}
+        hyper = {**json.loads(json.dumps(defaults, default=str)), **config["flow_kwargs"]}
+        config.update({f"{run.config.flow}.{k}": v for k, v in hyper.items()})
+    keys = sorted({k for c in plain for k in c} - _UNLISTED)
+    varying = []
+    for key in keys:
+        flow = key.split(".")[0] if "." in key else None
+        group = [c for c in plain if flow is None or c["flow"] == flow]
+        if len(group) > 1 and any(c.get(key) != group[0].get(key) for c in group):
+            varying.append(key)
+    return [" ".join(f"{k}={_text(c[k])}" for k in varying if k in c) for c in plain]
 
 
 def compare_rows(runs: Sequence[Run]) -> list[dict[str, str]]:
@@ -116,7 +155,7 @@ def compare_rows(runs: Sequence[Run]) -> list[dict[str, str]]:
     from vaeflow.model import count_parameters
 
     rows = []
-    for run in runs:
+    for run, settings in zip(runs, differing_settings(runs), strict=True):
         config, results, timing = run.config, run.results, run.timing or {}
         row = {"run": str(run.path), "dataset": config.dataset, "flow": config.flow}
         bpd = config.dataset == "freyfaces"
@@ -137,6 +176,7 @@ def compare_rows(runs: Sequence[Run]) -> list[dict[str, str]]:
             row["parameters"] = f"{count_parameters(config):,}"
             row["epochs"] = str(len(history))
         row["wall-clock"] = _minutes(timing.get("train_seconds"))
+        row["settings"] = settings or "-"
         rows.append({c: row.get(c, "-") for c in _COLUMNS})
     return rows
 
@@ -144,8 +184,10 @@ def compare_rows(runs: Sequence[Run]) -> list[dict[str, str]]:
 def compare_table(runs: Sequence[Run]) -> str:
     """A plain-text table of ``runs`` (test NELBO in nats; bits/dim for Frey Faces)."""
     rows = compare_rows(runs)
-    widths = {c: max(len(c), *(len(r[c]) for r in rows)) for c in _COLUMNS}
-    line = "  ".join(c.ljust(widths[c]) for c in _COLUMNS)
-    out = [line, "  ".join("-" * widths[c] for c in _COLUMNS)]
-    out += ["  ".join(r[c].ljust(widths[c]) for c in _COLUMNS) for r in rows]
+    # "settings" only where the runs differ in more than data set and flow
+    columns = [c for c in _COLUMNS if c != "settings" or any(r[c] != "-" for r in rows)]
+    widths = {c: max(len(c), *(len(r[c]) for r in rows)) for c in columns}
+    line = "  ".join(c.ljust(widths[c]) for c in columns).rstrip()
+    out = [line, "  ".join("-" * widths[c] for c in columns)]
+    out += ["  ".join(r[c].ljust(widths[c]) for c in columns).rstrip() for r in rows]
     return "\n".join(out)

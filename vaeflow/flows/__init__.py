@@ -48,15 +48,22 @@ def register_flow(name: str, cls: type[Flow]) -> type[Flow]:
     return cls
 
 
-def check_hyperparameters(name: str, hyperparameters: dict[str, object]) -> None:
-    """Raise a ``ValueError`` for an unknown flow ``name`` or a hyperparameter that its
-    constructor does not take, listing the valid ones (builds nothing)."""
+def flow_hyperparameters(name: str) -> dict[str, object]:
+    """The hyperparameters of the flow registered as ``name`` and their defaults, in the order
+    of its constructor (``dim`` and ``context_dim`` aside: the model sets them)."""
     import inspect
 
     if name not in FLOWS:
         raise ValueError(f"unknown flow {name!r}; valid flows are {', '.join(FLOWS)}")
     fixed = ("self", "dim", "context_dim")
-    valid = [p for p in inspect.signature(FLOWS[name].__init__).parameters if p not in fixed]
+    params = inspect.signature(FLOWS[name].__init__).parameters.values()
+    return {p.name: p.default for p in params if p.name not in fixed}
+
+
+def check_hyperparameters(name: str, hyperparameters: dict[str, object]) -> None:
+    """Raise a ``ValueError`` for an unknown flow ``name`` or a hyperparameter that its
+    constructor does not take, listing the valid ones (builds nothing)."""
+    valid = list(flow_hyperparameters(name))
     unknown = sorted(set(hyperparameters) - set(valid))
     if unknown:
         raise ValueError(
@@ -77,6 +84,7 @@ __all__ = [
     "register_flow",
     "jacobian_logdet",
     "make_flow",
+    "flow_hyperparameters",
     "check_hyperparameters",
     "use_solver",
     "Flow",
