@@ -3,6 +3,7 @@ the run directory, the closing summary, and ``vaeflow compare``."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -219,3 +220,52 @@ def test_graph_unavailable_names_the_solver() -> None:
     assert "fixed-step solver" in (graph_unavailable(adaptive, cuda) or "")
     assert graph_unavailable(fixed, cuda) is None
     assert "data-parallel" in (graph_unavailable(fixed, cuda, world_size=2) or "")
+
+
+def test_a_graphed_run_checks_what_its_replays_recorded(
+    tiny_data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where a graphed run reads its losses it also asks the flow what the replays recorded:
+    here an orthogonal flow whose capped orthogonalization did not converge, which a graph
+    cannot say by itself. On the CPU the graph is an eager stand-in that runs the step as
+    inside a capture (no host read in the flow)."""
+    import warnings
+
+    from vaeflow import train as train_module
+    from vaeflow.flows import OrthogonalSylvester, sylvester
+
+    checks: list[float] = []
+    real_check = OrthogonalSylvester.check_replays
+
+    def recording_check(self: OrthogonalSylvester) -> None:
+        checks.append(float(self.replay_residual))
+        real_check(self)
+
+    def stand_in_capture(step: Any, model: Any, optimizer: Any, x: Any) -> tuple[Any, None]:
+        def replay(xs: Any, beta: Any) -> Any:
+            monkeypatch.setattr(sylvester, "_capturing", lambda t: True)
+            try:
+                return step(xs, beta)
+            finally:
+                monkeypatch.setattr(sylvester, "_capturing", lambda t: False)
+        return replay, None
+
+    monkeypatch.setattr(train_module, "graph_unavailable", lambda *a, **k: None)
+    monkeypatch.setattr(train_module, "capture", stand_in_capture)
+    real_optimizer = train_module.make_optimizer  # a capturable Adamax needs a CUDA device
+    monkeypatch.setattr(train_module, "make_optimizer",
+                        lambda config, model, capturable=False: real_optimizer(config, model))
+    monkeypatch.setattr(OrthogonalSylvester, "check_replays", recording_check)
+    flow_kwargs = {"num_steps": 2, "num_ortho_vecs": 2, "ortho_check": "device",
+                   "max_ortho_iters": 3, "ortho_tol": 1e-30}
+    config = dataclasses.replace(
+        tiny_config(tiny_data_dir, "planar", is_samples=0, max_steps=3, log_every=3,
+                    cuda_graph=True),
+        flow="orthogonal", flow_kwargs=flow_kwargs,
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(config, tmp_path / "run", progress=False)
+    assert len(checks) == 1 and checks[0] > 1e-6  # the three steps' window, unconverged
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert any("stopped after 3 iterations" in m for m in messages)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 
 import pytest
 import torch
@@ -203,6 +204,36 @@ def test_orthogonal_check_on_the_device_needs_no_host_read_in_a_graph(monkeypatc
     monkeypatch.setattr(sylvester, "_capturing", lambda t: False)  # eager: reads, to warn
     with pytest.raises(RuntimeError, match="meta"):
         step("device")
+
+
+def test_a_graphs_unconverged_orthogonalization_is_reported_after_the_replays(
+    monkeypatch,
+) -> None:
+    """Inside a capture nothing can be read, so the worst final residual is kept on the device
+    and ``check_replays`` (the trainer calls it where it reads the losses) warns as an eager
+    call would; a converged one says nothing, and a non-finite one is refused."""
+    from vaeflow.flows import sylvester
+
+    monkeypatch.setattr(sylvester, "_capturing", lambda t: True)  # as inside a capture
+    flow = build("orthogonal", ortho_check="device", ortho_tol=1e-30, max_ortho_iters=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the "replays" themselves warn of nothing
+        flow(*inputs())
+    assert flow.replay_residual > 1e-6
+    with pytest.warns(RuntimeWarning, match="stopped after 3 iterations"):
+        flow.check_replays()
+    assert flow.replay_residual == 0  # recording afresh
+
+    converged = build("orthogonal", ortho_check="device", max_ortho_iters=30)
+    converged(*inputs())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        converged.check_replays()
+        build("orthogonal").check_replays()  # the host test: nothing recorded, nothing read
+    converged.replay_residual.fill_(math.nan)
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        converged.check_replays()
+    assert "replay_residual" not in converged.state_dict()  # a diagnostic, not the model
 
 
 def test_orthogonal_check_on_the_device_warns_when_it_does_not_converge() -> None:

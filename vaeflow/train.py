@@ -473,6 +473,8 @@ class _Trainer:
             signals.received = synced.signal
         if not torch.isfinite(values[:, names.index("loss")]).all():
             raise _NonFinite(f"the loss became {values[:, names.index('loss')].tolist()}")
+        if self.graphed is not None:  # what the replays could only record (one more read)
+            self.model.flow.check_replays()
         for i, n in enumerate(names):
             col = values[:, i].double()
             sums[n] = sums.get(n, torch.zeros((), dtype=torch.float64)) + col.sum()

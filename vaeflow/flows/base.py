@@ -162,6 +162,14 @@ class Flow(nn.Module):
                 return reason
         return None
 
+    def check_replays(self) -> None:
+        """Check on the host what the replays of a CUDA-graphed training step recorded on the
+        device, since a graph cannot read the device itself, and start recording afresh; the
+        trainer calls it wherever it reads a graphed run's losses. It warns or raises as the
+        eager step would have (the flows inside, in turn)."""
+        for flow in self.subflows():
+            flow.check_replays()
+
     def extra_repr(self) -> str:
         return f"dim={self.dim}, context_dim={self.context_dim}"
 

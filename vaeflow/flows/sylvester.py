@@ -124,6 +124,9 @@ class OrthogonalSylvester(_Sylvester):
         self.max_ortho_iters = check_positive_int("max_ortho_iters", max_ortho_iters)
         self.ortho_check = check_choice("ortho_check", ortho_check, ORTHO_CHECKS)
         self._warned = False
+        # The largest final residual of the calls inside a graph capture, written there on the
+        # device and read by check_replays (not saved: it is a diagnostic, not the model).
+        self.register_buffer("replay_residual", torch.zeros(()), persistent=False)
 
     def graph_blocker(self) -> str | None:
         if self.ortho_check == "device":
@@ -138,7 +141,7 @@ class OrthogonalSylvester(_Sylvester):
         q = p["q"]  # [B, K, D, M]
         q = q / q.flatten(-2).norm(dim=-1).clamp_min(1e-12)[..., None, None]
         eye = torch.eye(self.num_vectors, dtype=q.dtype, device=q.device)
-        tol = self.ortho_tol if q.dtype != torch.float64 else min(self.ortho_tol, 1e-12)
+        tol = self._tolerance(q.dtype)
         # The test needs the residual over the whole batch; every few iterations keeps it (and,
         # on the host, the synchronizations) rare while the iteration converges quadratically.
         check_every = 5
@@ -157,9 +160,21 @@ class OrthogonalSylvester(_Sylvester):
                     return q
         if done is not None:
             if _capturing(q):
-                return q  # a graph cannot read the device; the eager calls warn
+                # A graph cannot read the device: keep the worst residual for check_replays
+                # (torch.maximum keeps a NaN, so a non-finite Q is refused there too).
+                assert isinstance(err, Tensor)
+                worst = torch.maximum(self.replay_residual, err.to(self.replay_residual))
+                self.replay_residual.copy_(worst)
+                return q
             if _converged(err := float(err), tol):
                 return q
+        self._warn(err, tol)
+        return q
+
+    def _tolerance(self, dtype: torch.dtype) -> float:
+        return self.ortho_tol if dtype != torch.float64 else min(self.ortho_tol, 1e-12)
+
+    def _warn(self, err: float, tol: float) -> None:
         if not self._warned:
             self._warned = True
             warnings.warn(
@@ -167,9 +182,19 @@ class OrthogonalSylvester(_Sylvester):
                 f"max |Q^T Q - I| = {err:.3g} (tolerance {tol:g}); going on with this Q "
                 "(warned once per flow)",
                 RuntimeWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
-        return q
+
+    def check_replays(self) -> None:
+        """Warn, as an eager call does, when a graph's replays ended the orthogonalization
+        above the tolerance (``max_ortho_iters`` too low for ``ortho_check="device"``), and
+        refuse a non-finite ``Q``; one host read, and only after a capture."""
+        if self.ortho_check != "device":
+            return  # the host test ran in every call, and nothing was recorded
+        worst = float(self.replay_residual)
+        self.replay_residual.zero_()
+        if not _converged(worst, self._tolerance(self.replay_residual.dtype)):
+            self._warn(worst, self._tolerance(self.replay_residual.dtype))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, ortho_check={self.ortho_check!r}"
