@@ -138,8 +138,24 @@ def test_run_directory_contents(tiny_data_dir: Path, tmp_path: Path) -> None:
     tags = set(events.Tags()["scalars"])
     for tag in ("train/loss", "train/recon", "train/kl", "train/logdet", "train/beta",
                 "train/grad_norm", "train/lr", "train/sec_per_iter", "train/nfe_forward",
-                "valid/nelbo", "test/nelbo"):
+                "valid/nelbo", "test/nelbo", "test/nll_is"):
         assert tag in tags, tag
+    # TensorBoard's HParams tab: the settings (the flow's with its class defaults filled in),
+    # the metrics it shows against them (scalar tags of this run), and the finished status
+    from tensorboard.plugins.hparams import metadata
+
+    content = events.PluginTagToContent(metadata.PLUGIN_NAME)
+    experiment = metadata.parse_experiment_plugin_data(content[metadata.EXPERIMENT_TAG])
+    assert {m.name.tag for m in experiment.metric_infos} <= tags
+    start = metadata.parse_session_start_info_plugin_data(
+        content[metadata.SESSION_START_INFO_TAG])
+    hp = start.hparams
+    assert hp["flow"].string_value == "ffjord" and hp["seed"].number_value == 0
+    assert hp["ffjord.hidden_dims"].string_value == "[16]"
+    assert hp["ffjord.trace"].string_value == "hutchinson"  # a default, filled in
+    assert "log_every" not in hp and "flow_kwargs" not in hp
+    end = metadata.parse_session_end_info_plugin_data(content[metadata.SESSION_END_INFO_TAG])
+    assert end.status == 1  # STATUS_SUCCESS
     assert {"samples", "reconstructions"} <= set(events.Tags()["images"])
     assert {"samples.png", "reconstructions.png", "learning_curve.png"} <= names
     # the warm-up: beta of epoch 1 is 1/2, then 1

@@ -11,13 +11,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from vaeflow.configs import TrainConfig
 from vaeflow.flows import flow_hyperparameters
 from vaeflow.plots import LEARNING_CURVE, RECONSTRUCTIONS, SAMPLES
 from vaeflow.runs import BEST, CHECKPOINT, RESULTS, Run, RunError, find_runs
 
 __all__ = [
     "figures", "solver_text", "summary", "compare_rows", "compare_table", "differing_settings",
-    "expand_runs",
+    "run_settings", "expand_runs",
 ]
 
 
@@ -113,10 +114,9 @@ def expand_runs(paths: Sequence[str | os.PathLike[str]]) -> list[Run]:
 
 _COLUMNS = ("run", "dataset", "flow", "parameters", "test NELBO", "IS NLL", "epochs",
             "wall-clock", "NFE", "settings")
-# Config keys that change neither what a run learns nor its figures, and those with columns
-# of their own: never listed under "settings".
-_UNLISTED = {"dataset", "flow", "flow_kwargs", "data_dir", "log_every", "image_every",
-             "pictures", "checkpoint_every", "eval_batch_rows"}
+# Config keys that change neither what a run learns nor its figures: not among its settings.
+_LOG_ONLY = {"data_dir", "log_every", "image_every", "pictures", "checkpoint_every",
+             "eval_batch_rows"}
 
 
 def _text(value: Any) -> str:
@@ -124,22 +124,28 @@ def _text(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
+def run_settings(config: TrainConfig) -> dict[str, Any]:
+    """A run's settings as plain JSON values (lists, not tuples): the training keys, and the
+    flow's hyperparameters as ``FLOW.KEY`` (``ffjord.method``) with the class defaults filled
+    in, so that a default left out and the same value set are one setting; the keys that only
+    change the logs or the pictures are left out. ``vaeflow compare`` and TensorBoard's HParams
+    tab show them."""
+    values = {k: v for k, v in config.to_dict().items() if k not in _LOG_ONLY}
+    try:
+        defaults = flow_hyperparameters(config.flow)
+    except ValueError:  # a flow of one's own that this process has not registered
+        defaults = {}
+    hyper = {**defaults, **values.pop("flow_kwargs")}
+    values.update({f"{config.flow}.{k}": v for k, v in hyper.items()})
+    return json.loads(json.dumps(values, default=str))
+
+
 def differing_settings(runs: Sequence[Run]) -> list[str]:
-    """Per run, the settings in which the runs differ, as ``key=value`` words: training keys
-    (``seed=1``) and, among runs of the same flow, its hyperparameters with the class defaults
-    filled in (``ffjord.method=rk4``). Keys that only change the logs or pictures are left
-    out, and so are the data set and the flow, which have columns of their own."""
-    configs = [run.config.to_dict() for run in runs]
-    # JSON round trip: a TOML list and a tuple default with the same items are the same value.
-    plain = [json.loads(json.dumps(c, default=str)) for c in configs]
-    for config, run in zip(plain, runs, strict=True):
-        try:
-            defaults = flow_hyperparameters(run.config.flow)
-        except ValueError:  # a flow of one's own that this process has not registered
-            defaults = {}
-        hyper = {**json.loads(json.dumps(defaults, default=str)), **config["flow_kwargs"]}
-        config.update({f"{run.config.flow}.{k}": v for k, v in hyper.items()})
-    keys = sorted({k for c in plain for k in c} - _UNLISTED)
+    """Per run, the settings (:func:`run_settings`) in which the runs differ, as ``key=value``
+    words: training keys (``seed=1``) and, among the runs of one flow, its hyperparameters
+    (``ffjord.method=rk4``). The data set and the flow are left out: they have columns."""
+    plain = [run_settings(run.config) for run in runs]
+    keys = sorted({k for c in plain for k in c} - {"dataset", "flow"})
     varying = []
     for key in keys:
         flow = key.split(".")[0] if "." in key else None

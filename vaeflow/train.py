@@ -66,6 +66,7 @@ from vaeflow.evaluate import (
     subset,
 )
 from vaeflow.graphs import GraphedStep, capture, graph_unavailable
+from vaeflow.hparams import log_finished, log_settings
 from vaeflow.model import build_model, count_parameters
 from vaeflow.ode import SolverError
 from vaeflow.plots import write_run_pictures
@@ -354,6 +355,8 @@ class _Trainer:
 
         # purge_step drops events a killed run logged after its last checkpoint
         self.writer = SummaryWriter(str(self.run_dir), purge_step=self.state.step or None)
+        if self.state.step == 0:  # a resumed run's settings are in its first event file
+            log_settings(self.writer, self.config)
 
     def log_scalars(self, values: Mapping[str, float], step: int, prefix: str) -> None:
         if self.writer is not None:
@@ -622,7 +625,12 @@ class _Trainer:
         results["status"] = "finished"
         if self.world.is_main:
             Run(self.run_dir).write_results(results)
-        self.log_scalars({"nelbo": results["test_nelbo"]}, st.step, "test")
+        test = {"nelbo": results["test_nelbo"]}
+        if "test_nll_is" in results:
+            test["nll_is"] = results["test_nll_is"]
+        self.log_scalars(test, st.step, "test")
+        if self.writer is not None:
+            log_finished(self.writer)
         self.log_images(st.epoch)  # the best model's pictures, and the whole learning curve
         self.model.load_state_dict(final_state)
         return results

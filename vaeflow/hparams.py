@@ -1,0 +1,45 @@
+"""A run's settings in TensorBoard's HParams tab, beside the figures it logs as scalars.
+
+``tensorboard --logdir runs`` then lists every run with its settings (data set, flow, the flow's
+hyperparameters, learning rate, seed, ...) and its validation and test NELBO in one table, with
+parallel coordinates across runs. The settings are those of ``vaeflow compare``
+(:func:`vaeflow.report.run_settings`); the metrics are the run's own scalar series, so nothing is
+logged twice. Written into the run's event file (not a sub-folder, as ``add_hparams`` would).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from vaeflow.configs import TrainConfig
+from vaeflow.report import run_settings
+
+__all__ = ["METRICS", "log_settings", "log_finished"]
+
+# The scalar tags the HParams table shows against the settings (the last value of each).
+METRICS = ("valid/nelbo", "test/nelbo", "test/nll_is")
+
+
+def _value(value: Any) -> Any:
+    """A setting as the HParams tab takes it: numbers, strings and booleans as they are,
+    anything else (lists, tables, None) as its JSON text."""
+    return value if isinstance(value, bool | int | float | str) else json.dumps(value)
+
+
+def log_settings(writer: Any, config: TrainConfig) -> None:
+    """Write the run's settings to ``writer`` (a ``SummaryWriter``), once, at a run's start."""
+    from torch.utils.tensorboard.summary import hparams
+
+    settings = {k: _value(v) for k, v in run_settings(config).items()}
+    experiment, start, _ = hparams(settings, dict.fromkeys(METRICS, 0.0))
+    writer.file_writer.add_summary(experiment)
+    writer.file_writer.add_summary(start)
+
+
+def log_finished(writer: Any) -> None:
+    """Mark the run finished in the HParams tab (a killed run shows no status)."""
+    from torch.utils.tensorboard.summary import hparams
+
+    _, _, end = hparams({}, {})
+    writer.file_writer.add_summary(end)
