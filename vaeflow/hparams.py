@@ -3,8 +3,9 @@
 ``tensorboard --logdir runs`` then lists every run with its settings (data set, flow, the flow's
 hyperparameters, learning rate, seed, ...) and its validation and test NELBO in one table, with
 parallel coordinates across runs. The settings are those of ``vaeflow compare``
-(:func:`vaeflow.report.run_settings`); the metrics are the run's own scalar series, so nothing is
-logged twice. Written into the run's event file (not a sub-folder, as ``add_hparams`` would).
+(:func:`vaeflow.report.run_settings`); the metrics are the run's own scalar series (the last
+value of each), so nothing is logged twice. Written into the run's own event file, not into a
+sub-folder as ``SummaryWriter.add_hparams`` would.
 """
 
 from __future__ import annotations
@@ -15,10 +16,7 @@ from typing import Any
 from vaeflow.configs import TrainConfig
 from vaeflow.report import run_settings
 
-__all__ = ["METRICS", "log_settings", "log_finished"]
-
-# The scalar tags the HParams table shows against the settings (the last value of each).
-METRICS = ("valid/nelbo", "test/nelbo", "test/nll_is")
+__all__ = ["log_settings", "log_finished"]
 
 
 def _value(value: Any) -> Any:
@@ -32,8 +30,10 @@ def log_settings(writer: Any, config: TrainConfig) -> None:
     from torch.utils.tensorboard.summary import hparams
 
     settings = {k: _value(v) for k, v in run_settings(config).items()}
-    experiment, start, _ = hparams(settings, dict.fromkeys(METRICS, 0.0))
-    writer.file_writer.add_summary(experiment)
+    # The session's settings only, no experiment summary: with none, TensorBoard builds the
+    # table's columns from every run's settings, where one run's summary would hide the
+    # hyperparameters of the other flows.
+    _, start, _ = hparams(settings, {})
     writer.file_writer.add_summary(start)
 
 
