@@ -191,10 +191,10 @@ class OrthogonalSylvester(_Sylvester):
         refuse a non-finite ``Q``; one host read, and only after a capture."""
         if self.ortho_check != "device":
             return  # the host test ran in every call, and nothing was recorded
-        worst = float(self.replay_residual)
+        worst, tol = float(self.replay_residual), self._tolerance(self.replay_residual.dtype)
         self.replay_residual.zero_()
-        if not _converged(worst, self._tolerance(self.replay_residual.dtype)):
-            self._warn(worst, self._tolerance(self.replay_residual.dtype))
+        if not _converged(worst, tol):
+            self._warn(worst, tol)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, ortho_check={self.ortho_check!r}"
