@@ -287,6 +287,8 @@ def test_a_non_finite_final_figure_is_a_failure(tiny_data_dir: Path, tmp_path: P
                          parse_constant=lambda c: pytest.fail(f"not strict JSON: {c}"))
     assert results["status"] == "failed" and results["test_nelbo"] is None
     assert (run / "checkpoint.pt").is_file() and (run / "best.pt").is_file()
+    assert main(["compare", str(run), "--plot", "none"]) == 0  # says so, with its validation
+    assert "failed (valid " in capsys.readouterr().out
     monkeypatch.setattr(train_mod, "evaluate", real)
     assert main(["train", "--resume", str(run), "--quiet"]) == 0  # evaluates again
     assert json.loads((run / "results.json").read_text())["status"] == "finished"

@@ -156,8 +156,8 @@ def differing_settings(runs: Sequence[Run]) -> list[str]:
 
 
 def compare_rows(runs: Sequence[Run]) -> list[dict[str, str]]:
-    """One row per run with the columns of :func:`compare_table` (unfinished runs show their
-    best validation NELBO so far)."""
+    """One row per run with the columns of :func:`compare_table` (unfinished runs, and runs
+    whose final evaluation failed, show their best validation NELBO so far)."""
     from vaeflow.model import count_parameters
 
     rows = []
@@ -178,7 +178,8 @@ def compare_rows(runs: Sequence[Run]) -> list[dict[str, str]]:
         else:
             history = run.history
             best = min((h["valid_nelbo"] for h in history), default=math.nan)
-            row["test NELBO"] = f"unfinished (valid {best:.2f})" if history else "unfinished"
+            state = "failed" if run.failure else "unfinished"  # failed: its final evaluation
+            row["test NELBO"] = f"{state} (valid {best:.2f})" if history else state
             row["parameters"] = f"{count_parameters(config):,}"
             row["epochs"] = str(len(history))
         row["wall-clock"] = _minutes(timing.get("train_seconds"))
