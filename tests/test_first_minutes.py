@@ -177,7 +177,7 @@ def test_compare_names_the_settings_in_which_runs_differ(tiny_data_dir: Path,
     for name, (flow, overrides) in variants.items():
         config = tiny_config(tiny_data_dir, flow, **overrides)
         (tmp_path / name).mkdir()
-        (tmp_path / name / "config.json").write_text(json.dumps(config.to_dict()))
+        Run(tmp_path / name).write_config(config)
         runs.append(Run(tmp_path / name))
     assert report.differing_settings(runs) == [
         "ffjord.method=dopri5 ffjord.solver_options=null seed=0",
