@@ -35,6 +35,7 @@ from table_pool import Job, JobResult, Placement, utc_now
 
 from vaeflow.configs import TrainConfig, resolve
 from vaeflow.data import DataNotFoundError, get_spec, load_dataset, resolve_data_dir
+from vaeflow.report import LOG_ONLY_KEYS
 from vaeflow.runs import CHECKPOINT, CONFIG, RESULTS, atomic_write_json
 
 __all__ = [
@@ -64,12 +65,10 @@ def cell_file(run_dir: Path, name: str) -> Path:
     """The grid's bookkeeping file ``name`` of the cell in ``run_dir``, kept beside it."""
     return run_dir.parent / f"{run_dir.name}.{name}"
 
-# config keys that change neither what a run learns nor its test NELBO (the importance-sampled
-# likelihood is not in the paper's table)
-NEUTRAL_KEYS = {
-    "device", "data_dir", "log_every", "image_every", "pictures", "checkpoint_every", "is_samples",
-    "is_points", "eval_batch_rows",
-}  # fmt: skip
+# config keys that change neither what a run learns nor its test NELBO: those that change no
+# figure at all, and where it runs and the importance-sampled likelihood (not in the paper's
+# table)
+NEUTRAL_KEYS = LOG_ONLY_KEYS | {"device", "is_samples", "is_points"}
 # ... and those that are the budget, reported on their own
 BUDGET_KEYS = {"max_epochs", "max_minutes", "max_steps"}
 # a smoke cell: a tiny budget and a small evaluation, to check that every cell runs

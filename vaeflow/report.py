@@ -18,7 +18,7 @@ from vaeflow.runs import BEST, CHECKPOINT, RESULTS, Run, RunError, find_runs
 
 __all__ = [
     "figures", "solver_text", "summary", "compare_rows", "compare_table", "differing_settings",
-    "run_settings", "expand_runs",
+    "run_settings", "expand_runs", "LOG_ONLY_KEYS",
 ]
 
 
@@ -115,8 +115,8 @@ def expand_runs(paths: Sequence[str | os.PathLike[str]]) -> list[Run]:
 _COLUMNS = ("run", "dataset", "flow", "parameters", "test NELBO", "IS NLL", "epochs",
             "wall-clock", "NFE", "settings")
 # Config keys that change neither what a run learns nor its figures: not among its settings.
-_LOG_ONLY = {"data_dir", "log_every", "image_every", "pictures", "checkpoint_every",
-             "eval_batch_rows"}
+LOG_ONLY_KEYS = frozenset({"data_dir", "log_every", "image_every", "pictures", "checkpoint_every",
+                           "eval_batch_rows"})
 
 
 def _text(value: Any) -> str:
@@ -130,7 +130,7 @@ def run_settings(config: TrainConfig) -> dict[str, Any]:
     in, so that a default left out and the same value set are one setting; the keys that only
     change the logs or the pictures are left out. ``vaeflow compare`` and TensorBoard's HParams
     tab show them."""
-    values = {k: v for k, v in config.to_dict().items() if k not in _LOG_ONLY}
+    values = {k: v for k, v in config.to_dict().items() if k not in LOG_ONLY_KEYS}
     try:
         defaults = flow_hyperparameters(config.flow)
     except ValueError:  # a flow of one's own that this process has not registered
