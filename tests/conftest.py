@@ -36,14 +36,18 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.slow)
 
 
-def readme_python(section: str) -> str:
-    """The Python blocks of the README's ``## section``, joined, to be executed as written."""
+def run_readme(section: str, min_blocks: int = 1) -> dict[str, object]:
+    """Execute the Python blocks of the README's ``## section`` as written, joined, from torch's
+    seed 0, and return their namespace; the section must hold at least ``min_blocks`` blocks."""
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert f"\n## {section}\n" in readme, section
     text = readme.split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
     blocks = re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL)
-    assert blocks, section
-    return "\n".join(blocks)
+    assert len(blocks) >= min_blocks, (section, len(blocks))
+    namespace: dict[str, object] = {"__name__": "docs_" + re.sub(r"\W", "_", section.lower())}
+    torch.manual_seed(0)
+    exec(compile("\n".join(blocks), "README.md", "exec"), namespace)
+    return namespace
 
 
 def write_structured_mnist(directory: Path, sizes: tuple[int, int, int] = TINY_SPLITS) -> Path:

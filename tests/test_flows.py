@@ -291,7 +291,7 @@ def test_iaf_reference_masks_are_the_papers_codes() -> None:
 
 
 def test_readme_flow_is_registered_checked_and_trains(tiny_data_dir, tmp_path) -> None:
-    from conftest import readme_python
+    from conftest import run_readme
     from test_train import tiny_config
 
     from vaeflow.cli import main
@@ -300,9 +300,7 @@ def test_readme_flow_is_registered_checked_and_trains(tiny_data_dir, tmp_path) -
 
     saved = dict(FLOWS)
     try:
-        namespace: dict[str, object] = {"__name__": "docs_flow"}
-        torch.manual_seed(0)
-        exec(compile(readme_python("Adding a flow"), "README.md", "exec"), namespace)
+        namespace = run_readme("Adding a flow")
         assert FLOWS["radial"] is namespace["Radial"]
         config = dataclasses.replace(
             tiny_config(tiny_data_dir, "planar", max_epochs=1, is_samples=0),

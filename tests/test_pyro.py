@@ -16,7 +16,7 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
-from conftest import readme_python
+from conftest import run_readme
 from pyro.distributions.conditional import ConditionalComposeTransformModule
 from pyro.infer import SVI, Trace_ELBO
 from torch import Tensor, nn
@@ -397,9 +397,7 @@ def test_on_cuda(name: str, problem: LinearGaussian) -> None:
 
 
 def test_readme_pyro_example_runs_as_written() -> None:
-    namespace: dict[str, object] = {"__name__": "docs_pyro"}
-    torch.manual_seed(0)
-    exec(compile(readme_python("Pyro guides"), "README.md", "exec"), namespace)
+    namespace = run_readme("Pyro guides", min_blocks=2)
     losses = namespace["losses"]
     assert isinstance(losses, list) and losses and all(math.isfinite(v) for v in losses)
     flow = namespace["flow"]
