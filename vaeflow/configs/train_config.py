@@ -195,8 +195,11 @@ class TrainConfig:
             )
         # Building the flow checks every hyperparameter's value (solver, options, sizes) before
         # any data is loaded; FFJORD is built on the meta device to skip allocating its heads.
+        # The CPU generator is forked: the throw-away weights' initialisation must not shift the
+        # caller's random stream, or merely reading a config (a picture's title, a script after
+        # its seed) would change what a run trains.
         device = "meta" if self.flow == "ffjord" else "cpu"
-        with input_errors(), torch.device(device):
+        with input_errors(), torch.device(device), torch.random.fork_rng(devices=[]):
             check_hyperparameters(self.flow, self.flow_kwargs)
             flow = make_flow(self.flow, self.latent_dim, self.context_dim, **self.flow_kwargs)
         # The test solver is checked now, not after hours of training.
