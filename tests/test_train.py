@@ -246,6 +246,23 @@ def test_sigterm_writes_a_checkpoint_and_resume_matches(
     assert train(resume=tmp_path / "b", progress=False) == reference
 
 
+@pytest.mark.parametrize(("key", "first", "then"), [("max_epochs", 2, 3), ("max_steps", 13, 25)])
+def test_a_finished_run_resumed_with_a_larger_budget_trains_on(
+    tiny_data_dir: Path, tmp_path: Path, key: str, first: int, then: int
+) -> None:
+    # The final checkpoint is the state an uninterrupted run has at that step, and the final
+    # evaluation draws under its own seed: training on from it is the longer run, bit for bit.
+    reference = train(tiny_config(tiny_data_dir, **{key: then}), tmp_path / "a", progress=False)
+    short = train(tiny_config(tiny_data_dir, **{key: first}), tmp_path / "b", progress=False)
+    assert short["stop_reason"] == f"{key}={first} reached"
+    assert train(resume=tmp_path / "b", changes={key: then}, progress=False) == reference
+    assert_same_params(params(tmp_path / "a"), params(tmp_path / "b"))
+    assert json.loads((tmp_path / "b" / "results.json").read_text()) == reference
+    # its budget spent, a finished run resumed again is only evaluated again
+    assert train(resume=tmp_path / "b", progress=False) == reference
+    assert_same_params(params(tmp_path / "a"), params(tmp_path / "b"))
+
+
 def poison_at(monkeypatch: pytest.MonkeyPatch, step: int, error: type | None = None) -> None:
     """Make step ``step`` (once) return a NaN loss, or raise ``error``."""
     real = train_mod.train_step

@@ -76,6 +76,7 @@ from vaeflow.runs import (
     BEST,
     CHECKPOINT,
     CHECKPOINT_FORMAT,
+    RESULTS,
     Run,
     RunError,
     RunLock,
@@ -392,6 +393,35 @@ class _Trainer:
         self.state.done = True
         self.state.stop_reason = reason
 
+    def _limit_reached(self, epochs_done: int) -> str | None:
+        """Why the run stops after ``epochs_done`` whole epochs (None: it goes on)."""
+        cfg, st = self.config, self.state
+        if st.bad_epochs >= cfg.early_stopping_epochs > 0:
+            return f"early stopping: no validation improvement for {st.bad_epochs} epochs"
+        if epochs_done >= cfg.max_epochs:
+            return f"max_epochs={cfg.max_epochs} reached"
+        if cfg.max_minutes is not None and st.seconds >= 60 * cfg.max_minutes:
+            return f"time budget of {cfg.max_minutes} minutes used"
+        if cfg.max_steps is not None and st.step >= cfg.max_steps:
+            return f"max_steps={cfg.max_steps} reached"
+        return None
+
+    def reopen(self) -> None:
+        """A finished run resumed with a larger budget (``max_epochs``, ``max_steps``,
+        ``max_minutes``) trains on from its final checkpoint; its test figures, now those of a
+        model that will change, are removed and computed again at the end. A run that stopped
+        early, or whose budget is still spent, stays finished (a resume evaluates it again)."""
+        st = self.state
+        # Every finish leaves the epoch under way, whole or not, as the one after the last.
+        if not st.done or self._limit_reached(st.epoch - 1) is not None:
+            return
+        logger.info("%s had stopped (%s); its new budget lets it train on, and its test "
+                    "figures are computed again at the end", self.run_dir, st.stop_reason)
+        st.done, st.stop_reason = False, ""
+        if self.world.is_main:
+            (self.run_dir / RESULTS).unlink(missing_ok=True)
+        self.save()  # not done any more: a kill from now on resumes training, not evaluation
+
     def run_epoch(self, signals: _Signals, bar: TrainingBar) -> None:
         cfg, st = self.config, self.state
         beta = beta_at(st.epoch, cfg.warmup_epochs)
@@ -541,15 +571,9 @@ class _Trainer:
             st.bad_epochs += 1
         if cfg.image_every and st.epoch % cfg.image_every == 0:
             self.log_images(st.epoch)
-        out_of_time = cfg.max_minutes is not None and st.seconds >= 60 * cfg.max_minutes
-        if st.done:  # the time budget ran out inside this epoch
-            pass
-        elif st.bad_epochs >= cfg.early_stopping_epochs > 0:
-            self._stop(f"early stopping: no validation improvement for {st.bad_epochs} epochs")
-        elif st.epoch >= cfg.max_epochs:
-            self._stop(f"max_epochs={cfg.max_epochs} reached")
-        elif out_of_time:
-            self._stop(f"time budget of {cfg.max_minutes} minutes used")
+        reason = self._limit_reached(st.epoch)
+        if reason is not None and not st.done:  # done: the time ran out inside this epoch
+            self._stop(reason)
         st.epoch += 1
         st.epoch_sums, st.epoch_steps = {}, 0
         if st.done:
@@ -703,6 +727,7 @@ def train(
                 if resume is None:
                     trainer.save()  # step 0: a kill before the first epoch ends resumes from here
                 else:
+                    trainer.reopen()
                     logger.info("resumed %s at epoch %d, step %d", directory, trainer.state.epoch,
                                 trainer.state.step)
                 trainer.open_writer()
