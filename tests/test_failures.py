@@ -373,7 +373,7 @@ def test_the_nan_hint_knows_the_retries_are_used(tiny_data_dir: Path, tmp_path: 
 
     monkeypatch.setattr(train_mod, "train_step", nan_step)
     args = [*tiny(tiny_data_dir, tmp_path / "run", "ffjord"), "--set", "nan_retries=1"]
-    err = fails(capsys, args, 1, "retries are used up")
+    err = fails(capsys, args, 1, "the automatic retry is used up")
     assert "--set nan_retries=1" not in err
 
 

@@ -17,7 +17,7 @@ from vaeflow.configs import resolve
 from vaeflow.data import load_dataset
 from vaeflow.flows import FLOWS
 from vaeflow.ode import SolverError
-from vaeflow.runs import RunError
+from vaeflow.runs import Run, RunError
 from vaeflow.train import (
     TrainConfig,
     TrainingError,
@@ -286,16 +286,31 @@ def test_nan_or_solver_failure_stops_and_keeps_the_last_checkpoint(
 ) -> None:
     poison_at(monkeypatch, 15, error)
     run = tmp_path / "run"
-    what = "became \\[.*nan" if error is None else "underflow"
+    what = "became nan at step 15, after [0-9.]+ at step 14" if error is None else "underflow"
     with pytest.raises(TrainingError, match=f"(?s){what}.*last good checkpoint \\(step 10\\)"):
         train(tiny_config(tiny_data_dir, "planar"), run, progress=False)
     ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
     assert ckpt["progress"]["step"] == 10
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
-    assert not (run / "results.json").exists()
-    # and the run can go on from there
+    # marked failed (for `vaeflow compare`), with no figures
+    assert Run(run).results is None and Run(run).failure
+    # and the run can go on from there, no longer failed while it does
     results = train(resume=run, progress=False)
     assert math.isfinite(results["test_nelbo"])
+    assert Run(run).failure is None and Run(run).results == results
+
+
+def test_nan_retries_leave_a_fixed_step_solve_alone(
+    tiny_data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # rk4 has no tolerances: a retry would replay the same NaN, so it stops and says what helps
+    poison_at(monkeypatch, 15)
+    flow_kwargs = {"hidden_dims": [16], "rank": 2, "method": "rk4",
+                   "solver_options": {"step_size": 0.5}}
+    config = tiny_config(tiny_data_dir, "ffjord", nan_retries=1, flow_kwargs=flow_kwargs)
+    with pytest.raises(TrainingError, match="smaller solver steps.*no tolerances") as info:
+        train(config, tmp_path / "run", progress=False)
+    assert "retrying" not in str(info.value) and "atol" not in str(info.value)
 
 
 def test_nan_retry_tightens_ffjord_tolerances(
@@ -330,7 +345,7 @@ def test_solver_failure_in_the_final_evaluation(
     else:
         with pytest.raises(TrainingError, match="underflow"):
             train(config, run, progress=False)
-        assert not (run / "results.json").exists()
+        assert Run(run).failure and Run(run).results is None  # compare: failed
         results = train(resume=run, progress=False)  # only evaluates again
         assert results["solver"][0]["atol"] == 1e-4
     assert results["steps"] == 10 and calls["n"] == 2

@@ -68,7 +68,7 @@ from vaeflow.evaluate import (
 from vaeflow.graphs import GraphedStep, capture, graph_unavailable
 from vaeflow.hparams import log_finished, log_settings
 from vaeflow.model import build_model, count_parameters
-from vaeflow.ode import SolverError
+from vaeflow.ode import STATIC_SOLVERS, SolverError
 from vaeflow.plots import write_run_pictures
 from vaeflow.progress import TrainingBar
 from vaeflow.rng import fork_rng, rng_state, set_rng_state
@@ -412,8 +412,12 @@ class _Trainer:
         model that will change, are removed and computed again at the end. A run that stopped
         early, or whose budget is still spent, stays finished (a resume evaluates it again)."""
         st = self.state
+        if not st.done:  # stopped by a NaN or a failed solve: it trains on, no longer failed
+            if self.world.is_main and Run(self.run_dir).failure is not None:
+                (self.run_dir / RESULTS).unlink()
+            return
         # Every finish leaves the epoch under way, whole or not, as the one after the last.
-        if not st.done or self._limit_reached(st.epoch - 1) is not None:
+        if self._limit_reached(st.epoch - 1) is not None:
             return
         logger.info("%s had stopped (%s); its new budget lets it train on, and its test "
                     "figures are computed again at the end", self.run_dir, st.stop_reason)
@@ -504,8 +508,12 @@ class _Trainer:
         values, self.state.seconds = synced.values, synced.seconds
         if signals is not None and signals.deferred and synced.signal is not None:
             signals.received = synced.signal
-        if not torch.isfinite(values[:, names.index("loss")]).all():
-            raise _NonFinite(f"the loss became {values[:, names.index('loss')].tolist()}")
+        losses = values[:, names.index("loss")].tolist()
+        bad = next((i for i, v in enumerate(losses) if not math.isfinite(v)), None)
+        if bad is not None:
+            step = self.state.step - len(losses) + 1 + bad  # the window ends at this step
+            before = f", after {losses[bad - 1]:.6g} at step {step - 1}" if bad else ""
+            raise _NonFinite(f"the loss became {losses[bad]} at step {step}{before}")
         if self.graphed is not None:  # what the replays could only record (one more read)
             self.model.flow.check_replays()
         for i, n in enumerate(names):
@@ -831,8 +839,10 @@ def _recover(trainer: _Trainer, err: Exception) -> None:
     ckpt = trainer.load_checkpoint()
     retries = int(ckpt["progress"]["retries"])
     where = f"at step ~{trainer.state.step} (epoch {trainer.state.epoch})"
-    has_solver = bool(solver_state(trainer.model))
-    if retries < cfg.nan_retries and has_solver:
+    solvers = solver_state(trainer.model)
+    # A fixed-step solve has no tolerances: tightening them would replay the same NaN.
+    adaptive = any(s["method"] not in STATIC_SOLVERS for s in solvers)
+    if retries < cfg.nan_retries and adaptive:
         trainer.restore(ckpt)
         trainer.state.retries = retries + 1
         tolerances = trainer.model.flow.tighten_solver(10.0) or {}
@@ -843,14 +853,21 @@ def _recover(trainer: _Trainer, err: Exception) -> None:
         trainer.save()
         return
     hint = "Lower the learning rate (--lr) or clip gradients (--set max_grad_norm=...)"
-    if has_solver:
+    if adaptive:
         hint += ", or tighten the solver tolerances (--flow-opt atol=... --flow-opt rtol=...)"
         if cfg.nan_retries == 0:
             hint += " or retry automatically with them 10x tighter (--set nan_retries=1)"
         else:
-            hint += f" (the {cfg.nan_retries} automatic retries are used up)"
+            retries_word = "retry is" if cfg.nan_retries == 1 else f"{cfg.nan_retries} retries are"
+            hint += f" (the automatic {retries_word} used up)"
+    elif solvers:
+        hint += (", or take smaller solver steps (--flow-opt solver_options={step_size=...}; "
+                 "a fixed-step solver has no tolerances for nan_retries to tighten)")
     hint += "."
-    raise TrainingError(
+    message = (
         f"training stopped {where}: {err}. The last good checkpoint (step "
         f"{ckpt['progress']['step']}) is kept in {trainer.run_dir / CHECKPOINT}. {hint}"
-    ) from err
+    )
+    if trainer.world.is_main:  # `vaeflow compare` shows the run as failed, not unfinished
+        Run(trainer.run_dir).write_results({"status": "failed", "error": f"{err} {where}"})
+    raise TrainingError(message) from err
