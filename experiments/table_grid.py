@@ -36,7 +36,7 @@ from table_pool import Job, JobResult, Placement, utc_now
 from vaeflow.configs import TrainConfig, resolve
 from vaeflow.data import DataNotFoundError, get_spec, load_dataset, resolve_data_dir
 from vaeflow.report import LOG_ONLY_KEYS
-from vaeflow.runs import CHECKPOINT, CONFIG, RESULTS, atomic_write_json
+from vaeflow.runs import CHECKPOINT, CONFIG, Run, atomic_write_json
 
 __all__ = [
     "ATTEMPTS_FILE",
@@ -163,8 +163,9 @@ def paper_config(dataset: str, flow: str) -> dict[str, Any]:
 
 
 def cell_state(run_dir: Path) -> str:
-    """``"done"`` (results.json), ``"partial"`` (a checkpoint to resume) or ``"new"``."""
-    if (run_dir / RESULTS).is_file():
+    """``"done"`` (its figures in results.json), ``"partial"`` (a checkpoint to resume: also a
+    run marked failed, which the resume trains on or evaluates again) or ``"new"``."""
+    if Run(run_dir).finished:
         return "done"
     if (run_dir / CHECKPOINT).is_file():
         return "partial"

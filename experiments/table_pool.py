@@ -204,11 +204,11 @@ class JobResult:
     @property
     def ok(self) -> bool:
         """It exited cleanly, or (a signal that came during the final evaluation) it still
-        wrote its ``results.json``."""
-        from vaeflow.runs import RESULTS
+        wrote its figures (a ``results.json`` that marks a failure does not count)."""
+        from vaeflow.runs import Run
 
-        done = self.job.run_dir is not None and (self.job.run_dir / RESULTS).is_file()
-        return self.returncode == 0 or done
+        return self.returncode == 0 or (self.job.run_dir is not None
+                                        and Run(self.job.run_dir).finished)
 
 
 def last_line(path: Path, limit: int = 8192) -> str:

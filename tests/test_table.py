@@ -545,3 +545,19 @@ def test_paper_numbers() -> None:
         assert table_records.paper_value("caltech", variant) == 104.62
     assert table_records.paper_value("omniglot_rederived", "ffjord") is None
     assert set(table_options.TABLE_FLOWS) == set(table_records.PAPER_ROW)
+
+
+def test_a_cell_marked_failed_is_neither_done_nor_ok(tmp_path: Path) -> None:
+    # vaeflow marks a run stopped by a NaN (or a failed final evaluation) in results.json; the
+    # grid must still count it failed, and a rerun resume it rather than skip it
+    run_dir = tmp_path / "cell"
+    run_dir.mkdir()
+    (run_dir / "checkpoint.pt").write_bytes(b"")
+    results = run_dir / "results.json"
+    job = Job("cell", ["true"], tmp_path / "log", run_dir=run_dir)
+    results.write_text(json.dumps({"status": "failed", "error": "the loss became nan"}))
+    assert table_grid.cell_state(run_dir) == "partial"
+    assert not table_pool.JobResult(job, 1, 1.0, "now").ok
+    results.write_text(json.dumps({"status": "finished", "test_nelbo": 90.0}))
+    assert table_grid.cell_state(run_dir) == "done"
+    assert table_pool.JobResult(job, 1, 1.0, "now").ok  # killed after writing its figures
