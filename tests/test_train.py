@@ -478,3 +478,24 @@ def test_validation_and_pictures_after_fixed_steps_use_the_evaluation_solve(
     evaluate_run(tmp_path / "run", eval_points=20, is_samples=0,
                  solver={"method": "rk4", "solver_options": {"step_size": 0.25}})
     assert pictured[-1] == "rk4"  # vaeflow eval --solver: its pictures too
+
+
+def test_the_training_bar_closes_before_the_final_evaluation(
+    tiny_data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # an open bar would count the evaluation's minutes as training time and rate
+    events: list[str] = []
+    real_close, real_evaluate = train_mod.TrainingBar.close, train_mod.evaluate
+
+    def close(bar: Any) -> None:
+        events.append("close")
+        real_close(bar)
+
+    def evaluate(*args: Any, **kwargs: Any) -> Any:
+        events.append("evaluate")
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod.TrainingBar, "close", close)
+    monkeypatch.setattr(train_mod, "evaluate", evaluate)
+    train(tiny_config(tiny_data_dir, max_epochs=1), tmp_path / "run", progress=True)
+    assert events[:2] == ["close", "evaluate"]

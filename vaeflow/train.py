@@ -275,6 +275,7 @@ class _Trainer:
         self.state = _Progress()
         self.writer: Any = None
         self.signals: _Signals | None = None
+        self.bar: TrainingBar | None = None  # the training bar while the loop runs
         self.saved_step = 0  # of the last checkpoint, for a rank that loses the others
 
     def _graphed(self, x: Tensor, beta: float) -> dict[str, Tensor]:
@@ -380,7 +381,8 @@ class _Trainer:
 
     def run(self, signals: _Signals) -> None:
         cfg, st = self.config, self.state
-        bar = TrainingBar(self.progress_bar, cfg, st.step, st.seconds, len(self.loader))
+        bar = self.bar = TrainingBar(self.progress_bar, cfg, st.step, st.seconds,
+                                     len(self.loader))
         try:
             while not st.done:
                 self.run_epoch(signals, bar)
@@ -595,6 +597,8 @@ class _Trainer:
         if self.world.is_main and not best.is_file():  # stopped inside its first epoch
             atomic_save(self.model.state_dict(), best)
         self.save()  # the final state, with done=True, so a resume only re-evaluates
+        if self.bar is not None:  # its time and rate are the training's, not the evaluation's
+            self.bar.close()
         self.finish()
 
     def finish(self) -> dict[str, Any]:
