@@ -313,6 +313,14 @@ def test_a_damaged_checkpoint_is_named(finished: Path, capsys, damage: str, how:
     assert main(["eval", str(finished)]) == 0  # best.pt still serves
 
 
+def test_a_look_at_the_last_model_leaves_the_runs_pictures_alone(finished: Path) -> None:
+    # the run's PNGs show its best model through its own solve, as results.json reports it
+    assert main(["eval", str(finished), "--checkpoint", "last", "--json"]) == 0
+    assert not list(finished.glob("*.png"))
+    assert main(["eval", str(finished), "--json"]) == 0
+    assert {p.name for p in finished.glob("*.png")} >= {"samples.png", "reconstructions.png"}
+
+
 def test_a_broken_config_json_is_named(finished: Path, capsys) -> None:
     (finished / "config.json").write_text("{not json")
     fails(capsys, ["eval", str(finished)], 2, "config.json", "damaged")

@@ -247,7 +247,9 @@ def evaluate_run(
     pictures: bool = True,
 ) -> dict[str, Any]:
     """Evaluate the best (or last) model of a run on the test set (see :func:`evaluate`), and
-    (``pictures``) write its PNGs into the run directory.
+    (``pictures``) write its PNGs into the run directory: only for the run's own figures (the
+    best model, its own solve), so that a look at the last model or through another solver
+    never replaces the pictures of the model that the run reports.
 
     ``solver`` changes the ODE solver settings of the test figures (``method``, ``atol``,
     ``rtol``, ``solver_options``; see :func:`evaluation_solve` and
@@ -273,6 +275,6 @@ def evaluate_run(
         dataset=config.dataset, flow=config.flow, checkpoint=checkpoint,
         num_parameters=sum(p.numel() for p in model.parameters() if p.requires_grad),
     )
-    if pictures:
-        write_run_pictures(run_dir, run_pictures(model, data, config, solver))
+    if pictures and checkpoint == "best" and not solver:
+        write_run_pictures(run_dir, run_pictures(model, data, config))
     return results
