@@ -640,6 +640,13 @@ def _damage(path: Path, how: str) -> None:
         raise AssertionError(how)
 
 
+def test_split_sizes_that_the_file_does_not_hold_are_named(tmp_path: Path) -> None:
+    write_tiny("caltech", tmp_path)
+    with pytest.raises(ValueError, match=r"has shape .*split_sizes=\(10, 5, 5\) was asked for.*"
+                       r"not take a subset.*\(4100, 2264, 2307\)"):
+        load_dataset("caltech", tmp_path, split_sizes=(10, 5, 5))
+
+
 @pytest.mark.filterwarnings("ignore:omniglot_rederived is NOT")
 @pytest.mark.parametrize("how", ["truncated", "empty", "random bytes", "corrupted member"])
 @pytest.mark.parametrize("name", ["caltech", "omniglot_rederived"])

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from vaeflow.data.base import SPLITS, DataNotFoundError, SplitSizes
+from vaeflow.data.base import SPLITS, DataFileError, DataNotFoundError, SplitSizes
 from vaeflow.data.download import _download_dataset, _missing_message
 from vaeflow.data.loader import DeviceLoader
 from vaeflow.data.paths import _resolve_with_origin
@@ -120,7 +120,20 @@ def load_dataset(
         _download_dataset(spec, directory, origin, sizes)
     if spec.warning:
         warnings.warn(spec.warning, UserWarning, stacklevel=2)
-    splits = [torch.from_numpy(a) for a in _read_npz(spec, path, sizes)]
+    try:
+        arrays = _read_npz(spec, path, sizes)
+    except DataFileError:
+        raise
+    except ValueError as err:
+        if sizes == spec.split_sizes:
+            raise
+        # a wrong shape would otherwise read as a bad file, when the sizes asked for are wrong
+        raise ValueError(
+            f"{err}; split_sizes={sizes} was asked for: it gives the sizes of the splits that "
+            f"the file holds (a smaller file built the same way), it does not take a subset; "
+            f"the protocol's file holds {spec.split_sizes}"
+        ) from err
+    splits = [torch.from_numpy(a) for a in arrays]
     if spec.dynamic_binarization:
         # on the CPU with a fixed generator: the same evaluation sets on every device
         g = torch.Generator().manual_seed(EVAL_BINARIZATION_SEED)
