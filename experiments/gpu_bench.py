@@ -138,4 +138,8 @@ def _serve() -> int:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:]:  # the parent starts the worker without arguments; a person, with --help
+        print(f"{__doc__.strip()}\n\nRun the GPU benchmark with experiments/gpu_run.py "
+              "(--stages bench); this file takes no arguments.", file=sys.stderr)
+        sys.exit(0 if sys.argv[1:] in (["-h"], ["--help"]) else 2)
     sys.exit(_serve())

@@ -11,7 +11,7 @@ KL weight and the FFJORD NFE) and ``results.json`` go to the run directory ``--o
 
 The default networks are small enough for a CPU: MLP encoder/decoder (300, 300), latent size 32,
 context size 64, and for FFJORD one block with hidden (64, 64), rank 8, dopri5 with
-atol = rtol = 1e-4 (see ``FLOW_DEFAULTS``; ``--flow-kw name=value`` overrides any of them).
+atol = rtol = 1e-4 (see ``FLOW_DEFAULTS``; ``--flow-opt name=value`` overrides any of them).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from pyro.optim import ClippedAdam
 from torch import Tensor, nn
 from torch.utils.tensorboard import SummaryWriter
 
-from vaeflow.data import Dataset, load_dataset
+from vaeflow.data import DataFileError, DataNotFoundError, Dataset, load_dataset
 from vaeflow.flows import FLOWS, make_flow
 from vaeflow.nets import make_networks
 from vaeflow.pyro import ConditionalFlowTransform
@@ -276,7 +276,8 @@ def _flow_kw(text: str) -> tuple[str, Any]:
 
 def parse_args(argv: list[str] | None = None) -> Config:
     defaults = Config()
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--flow", default=defaults.flow, choices=list(FLOWS))
     p.add_argument("--max-steps", type=int, default=defaults.max_steps)
     p.add_argument("--batch-size", type=int, default=defaults.batch_size)
@@ -305,17 +306,37 @@ def parse_args(argv: list[str] | None = None) -> Config:
         "for these small networks on a CPU shared with other work",
     )
     p.add_argument(
-        "--flow-kw",
+        "--flow-opt",
+        "--flow-kw",  # its first name; vaeflow train calls it --flow-opt
+        dest="flow_kw",
         type=_flow_kw,
         action="append",
         default=[],
         metavar="NAME=VALUE",
-        help="flow hyperparameter, e.g. --flow-kw atol=1e-5",
+        help="flow hyperparameter, e.g. --flow-opt atol=1e-5 (`vaeflow flows` lists them)",
     )
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the results of an earlier run in --out")
     args = vars(p.parse_args(argv))
     args["flow_kw"] = dict(args["flow_kw"])
-    return Config(**args)
+    overwrite = args.pop("overwrite")
+    try:
+        config = Config(**args)
+        # the flow is built once here, on no device, so a bad hyperparameter is refused now
+        with torch.device("meta"), torch.random.fork_rng(devices=[]):
+            make_flow(config.flow, config.latent_dim, config.context_dim,
+                      **config.flow_hyperparameters())
+    except ValueError as err:
+        p.error(str(err))
+    if (Path(config.out) / "results.json").exists() and not overwrite:
+        p.error(f"{config.out} holds the results of an earlier run: choose another --out, "
+                "or --overwrite")
+    return config
 
 
 if __name__ == "__main__":
-    run(parse_args())
+    config = parse_args()
+    try:
+        run(config)
+    except (DataNotFoundError, DataFileError) as err:  # no data: a message, not a traceback
+        raise SystemExit(f"pyro_vae.py: error: {err}") from None

@@ -440,7 +440,7 @@ def test_experiment_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     config = experiment.parse_args(
         ["--flow", "ffjord", "--max-steps", "3", "--batch-size", "8", "--eval-size", "10",
          "--latent-dim", "4", "--context-dim", "8", "--warmup-steps", "2", "--threads", "0",
-         "--flow-kw", "hidden_dims=(16, 16)", "--out", str(tmp_path / "run")]
+         "--flow-opt", "hidden_dims=(16, 16)", "--out", str(tmp_path / "run")]
     )  # fmt: skip
     assert config.flow_hyperparameters()["hidden_dims"] == (16, 16)
     results = experiment.run(config, data, verbose=False)
@@ -451,3 +451,10 @@ def test_experiment_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     assert list((tmp_path / "run").glob("events.out.tfevents.*"))
     with pytest.raises(SystemExit):
         experiment.parse_args(["--flow", "nope"])
+    # a bad hyperparameter, or a run directory in use, is refused before any training
+    for argv in (["--flow", "planar", "--flow-kw", "nope=1"],
+                 ["--flow", "ffjord", "--flow-opt", "atol=-1"],
+                 ["--out", str(tmp_path / "run")]):
+        with pytest.raises(SystemExit):
+            experiment.parse_args(argv)
+    assert experiment.parse_args(["--out", str(tmp_path / "run"), "--overwrite"]).out
