@@ -118,7 +118,7 @@ def check_choice(
 
 def resolve_device(name: str) -> Any:
     """A ``torch.device``: ``"auto"`` -> CUDA when available, else CPU; anything else must name
-    a device that exists here."""
+    a device that exists here. A CPU device with an index (``"cpu:0"``) is plain ``cpu``."""
     import torch
 
     if name == "auto":
@@ -129,6 +129,11 @@ def resolve_device(name: str) -> Any:
         raise InputError(
             f"invalid device {name!r} (try 'auto', 'cpu', 'cuda', 'cuda:1')"
         ) from err
+    if device.type == "cpu":
+        # There is one CPU device, and torch.load's map_location only knows it as "cpu": given
+        # torch.device("cpu:0") it refuses every storage ("don't know how to restore data
+        # location ... cpu:0"), so a run on "cpu:0" could not read back its own checkpoints.
+        return torch.device("cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InputError(f"device {name!r} asked for, but CUDA is not available here")
     if device.type == "cuda" and device.index is not None and (
