@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
 from test_cli import tiny_args
 
-from vaeflow.checks import resolve_device
+from vaeflow.checks import InputError, check_annotated, resolve_device
 from vaeflow.cli import main
+from vaeflow.configs import resolve
 from vaeflow.runs import load_checkpoint
 
 QUICK = ["train", "--dataset", "caltech", "--preset", "quick", "--print-config"]
@@ -50,4 +52,76 @@ def test_a_run_on_cpu_0_trains_and_evaluates(
     args = ["train", *tiny_args(tiny_data_dir), "--flow", "planar", "--device", "cpu:0"]
     assert main([*args, "--max-steps", "2", "--batch-size", "50", "--out", str(run)]) == 0
     assert main(["eval", str(run)]) == 0, capsys.readouterr().err
+
+
+# ---- 2. none means None where an option may be None
+
+
+def test_none_drops_the_quick_presets_budget_and_limits(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert printed([*QUICK, "--flow", "planar"], capsys)["max_minutes"] == 4.3
+    words = ["--set", "max_minutes=none", "--set", "max_steps=None", "--set", "is_points=null",
+             "--set", "max_grad_norm=None", "--set", "split_sizes=NONE"]
+    config = printed([*QUICK, "--flow", "planar", "--max-steps", "3", *words], capsys)
+    assert config["max_minutes"] is None and config["max_steps"] is None
+    assert config["is_points"] is None and config["max_grad_norm"] is None
+    assert config["split_sizes"] is None
+
+
+def test_none_in_flow_options_and_solver_settings(capsys: pytest.CaptureFixture[str]) -> None:
+    opts = ["--flow-opt", "fused=None", "--flow-opt", "method=dopri5",
+            "--flow-opt", "solver_options=none", "--set", "test_solver=none"]
+    config = printed([*QUICK, "--flow", "ffjord", *opts], capsys)
+    assert config["flow_kwargs"]["fused"] is None
+    assert config["flow_kwargs"]["solver_options"] is None
+    assert config["test_solver"] is None
+    solver = ["--set", 'test_solver={method="dopri5", solver_options="none"}']
+    assert printed([*QUICK, "--flow", "ffjord", *solver], capsys)["test_solver"] == {
+        "method": "dopri5", "solver_options": None}
+
+
+def test_none_in_a_config_file(tmp_path: Path) -> None:
+    """TOML has no null: a file writes the string "none"."""
+    path = tmp_path / "c.toml"
+    path.write_text('[train]\nmax_minutes = "none"\n[flows.ffjord]\nfused = "null"\n')
+    config = resolve("caltech", "ffjord", preset="quick", config_file=path)
+    assert config.max_minutes is None and config.flow_kwargs["fused"] is None
+
+
+def test_none_is_kept_where_a_string_is_meant_or_none_is_not_allowed(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # the flow named none, and a string option, keep the word
+    config = printed([*QUICK, "--flow", "none", "--set", "data_dir=none"], capsys)
+    assert config["flow"] == "none" and config["data_dir"] == "none"
+    assert "lr must be a float, got 'none'" in error([*QUICK, "--flow", "none",
+                                                      "--set", "lr=none"], capsys)
+    assert "masks" in error([*QUICK, "--flow", "iaf", "--flow-opt", "masks=none"], capsys)
+
+
+def test_check_annotated_reads_real_types_too() -> None:
+    """A flow of one's own may annotate without ``from __future__ import annotations``."""
+    assert check_annotated("x", "none", bool | None) is None
+    assert check_annotated("x", "None", Optional[int]) is None  # noqa: UP045 (the old spelling)
+    assert check_annotated("x", "None", "Optional[dict[str, int | None]]") is None
+    assert check_annotated("x", "none", str | None) == "none"
+    assert check_annotated("x", "none", "bool | str") == "none"
+    assert check_annotated("x", "none", float) == "none"  # left to the option's own check
+    with pytest.raises(InputError, match="x must be a list of integers or None, not the string"):
+        check_annotated("x", "big", list[int] | None)
+
+
+# ---- 3. net_kwargs
+
+
+def test_net_kwargs_are_refused_cleanly_by_print_config(capsys: pytest.CaptureFixture) -> None:
+    err = error([*QUICK, "--flow", "planar", "--set", "net_kwargs={foo=1}"], capsys)
+    assert "net_kwargs: make_networks('mlp') got unexpected keyword(s) ['foo']" in err
+    err = error([*QUICK, "--flow", "planar", "--set", 'net_kwargs={hidden_sizes="big"}'], capsys)
+    assert "net_kwargs: hidden_sizes must be a list of integers, not the string 'big'" in err
+    # and where None turns a paper default off, the word does
+    config = printed([*QUICK, "--flow", "planar", "--set", "net_kwargs={variance_bounds='none'}"],
+                     capsys)
+    assert config["net_kwargs"] == {"variance_bounds": None}
 

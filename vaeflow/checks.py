@@ -10,8 +10,9 @@ flow from hyperparameters, reading a data file) marks the boundary with :func:`i
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 __all__ = [
@@ -22,6 +23,9 @@ __all__ = [
     "check_int",
     "check_number",
     "check_positive_int",
+    "check_annotated",
+    "check_options",
+    "is_none_word",
     "resolve_device",
 ]
 
@@ -114,6 +118,80 @@ def check_choice(
             )
         raise InputError(f"unknown {name} {value!r}; valid {plural} are {', '.join(choices)}")
     return value
+
+
+def is_none_word(value: Any) -> bool:
+    """Whether ``value`` is one of the words that stand for None where a value may be None:
+    ``none``, ``None``, ``null`` (any case). A command line and TOML have no null of their own."""
+    return isinstance(value, str) and value.lower() in ("none", "null")
+
+
+def _alternatives(annotation: object) -> list[str]:
+    """The alternatives of a type annotation, as text: ``"int | None"`` -> ``["int", "None"]``,
+    ``"Optional[dict[str, Any]]"`` -> ``["dict[str, Any]", "None"]``. Annotations are text under
+    ``from __future__ import annotations``; a real type (a flow of one's own) is written out."""
+    if isinstance(annotation, type):
+        text = annotation.__name__
+    else:
+        text = str(annotation).replace("typing.", "").replace("collections.abc.", "")
+    text = text.strip()
+    if text.startswith("Optional[") and text.endswith("]"):
+        return [*_alternatives(text[len("Optional["):-1]), "None"]
+    parts, depth, start = [], 0, 0
+    for i, char in enumerate(text):  # split at the top-level "|" only, not inside brackets
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if char == "|" and depth == 0:
+            parts.append(text[start:i].strip())
+            start = i + 1
+    parts.append(text[start:].strip())
+    return ["None" if part == "NoneType" else part for part in parts]
+
+
+def check_annotated(name: str, value: Any, annotation: object) -> Any:
+    """``value`` read by the type ``annotation`` of its option, where a command line or a TOML
+    file cannot say what it means:
+
+    - a word of :func:`is_none_word` is None where the type admits None and takes no string (a
+      string option keeps the word: ``none`` is a flow, and may be a folder);
+    - a string is refused where a list is expected and no string is: Python would take
+      ``"big"`` as the sequence ``('b', 'i', 'g')``.
+
+    Anything else is returned unchanged, for the option's own checks.
+    """
+    if annotation is inspect.Parameter.empty or not isinstance(value, str):
+        return value
+    alternatives = _alternatives(annotation)
+    if "str" in alternatives:
+        return value
+    optional = "None" in alternatives
+    if optional and is_none_word(value):
+        return None
+    lists = [a for a in alternatives if a.split("[")[0] in ("list", "tuple", "Sequence")]
+    if lists:
+        item = lists[0].partition("[")[2].split(",")[0].strip(" ]")
+        items = {"int": " of integers", "float": " of numbers"}.get(item, "")
+        raise InputError(
+            f"{name} must be a list{items}{' or None' if optional else ''}, not the string "
+            f"{value!r}"
+        )
+    return value
+
+
+def check_options(
+    options: Mapping[str, Any], takers: Iterable[Any], prefix: str = ""
+) -> dict[str, Any]:
+    """Options given as text or TOML (flow hyperparameters, ``net_kwargs``), each read by
+    :func:`check_annotated` with its annotation in the signature of the first of ``takers``
+    (classes or functions) that takes it; an option that none takes is left to the takers'
+    own check, which names the valid ones."""
+    annotations: dict[str, object] = {}
+    for taker in takers:
+        for param in inspect.signature(taker).parameters.values():
+            annotations.setdefault(param.name, param.annotation)
+    return {
+        key: check_annotated(f"{prefix}{key}", value, annotations.get(key, inspect.Parameter.empty))
+        for key, value in options.items()
+    }
 
 
 def resolve_device(name: str) -> Any:

@@ -14,6 +14,11 @@ defaults, the papers' settings that ship with vaeflow (``vaeflow/configs/``: the
 ``--config FILE`` (``[train]`` and ``[flows.<flow>]`` tables), and the command line (named
 options, then ``--set KEY=VALUE`` for any config key and ``--flow-opt KEY=VALUE`` for any flow
 hyperparameter; VALUE is read as TOML: ``--flow-opt hidden_dims=[64,64]``, ``adjoint=true``).
+
+``none`` (or ``None``, ``null``; in a file the string ``"none"``) sets an option that may be
+None back to None: ``--set max_minutes=none`` drops the quick preset's time budget,
+``--set max_steps=none`` a step limit. An option that takes a string keeps the word as it is
+(``--flow none`` is the VAE without a flow).
 """
 
 from __future__ import annotations
@@ -28,10 +33,10 @@ from pathlib import Path
 from typing import Any
 
 from vaeflow import report
-from vaeflow.checks import InputError
+from vaeflow.checks import InputError, check_options, input_errors
 from vaeflow.configs import TrainConfig, presets, resolve
 from vaeflow.data import DATASETS, DataNotFoundError
-from vaeflow.flows import FLOWS, flow_hyperparameters
+from vaeflow.flows import FFJORD, FLOWS, flow_hyperparameters
 from vaeflow.nets import ARCHITECTURES
 
 if sys.version_info >= (3, 11):
@@ -136,7 +141,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.print_config:
             from vaeflow.model import count_parameters
 
-            shown = {**config.to_dict(), "num_parameters": count_parameters(config)}
+            # The networks are built here for the count, as a run builds them: net_kwargs that
+            # the architecture refuses are bad input, as they are in a run.
+            with input_errors():
+                shown = {**config.to_dict(), "num_parameters": count_parameters(config)}
             print(json.dumps(shown, indent=2, sort_keys=True))
             return 0
         run_dir = Path(args.out) if args.out else _default_out(args.dataset, args.flow)
@@ -163,7 +171,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         is_points=args.is_points,
         data_dir=args.data_dir,
         checkpoint=args.checkpoint,
-        solver=parse_pairs(args.solver, "--solver"),
+        # The settings are FFJORD's hyperparameters of the same names, read as --flow-opt's.
+        solver=check_options(parse_pairs(args.solver, "--solver"), [FFJORD]),
         progress=not args.json,
     )
     if args.json:
@@ -253,7 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--warmup-epochs", type=int)
     t.add_argument("--early-stopping-epochs", type=int)
     t.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="any TrainConfig key (repeatable), e.g. --set max_grad_norm=100")
+                   help="any TrainConfig key (repeatable), e.g. --set max_grad_norm=100; "
+                   "none sets an optional key to None: --set max_minutes=none")
     t.add_argument("--flow-opt", action="append", metavar="KEY=VALUE",
                    help="a flow hyperparameter (repeatable), e.g. --flow-opt adjoint=true")
     t.add_argument("--overwrite", action="store_true",

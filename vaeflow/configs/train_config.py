@@ -16,19 +16,31 @@ import torch
 
 from vaeflow.checks import (
     InputError,
+    check_annotated,
     check_bool,
     check_choice,
     check_int,
     check_number,
+    check_options,
     input_errors,
 )
 from vaeflow.data import DATASETS
 from vaeflow.flows import FLOWS, check_hyperparameters, make_flow, use_solver
-from vaeflow.nets import ARCHITECTURES
+from vaeflow.nets import (
+    ARCHITECTURES,
+    GatedConvDecoder,
+    GatedConvEncoder,
+    MLPDecoder,
+    MLPEncoder,
+)
 
 __all__ = ["TrainConfig", "OPTIMIZERS"]
 
 OPTIMIZERS = ("adamax", "adam")
+
+# The classes that take ``net_kwargs`` (through make_networks): their annotations say how a
+# value from a command line or a file is read (the word none, a list).
+_NETWORKS = (MLPEncoder, MLPDecoder, GatedConvEncoder, GatedConvDecoder)
 
 
 @dataclass
@@ -159,6 +171,8 @@ class TrainConfig:
         for f in dataclasses.fields(self):
             setattr(self, f.name, _check_type(f.name, getattr(self, f.name), str(f.type)))
         self.check_names(self.dataset, self.flow)
+        self.flow_kwargs = check_options(self.flow_kwargs, [FLOWS[self.flow]])
+        self.net_kwargs = check_options(self.net_kwargs, _NETWORKS, "net_kwargs: ")
         check_choice("arch", self.arch, ARCHITECTURES, "values")
         check_choice("optimizer", self.optimizer, OPTIMIZERS, "values")
         positive = ("latent_dim", "context_dim", "batch_size", "max_epochs", "eval_samples")
@@ -202,8 +216,10 @@ class TrainConfig:
         with input_errors(), torch.device(device), torch.random.fork_rng(devices=[]):
             check_hyperparameters(self.flow, self.flow_kwargs)
             flow = make_flow(self.flow, self.latent_dim, self.context_dim, **self.flow_kwargs)
-        # The test solver is checked now, not after hours of training.
+        # The test solver is checked now, not after hours of training. Its settings are the
+        # flow's hyperparameters of the same names, read as those are (solver_options=none).
         if self.test_solver:
+            self.test_solver = check_options(self.test_solver, [FLOWS[self.flow]], "test_solver: ")
             with input_errors("test_solver: "):
                 use_solver(flow, self.flow, self.test_solver)
 
@@ -223,6 +239,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
 def _check_type(name: str, value: Any, annotation: str) -> Any:
     optional = annotation.endswith(" | None")
     base = annotation.removesuffix(" | None")
+    value = check_annotated(name, value, annotation)  # --set max_steps=none: None
     if value is None:
         if optional:
             return None
