@@ -4,6 +4,7 @@ clear line, and what a user may write (``cpu:0``, ``none``) means what it says."
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -124,4 +125,36 @@ def test_net_kwargs_are_refused_cleanly_by_print_config(capsys: pytest.CaptureFi
     config = printed([*QUICK, "--flow", "planar", "--set", "net_kwargs={variance_bounds='none'}"],
                      capsys)
     assert config["net_kwargs"] == {"variance_bounds": None}
+
+
+# ---- 4. --config files
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[flows.plnar]\nnum_steps = 2\n",
+         r"\[flows.plnar\]: unknown flow 'plnar'; valid flows are none, planar"),
+        ("[flows.planar]\nnmu_steps = 2\n",
+         r"\[flows.planar\]: unknown hyperparameter\(s\) 'nmu_steps'.*valid ones are num_steps"),
+        ("[train]\nnope = 1\n", r"\[train\]: unknown config key\(s\) 'nope'; valid keys are"),
+        ("lr = 1\n", r"key\(s\) 'lr' outside any table: config keys go in a \[train\] table"),
+        ("[train]\nflow = 'ffjord'\n", r"\[train\]: flow cannot be set in a file"),
+        ("[model]\nx = 1\n", r"unknown table\(s\) \['model'\]"),
+    ],
+)
+def test_a_config_file_hides_nothing_and_is_named(
+    tmp_path: Path, text: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "mine.toml"
+    path.write_text(text)
+    err = error([*QUICK, "--flow", "planar", "--config", str(path)], capsys)
+    assert err.startswith(f"vaeflow: error: {path}: ") and re.search(message, err), err
+
+
+def test_a_set_flow_that_is_not_the_runs_flow_is_refused(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    err = error([*QUICK, "--flow", "planar", "--set", "flow=ffjord"], capsys)
+    assert "flow 'ffjord' set as a config key, but this run's flow is 'planar'" in err
 

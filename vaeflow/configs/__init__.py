@@ -27,8 +27,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from vaeflow.checks import InputError
+from vaeflow.checks import InputError, check_choice, input_errors
 from vaeflow.configs.train_config import OPTIMIZERS, TrainConfig
+from vaeflow.flows import FLOWS, check_hyperparameters
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -38,6 +39,8 @@ else:  # pragma: no cover
 __all__ = ["TrainConfig", "OPTIMIZERS", "ConfigError", "resolve", "presets", "read_config_file"]
 
 _TABLES = ("train", "flows")
+# Keys that resolve's arguments set, over every layer: a layer that set them would be ignored.
+_CHOSEN = ("dataset", "flow")
 
 
 class ConfigError(InputError):
@@ -55,20 +58,44 @@ def presets() -> list[str]:
 
 
 def _parse(text: str, source: str) -> dict[str, Any]:
+    """A config file's tables, checked so that nothing in it is silently ignored: a key outside
+    a table, an unknown table, config key, flow or flow hyperparameter is refused, naming
+    ``source`` and the valid ones."""
     try:
         table = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"config file {source} is not valid TOML: {err}") from err
+    loose = sorted(k for k, v in table.items() if k not in _TABLES and not isinstance(v, dict))
+    if loose:
+        raise ConfigError(
+            f"{source}: key(s) {', '.join(map(repr, loose))} outside any table: config keys go "
+            "in a [train] table (a line [train] above them), flow hyperparameters in "
+            "[flows.<flow>]"
+        )
     unknown = sorted(set(table) - set(_TABLES))
     if unknown:
         raise ConfigError(
             f"{source}: unknown table(s) {unknown}; valid tables are [train] and [flows.<flow>]"
         )
+    train = table.get("train", {})
     flows = table.get("flows", {})
-    if not isinstance(table.get("train", {}), dict) or not isinstance(flows, dict) or not all(
+    if not isinstance(train, dict) or not isinstance(flows, dict) or not all(
         isinstance(v, dict) for v in flows.values()
     ):
         raise ConfigError(f"{source}: [train] and [flows.<flow>] must be tables")
+    with input_errors(f"{source}: [train]: "):
+        TrainConfig.check_keys(train)
+    chosen = sorted(set(train) & set(_CHOSEN))
+    if chosen:
+        raise ConfigError(
+            f"{source}: [train]: {' and '.join(chosen)} cannot be set in a file: a run's data "
+            "set and flow are chosen by --dataset and --flow (resolve's arguments); per-flow "
+            "settings go in [flows.<flow>]"
+        )
+    for name, hyperparameters in flows.items():
+        with input_errors(f"{source}: [flows.{name}]: "):
+            check_choice("flow", name, FLOWS, "flows")
+            check_hyperparameters(name, hyperparameters)
     return table
 
 
@@ -131,8 +158,14 @@ def resolve(
     for table in layers:
         if table is not None:
             _merge(values, table, flow)
-    values.update(overrides or {})
-    values["dataset"], values["flow"] = dataset, flow
+    overrides = dict(overrides or {})
+    for key, chosen in zip(_CHOSEN, (dataset, flow), strict=True):
+        if key in overrides and overrides[key] != chosen:
+            raise ConfigError(
+                f"{key} {overrides[key]!r} set as a config key, but this run's {key} is "
+                f"{chosen!r}: choose it with --{key} (resolve's {key} argument)"
+            )
+    values.update(overrides)
     if flow_options:
         values["flow_kwargs"] = {**values.get("flow_kwargs", {}), **flow_options}
     return TrainConfig.from_dict(values)

@@ -8,7 +8,7 @@ the papers' per-data-set settings over them.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -147,14 +147,19 @@ class TrainConfig:
         check_choice("flow", flow, FLOWS, "flows")
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> TrainConfig:
-        """Build from a mapping; an unknown key raises a ``ValueError`` listing the valid ones."""
-        unknown = sorted(set(values) - set(cls.keys()))
+    def check_keys(cls, keys: Iterable[str]) -> None:
+        """Raise a ``ValueError`` for keys that are no config key, listing the valid ones."""
+        unknown = sorted(set(keys) - set(cls.keys()))
         if unknown:
             raise InputError(
                 f"unknown config key(s) {', '.join(map(repr, unknown))}; valid keys are "
                 f"{', '.join(cls.keys())}"
             )
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> TrainConfig:
+        """Build from a mapping; an unknown key raises a ``ValueError`` listing the valid ones."""
+        cls.check_keys(values)
         return cls(**dict(values))
 
     def to_dict(self) -> dict[str, Any]:
