@@ -163,7 +163,7 @@ def test_dataset_config_and_overrides(tiny_data_dir: Path, capsys: pytest.Captur
         (["train", "--flow", "ffjord"], "train needs --dataset"),
         (["train", "--dataset", "static_mnist", "--flow", "ffjord", "--set", "lr"],
          "--set takes KEY=VALUE"),
-        (["eval", "/nonexistent/run"], "not a vaeflow run directory"),
+        (["eval", "/nonexistent/run"], "run directory /nonexistent/run does not exist"),
     ],
 )
 def test_bad_input_is_a_clear_error(

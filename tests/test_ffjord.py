@@ -218,7 +218,7 @@ def test_nfe_counts_reset_per_solve() -> None:
     [
         (dict(method="dopri6"), "valid methods are .*dopri5"),
         (dict(solver_options={"step": 0.1}), "unknown option.*'step'.*valid options are"),
-        (dict(method="rk4"), "needs options=.*step_size"),
+        (dict(method="rk4"), r"needs a step size: solver_options=\{step_size="),
         (dict(trace="skilling"), "valid values are 'hutchinson', 'exact'"),
         (dict(noise="uniform"), "valid values are 'gaussian', 'rademacher'"),
         (dict(dynamics="hyper"), "valid values are 'lowrank', 'concat'"),
@@ -292,7 +292,7 @@ def test_replace_solver_changes_the_solve_not_the_model() -> None:
     [
         ({"adjoint": True}, "unknown solver setting.*'adjoint'.*valid settings are method, atol"),
         ({"method": "rk5"}, "unknown ODE solver method 'rk5'.*dopri5"),
-        ({"method": "rk4"}, "needs options"),
+        ({"method": "rk4"}, "needs a step size: solver_options="),
         ({"atol": -1.0}, "atol"),
         ({"solver_options": {"stepsize": 0.1}}, "unknown option.*'stepsize'"),
     ],

@@ -158,3 +158,20 @@ def test_a_set_flow_that_is_not_the_runs_flow_is_refused(
     err = error([*QUICK, "--flow", "planar", "--set", "flow=ffjord"], capsys)
     assert "flow 'ffjord' set as a config key, but this run's flow is 'planar'" in err
 
+
+# ---- 5, 6. messages that name what the user has and types
+
+
+def test_resume_of_a_missing_directory(tmp_path: Path, capsys) -> None:
+    err = error(["train", "--resume", str(tmp_path / "nope")], capsys)
+    assert f"run directory {tmp_path / 'nope'} does not exist" in err
+    err = error(["train", "--resume", str(tmp_path)], capsys)  # exists, holds no run
+    assert "is not a vaeflow run directory: no config.json in it" in err
+
+
+def test_a_fixed_step_solver_without_a_step_names_solver_options(capsys) -> None:
+    args = ["train", "--dataset", "caltech", "--flow", "ffjord", "--print-config"]
+    err = error([*args, "--flow-opt", "method=rk4"], capsys)
+    assert "fixed-step solver 'rk4' needs a step size: solver_options={step_size=H}" in err
+    assert "options={'step_size'" not in err
+

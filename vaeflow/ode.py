@@ -88,7 +88,12 @@ def check_solver(method: str, options: Mapping[str, Any] | None) -> dict[str, An
         and "step_size" not in options
         and ("grid_constructor" not in options)
     ):
-        raise ValueError(f"fixed-step solver {method!r} needs options={{'step_size': ...}}")
+        # Named as the user writes it: the flow hyperparameter (and --solver, test_solver
+        # setting) is solver_options; `options` is only this function's argument.
+        raise ValueError(
+            f"fixed-step solver {method!r} needs a step size: solver_options={{step_size=H}} "
+            "(e.g. solver_options={step_size=0.25}, four steps per solve)"
+        )
     if "step_size" in options and not float(options["step_size"]) > 0:
         raise ValueError(f"step_size must be positive, got {options['step_size']!r}")
     return options

@@ -79,6 +79,8 @@ def read_config(run_dir: str | os.PathLike[str]) -> TrainConfig:
     """The config of the run in ``run_dir`` (its ``config.json``)."""
     path = Path(run_dir) / CONFIG
     if not path.is_file():
+        if not Path(run_dir).exists():
+            raise RunError(f"run directory {run_dir} does not exist")
         raise RunError(f"{run_dir} is not a vaeflow run directory: no {CONFIG} in it")
     try:
         values = json.loads(path.read_text())
