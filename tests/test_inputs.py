@@ -175,3 +175,46 @@ def test_a_fixed_step_solver_without_a_step_names_solver_options(capsys) -> None
     assert "fixed-step solver 'rk4' needs a step size: solver_options={step_size=H}" in err
     assert "options={'step_size'" not in err
 
+
+# ---- 7. a training stop says so once
+
+
+@pytest.mark.parametrize(
+    ("message", "shown"),
+    [
+        ("training stopped at step ~20 (epoch 1): the loss became nan.",
+         "vaeflow: training stopped at step ~20 (epoch 1): the loss became nan.\n"),
+        ("the final evaluation gave non-finite figures (test_nelbo: nan).",
+         "vaeflow: training stopped: the final evaluation gave non-finite figures"),
+    ],
+)
+def test_a_training_stop_is_said_once(
+    tmp_path: Path, message: str, shown: str, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import vaeflow.train
+
+    def stops(*args: object, **kwargs: object) -> None:
+        raise vaeflow.train.TrainingError(message)
+
+    monkeypatch.setattr(vaeflow.train, "train", stops)
+    args = ["train", "--dataset", "caltech", "--flow", "planar", "--out", str(tmp_path / "r")]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert shown in err and err.count("training stopped") == 1, err
+
+
+# ---- 8. the help
+
+
+def test_train_help_is_plain_text_with_a_cpu_sized_smoke_run(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "``" not in out and not re.search(r":[a-z]+:`", out), out
+    smoke = [line for line in out.splitlines() if "--max-steps 50" in line]
+    assert smoke and all("--preset quick" in line for line in smoke)
+    assert "--set max_minutes=none" in out and "--flow none" in out

@@ -1,7 +1,8 @@
 """The ``vaeflow`` command: ``train``, ``eval``, ``compare``, ``flows``.
 
-    vaeflow train --dataset static_mnist --flow ffjord                 # the paper's protocol
-    vaeflow train --dataset static_mnist --flow ffjord --max-steps 50 --out runs/smoke
+    vaeflow train --dataset static_mnist --flow ffjord    # the paper's model: 145 M params, a GPU
+    vaeflow train --dataset static_mnist --flow ffjord --preset quick    # small: minutes on a CPU
+    vaeflow train --dataset caltech --flow ffjord --preset quick --max-steps 50 --out runs/smoke
     vaeflow train --resume runs/smoke                                  # continue a killed run
     vaeflow eval runs/smoke                                            # test NELBO and IS LL
     vaeflow compare runs/mnist-planar runs/mnist-ffjord                # table and curves
@@ -10,10 +11,11 @@
 
 The settings of a run come, lowest priority first, from :class:`vaeflow.configs.TrainConfig`'s
 defaults, the papers' settings that ship with vaeflow (``vaeflow/configs/``: the shared
-``protocol.toml`` and the data set's ``datasets/DATASET.toml``), a named ``--preset``,
-``--config FILE`` (``[train]`` and ``[flows.<flow>]`` tables), and the command line (named
-options, then ``--set KEY=VALUE`` for any config key and ``--flow-opt KEY=VALUE`` for any flow
-hyperparameter; VALUE is read as TOML: ``--flow-opt hidden_dims=[64,64]``, ``adjoint=true``).
+``protocol.toml`` and the data set's ``datasets/DATASET.toml``), a named ``--preset``
+(``quick``: a small model that learns within minutes on a CPU), ``--config FILE`` (``[train]``
+and ``[flows.<flow>]`` tables), and the command line (named options, then ``--set KEY=VALUE``
+for any config key and ``--flow-opt KEY=VALUE`` for any flow hyperparameter; VALUE is read as
+TOML: ``--flow-opt hidden_dims=[64,64]``, ``adjoint=true``).
 
 ``none`` (or ``None``, ``null``; in a file the string ``"none"``) sets an option that may be
 None back to None: ``--set max_minutes=none`` drops the quick preset's time budget,
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -46,6 +49,16 @@ else:  # pragma: no cover
 
 __all__ = ["main", "resolve_config", "parse_value", "parse_pairs", "build_parser"]
 
+
+
+def _plain(text: str) -> str:
+    """reStructuredText markup of a docstring dropped, for ``--help`` (users read it as plain
+    text): ``x`` -> x, :class:`a.B` -> a.B, :func:`~a.b` -> b."""
+    def role(match: re.Match[str]) -> str:
+        tilde, target = match.groups()
+        return target.rsplit(".", 1)[-1] if tilde else target
+
+    return re.sub(r":[a-z]+:`(~?)([^`]+)`", role, text).replace("``", "")
 
 
 class CLIError(InputError):
@@ -239,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser(
         "train",
         help="train a VAE (or --resume one)",
-        description=__doc__,
+        description=_plain(__doc__),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     t.add_argument("--dataset", choices=list(DATASETS), help="data set")
@@ -331,7 +344,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"vaeflow: error: {err.filename}: {err.strerror or err}", file=sys.stderr)
         return 1
     except TrainingError as err:
-        print(f"vaeflow: training stopped: {err}", file=sys.stderr)
+        # Most of these messages already begin "training stopped at step ...": say it once.
+        message = str(err)
+        if not message.startswith("training stopped"):
+            message = f"training stopped: {message}"
+        print(f"vaeflow: {message}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as err:
         print(f"\nvaeflow: interrupted. {err}", file=sys.stderr)
