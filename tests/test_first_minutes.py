@@ -269,3 +269,10 @@ def test_a_graphed_run_checks_what_its_replays_recorded(
     assert len(checks) == 1 and checks[0] > 1e-6  # the three steps' window, unconverged
     messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     assert any("stopped after 3 iterations" in m for m in messages)
+
+
+def test_compare_help_states_where_the_plot_goes(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["compare", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "default: compare.png in the current folder" in text and "'none': no plot" in text

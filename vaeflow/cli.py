@@ -301,11 +301,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print all figures as JSON")
     e.set_defaults(func=cmd_eval)
 
-    c = sub.add_parser("compare", help="a table and learning curves of finished runs")
+    c = sub.add_parser("compare", help="a table and learning curves of runs, finished or not")
     c.add_argument("runs", nargs="+", metavar="RUN",
                    help="run directories, or folders holding runs")
-    c.add_argument("--plot", default="compare.png",
-                   help="where to write the learning curves (PNG; 'none' for no plot)")
+    c.add_argument("--plot", default="compare.png", metavar="PNG",
+                   help="where to write the runs' learning curves (default: %(default)s in "
+                   "the current folder, replaced if it exists; 'none': no plot)")
     c.add_argument("--json", action="store_true", help="print the table as JSON")
     c.set_defaults(func=cmd_compare)
 
