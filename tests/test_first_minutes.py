@@ -99,6 +99,9 @@ class _Recorder:
     def set_postfix(self, *args: Any, **kw: Any) -> None:
         pass
 
+    def set_description_str(self, *args: Any, **kw: Any) -> None:
+        pass
+
     def close(self) -> None:
         pass
 
