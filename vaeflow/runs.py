@@ -30,6 +30,7 @@ import torch
 from vaeflow.atomic import atomic_save, atomic_write_json
 from vaeflow.checks import InputError
 from vaeflow.configs import TrainConfig
+from vaeflow.flows import FLOWS
 from vaeflow.model import build_model
 from vaeflow.vae import VAE
 
@@ -75,8 +76,14 @@ class RunError(InputError):
     """A run directory, or a file in it, that cannot be used (the message says which and why)."""
 
 
-def read_config(run_dir: str | os.PathLike[str]) -> TrainConfig:
-    """The config of the run in ``run_dir`` (its ``config.json``)."""
+def read_config(run_dir: str | os.PathLike[str], *, any_flow: bool = False) -> TrainConfig:
+    """The config of the run in ``run_dir`` (its ``config.json``).
+
+    A run of a flow of one's own needs that flow registered (:func:`vaeflow.flows.register_flow`)
+    in this process: its model is built from the class. ``any_flow=True`` reads it anyway, for
+    what needs no model (the comparison table, the summary, the plots): every other setting is
+    checked, the flow's hyperparameters are kept unchecked, and building its model still fails.
+    """
     path = Path(run_dir) / CONFIG
     if not path.is_file():
         if not Path(run_dir).exists():
@@ -88,6 +95,32 @@ def read_config(run_dir: str | os.PathLike[str]) -> TrainConfig:
         raise RunError(f"{path} is damaged (not valid JSON: {err})") from err
     if not isinstance(values, dict):
         raise RunError(f"{path} is damaged (not a JSON object)")
+    flow = values.get("flow")
+    unregistered = isinstance(flow, str) and flow not in FLOWS
+    if unregistered and not any_flow:
+        where = str(run_dir)
+        raise RunError(
+            f"{path}: the run's flow {flow!r} is not registered in this process (registered "
+            f"flows: {', '.join(FLOWS)}); a flow of one's own is used from a Python script that "
+            "registers it with vaeflow.flows.register_flow and then calls the Python API or "
+            f"vaeflow.cli.main, e.g. vaeflow.cli.main({['eval', where]!r}) or "
+            f"vaeflow.cli.main({['train', '--resume', where]!r})"
+        )
+    if not unregistered:
+        return _config_from(values, path)
+    # TrainConfig checks a flow by building it, which needs its class: check the rest with the
+    # identity flow standing in, then put the run's own flow settings back.
+    flow_kwargs, test_solver = values.get("flow_kwargs", {}), values.get("test_solver")
+    if not isinstance(flow_kwargs, dict) or not isinstance(test_solver, dict | None):
+        raise RunError(f"{path} does not hold a valid config: flow_kwargs and test_solver must "
+                       "be tables")
+    config = _config_from({**values, "flow": "none", "flow_kwargs": {}, "test_solver": None},
+                          path)
+    config.flow, config.flow_kwargs, config.test_solver = flow, flow_kwargs, test_solver
+    return config
+
+
+def _config_from(values: Mapping[str, Any], path: Path) -> TrainConfig:
     try:
         return TrainConfig.from_dict(values)
     except ValueError as err:
@@ -283,7 +316,9 @@ class Run:
 
     @property
     def config(self) -> TrainConfig:
-        return read_config(self.path)
+        """The run's config, also for a flow this process has not registered (``read_config``'s
+        ``any_flow``): a :class:`Run` is read, its model is built by :func:`load_model`."""
+        return read_config(self.path, any_flow=True)
 
     @property
     def results(self) -> dict[str, Any] | None:
