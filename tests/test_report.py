@@ -1,19 +1,22 @@
-"""Runs of a flow of one's own, which the shell's ``vaeflow`` has not registered."""
+"""What vaeflow prints about runs: the closing summary, and runs of a flow of one's own, which
+the shell's ``vaeflow`` has not registered."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from test_train import tiny_config
 
+from vaeflow import report
 from vaeflow.cli import main
 from vaeflow.configs import TrainConfig
 from vaeflow.flows import FLOWS, ContextHead, Flow
-from vaeflow.runs import RunError, read_config
+from vaeflow.runs import Run, RunError, read_config
 from vaeflow.train import train
 
 
@@ -74,3 +77,59 @@ def test_reading_a_run_of_an_unknown_flow_still_checks_the_rest(tmp_path: Path) 
     # and a config of an unregistered flow is never valid for training
     with pytest.raises(ValueError, match="unknown flow 'affine'"):
         TrainConfig(flow="affine")
+
+
+def test_the_summary_of_a_run_of_ones_own_flow_suggests_the_script_way(
+    affine_run: Path,
+) -> None:
+    results = json.loads((affine_run / "results.json").read_text())
+    text = report.summary(affine_run, results)
+    assert f"vaeflow.cli.main(['eval', '{affine_run}'])" in text
+    assert f"vaeflow.cli.main(['train', '--resume', '{affine_run}'])" in text
+    assert "register_flow" in text and f"vaeflow compare {affine_run}" in text
+    assert f"vaeflow eval {affine_run}" not in text
+    assert f"vaeflow train --resume {affine_run}" not in text
+
+
+def _fake_run(path: Path, tiny_data_dir: Path, dataset: str = "static_mnist",
+              results: dict[str, Any] | None = None, **files: Any) -> Run:
+    """A run directory written by hand: its config, and the files given."""
+    path.mkdir()
+    run = Run(path)
+    run.write_config(dataclasses.replace(tiny_config(tiny_data_dir, "planar"), dataset=dataset))
+    if results is not None:
+        run.write_results({"status": "finished", "num_parameters": 1210480, "epochs": 1,
+                           "steps": 1, **results})
+    for name, value in files.items():
+        (path / f"{name}.json").write_text(json.dumps(value))
+    return run
+
+
+def test_the_summary_names_every_file_and_counts_in_the_singular(
+    tiny_data_dir: Path, tmp_path: Path
+) -> None:
+    results = {"test_nelbo": 100.0, "test_nll_is": 99.0, "is_samples": 1, "is_points": 1,
+               "unit": "nats"}
+    run = _fake_run(tmp_path / "run", tiny_data_dir, results=results, history=[],
+                    timing={"train_seconds": 1.0})
+    text = report.summary(run.path, {**results, "num_parameters": 1, "epochs": 1, "steps": 1})
+    assert "1 parameter," in text and "1 epoch, 1 step," in text and "1 sample, 1 point" in text
+    files = next(line for line in text.splitlines() if "files in" in line)
+    assert all(name in files for name in ("config.json", "history.json", "timing.json",
+                                          "results.json"))
+    text = report.summary(run.path, {**results, "epochs": 2, "steps": 1000, "is_samples": 20})
+    assert "2 epochs, 1,000 steps," in text and "20 samples, 1 point" in text
+
+
+def test_the_summary_of_a_torchrun_run_resumes_it_under_torchrun(
+    tiny_data_dir: Path, tmp_path: Path
+) -> None:
+    results = {"test_nelbo": 100.0, "unit": "nats", "world_size": 4}
+    run = _fake_run(tmp_path / "run", tiny_data_dir, results=results)
+    text = report.summary(run.path, results)
+    assert (f"torchrun --standalone --nproc_per_node=4 --no-python vaeflow train --resume "
+            f"{run.path}") in text
+    assert f"     vaeflow train --resume {run.path}" not in text  # refused at world size 1
+    # vaeflow eval's results carry no world size: timing.json says it
+    run.write_timing({"train_seconds": 1.0, "world_size": 2})
+    assert "--nproc_per_node=2" in report.summary(run.path, {"test_nelbo": 100.0})

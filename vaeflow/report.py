@@ -12,13 +12,23 @@ from pathlib import Path
 from typing import Any
 
 from vaeflow.configs import TrainConfig
-from vaeflow.flows import flow_hyperparameters
+from vaeflow.flows import FLOWS, flow_hyperparameters
 from vaeflow.plots import LEARNING_CURVE, RECONSTRUCTIONS, SAMPLES
-from vaeflow.runs import BEST, CHECKPOINT, RESULTS, Run, RunError, find_runs
+from vaeflow.runs import (
+    BEST,
+    CHECKPOINT,
+    CONFIG,
+    HISTORY,
+    RESULTS,
+    TIMING,
+    Run,
+    RunError,
+    find_runs,
+)
 
 __all__ = [
-    "figures", "solver_text", "summary", "compare_rows", "compare_table", "differing_settings",
-    "run_settings", "expand_runs", "LOG_ONLY_KEYS",
+    "figures", "solver_text", "summary", "next_commands", "compare_rows", "compare_table",
+    "differing_settings", "run_settings", "expand_runs", "LOG_ONLY_KEYS",
 ]
 
 
@@ -26,6 +36,14 @@ def _minutes(seconds: float | None) -> str:
     if seconds is None or not math.isfinite(seconds):
         return "-"
     return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
+
+
+def _count(n: int | None, noun: str) -> str:
+    """``n`` with ``noun`` in the singular or the plural (``1 epoch``, ``1,210,480 parameters``);
+    ``- epochs`` where the count is missing."""
+    if n is None:
+        return f"- {noun}s"
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
 
 
 def figures(results: Mapping[str, Any]) -> list[str]:
@@ -40,8 +58,8 @@ def figures(results: Mapping[str, Any]) -> list[str]:
     if "test_nll_is" in results:
         value = results["test_nll_is_bpd"] if unit == "bits/dim" else results["test_nll_is"]
         lines.append(
-            f"test NLL (importance sampling, {results['is_samples']} samples, "
-            f"{results['is_points']} points): {value:.4f} {unit}"
+            f"test NLL (importance sampling, {_count(results['is_samples'], 'sample')}, "
+            f"{_count(results['is_points'], 'point')}): {value:.4f} {unit}"
         )
     return lines
 
@@ -61,16 +79,50 @@ def solver_text(solver: Sequence[Mapping[str, Any]]) -> str:
     return "; ".join(words)
 
 
+def _built_in(flow: str) -> bool:
+    """Whether ``flow`` ships with vaeflow, so that the ``vaeflow`` command knows it; a flow of
+    one's own is known only to the script that registers it."""
+    return flow in FLOWS and FLOWS[flow].__module__.startswith("vaeflow.")
+
+
+def next_commands(run_dir: str | os.PathLike[str], flow: str, world_size: int = 1) -> list[str]:
+    """What the closing summary suggests doing next with the run of ``flow`` in ``run_dir``,
+    trained by ``world_size`` processes: shell commands, and for a flow of one's own the calls
+    from a script that registers it (the shell's ``vaeflow`` cannot build its model)."""
+    path = str(run_dir)
+    where = shlex.quote(path)
+    again = "    # continue (e.g. after a kill)"
+    # A checkpoint resumes only at the world size that wrote it (its ranks' random states).
+    torchrun = f"torchrun --standalone --nproc_per_node={world_size}"
+    tensorboard, compare = f"tensorboard --logdir {where}", f"vaeflow compare {where} OTHER_RUN..."
+    if _built_in(flow):
+        resume = f"vaeflow train --resume {where}{again}"
+        if world_size > 1:
+            resume = f"{torchrun} --no-python {resume} with the same {world_size} processes"
+        return [tensorboard, f"vaeflow eval {where}", resume, compare]
+    resume = f"vaeflow.cli.main({['train', '--resume', path]!r}){again}"
+    if world_size > 1:
+        resume += f", in the script run by {torchrun}"
+    return [
+        tensorboard,
+        compare,
+        f"# flow {flow!r} is your own: from a Python script that registers it again "
+        "(vaeflow.flows.register_flow)",
+        f"vaeflow.cli.main({['eval', path]!r})",
+        resume,
+    ]
+
+
 def summary(run_dir: str | os.PathLike[str], results: Mapping[str, Any]) -> str:
     """The closing summary of a run: what was trained, its figures, its files, what next."""
     run = Run(Path(run_dir))
     config = run.config
     timing = run.timing or {}
-    where = shlex.quote(str(run.path))
     lines = [
         "",
-        f"== {config.dataset} / {config.flow}: {results.get('num_parameters', 0):,} "
-        f"parameters, {config.arch} networks, latent {config.latent_dim}",
+        f"== {config.dataset} / {config.flow}: "
+        f"{_count(results.get('num_parameters', 0), 'parameter')}, {config.arch} networks, "
+        f"latent {config.latent_dim}",
         *(f"   {line}" for line in figures(results)),
     ]
     solves = solver_text(results.get("solver") or [])
@@ -79,7 +131,7 @@ def summary(run_dir: str | os.PathLike[str], results: Mapping[str, Any]) -> str:
         if results.get("test_nfe_forward") is not None:
             trace += f", NFE {results['test_nfe_forward']:.1f} per test solve"
         lines.append(f"   ODE solves: {solves}{trace}")
-    trained = [f"{results.get('epochs', '-')} epochs", f"{results.get('steps', '-')} steps"]
+    trained = [_count(results.get("epochs"), "epoch"), _count(results.get("steps"), "step")]
     if timing.get("train_seconds") is not None:
         trained.append(f"{_minutes(timing['train_seconds'])} of training")
     if "train_nfe_forward_mean" in results:
@@ -88,15 +140,14 @@ def summary(run_dir: str | os.PathLike[str], results: Mapping[str, Any]) -> str:
         trained.append(f"stopped: {results['stop_reason']}")
     if "epochs" in results:
         lines.append(f"   {', '.join(trained)}")
-    files = [RESULTS, BEST, CHECKPOINT, SAMPLES, RECONSTRUCTIONS, LEARNING_CURVE]
+    files = [CONFIG, RESULTS, HISTORY, TIMING, BEST, CHECKPOINT, SAMPLES, RECONSTRUCTIONS,
+             LEARNING_CURVE]
     present = [name for name in files if (run.path / name).is_file()]
+    world_size = int(results.get("world_size", timing.get("world_size", 1)))
     lines += [
         f"   files in {run.path}: {', '.join(present)}, TensorBoard events",
         "   next:",
-        f"     tensorboard --logdir {where}",
-        f"     vaeflow eval {where}",
-        f"     vaeflow train --resume {where}    # continue (e.g. after a kill)",
-        f"     vaeflow compare {where} OTHER_RUN...",
+        *(f"     {command}" for command in next_commands(run.path, config.flow, world_size)),
     ]
     return "\n".join(lines)
 
