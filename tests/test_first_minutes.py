@@ -158,9 +158,9 @@ def test_compare_two_runs(tiny_data_dir: Path, tmp_path: Path,
         assert image.size[0] > 100
     rows = report.compare_rows([Run(tmp_path / "runs" / f) for f in ("none", "planar")])
     assert [r["flow"] for r in rows] == ["none", "planar"]
-    assert all(float(r["test NELBO"]) > 0 and r["epochs"] == "3" for r in rows)
+    assert all(r["test NELBO"] > 0 and r["epochs"] == 3 for r in rows)
     # the same settings but the flow (a column already): no "settings" column
-    assert all(r["settings"] == "-" for r in rows) and "settings" not in lines[0]
+    assert all(r["settings"] == "" for r in rows) and "settings" not in lines[0]
 
 
 def test_compare_names_the_settings_in_which_runs_differ(tiny_data_dir: Path,
@@ -279,3 +279,4 @@ def test_compare_help_states_where_the_plot_goes(capsys: pytest.CaptureFixture[s
         main(["compare", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "default: compare.png in the current folder" in text and "'none': no plot" in text
+    assert "numbers as numbers" in text and "unit" in text  # --json

@@ -1,10 +1,11 @@
-"""What vaeflow prints about runs: the closing summary, and runs of a flow of one's own, which
-the shell's ``vaeflow`` has not registered."""
+"""What vaeflow prints about runs: the closing summary, ``vaeflow compare`` (its table and its
+JSON), and runs of a flow of one's own, which the shell's ``vaeflow`` has not registered."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,8 @@ from vaeflow.configs import TrainConfig
 from vaeflow.flows import FLOWS, ContextHead, Flow
 from vaeflow.runs import Run, RunError, read_config
 from vaeflow.train import train
+
+FREY_DIMS = 28 * 20
 
 
 class Affine(Flow):
@@ -50,6 +53,25 @@ def affine_run(tiny_data_dir: Path, tmp_path: Path, registered: pytest.MonkeyPat
     train(config, tmp_path / "affine", progress=False)
     registered.delitem(FLOWS, "affine")
     return tmp_path / "affine"
+
+
+def test_compare_shows_runs_of_a_flow_this_process_has_not_registered(
+    affine_run: Path, tiny_data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    (unfinished / "config.json").write_text((affine_run / "config.json").read_text())
+    plot = tmp_path / "cmp.png"
+    assert main(["compare", str(affine_run), str(unfinished), "--plot", str(plot)]) == 0
+    captured = capsys.readouterr()
+    assert "affine" in captured.out and "unfinished" in captured.out, captured.err
+    assert plot.is_file()
+    rows = report.compare_rows([Run(affine_run), Run(unfinished)])
+    assert [r["flow"] for r in rows] == ["affine", "affine"]
+    assert rows[0]["parameters"] > 0 and rows[0]["test NELBO"] > 0
+    assert rows[1]["parameters"] is None  # its model cannot be built here: not guessed
+    # the config is read as it was written, its flow hyperparameters included
+    assert Run(affine_run).config.flow_kwargs == {"scale": 0.5}
 
 
 def test_eval_and_resume_of_such_a_run_say_how_to_use_it(
@@ -133,3 +155,36 @@ def test_the_summary_of_a_torchrun_run_resumes_it_under_torchrun(
     # vaeflow eval's results carry no world size: timing.json says it
     run.write_timing({"train_seconds": 1.0, "world_size": 2})
     assert "--nproc_per_node=2" in report.summary(run.path, {"test_nelbo": 100.0})
+
+
+def test_compare_gives_numbers_in_json_and_the_unit_in_both(
+    tiny_data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bpd = 1 / (FREY_DIMS * math.log(2.0))
+    mnist = _fake_run(tmp_path / "mnist", tiny_data_dir,
+                      results={"test_nelbo": 212.8234, "test_nll_is": 210.5,
+                               "train_nfe_forward_mean": 12.0},
+                      timing={"train_seconds": 1.4})
+    frey = _fake_run(tmp_path / "frey", tiny_data_dir, "freyfaces",
+                     results={"test_nelbo": 2000.0, "test_nelbo_bpd": 2000.0 * bpd})
+    unfinished = _fake_run(tmp_path / "unfinished", tiny_data_dir, "freyfaces",
+                           history=[{"epoch": 1, "step": 10, "seconds": 1.0,
+                                     "valid_nelbo": 2100.0}])
+    assert main(["compare", str(tmp_path), "--json", "--plot", "none"]) == 0
+    rows = {Path(r["run"]).name: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["mnist"]["test NELBO"] == 212.8234 and rows["mnist"]["IS NLL"] == 210.5
+    assert rows["mnist"]["parameters"] == 1210480 and rows["mnist"]["epochs"] == 1
+    assert rows["mnist"]["wall-clock seconds"] == 1.4 and rows["mnist"]["NFE"] == 12.0
+    assert rows["mnist"]["unit"] == "nats" and rows["mnist"]["status"] == "finished"
+    assert rows["frey"]["unit"] == "bits/dim" and rows["frey"]["test NELBO"] == 2000.0 * bpd
+    assert rows["frey"]["IS NLL"] is None and rows["frey"]["wall-clock seconds"] is None
+    assert rows["unfinished"]["status"] == "unfinished"
+    assert rows["unfinished"]["test NELBO"] is None and rows["unfinished"]["epochs"] == 1
+    assert rows["unfinished"]["valid NELBO"] == 2100.0 * bpd  # in its unit, as the table
+    assert isinstance(rows["unfinished"]["parameters"], int)
+    table = report.compare_table([mnist, frey, unfinished]).splitlines()
+    header = table[0].split("  ")
+    assert "unit" in [c.strip() for c in header]
+    assert "212.82" in table[2] and " nats " in table[2] and "1,210,480" in table[2]
+    assert f"{2000.0 * bpd:.4f}" in table[3] and " bits/dim " in table[3]
+    assert f"unfinished (valid {2100.0 * bpd:.4f})" in table[4] and " bits/dim " in table[4]

@@ -307,7 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--plot", default="compare.png", metavar="PNG",
                    help="where to write the runs' learning curves (default: %(default)s in "
                    "the current folder, replaced if it exists; 'none': no plot)")
-    c.add_argument("--json", action="store_true", help="print the table as JSON")
+    c.add_argument("--json", action="store_true",
+                   help="print the table as JSON: numbers as numbers (null where a run has "
+                   "none), the test figures' unit in 'unit'")
     c.set_defaults(func=cmd_compare)
 
     f = sub.add_parser("flows", help="list the flows and their hyperparameters")

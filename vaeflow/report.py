@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from vaeflow.configs import TrainConfig
+from vaeflow.data import get_spec
 from vaeflow.flows import FLOWS, flow_hyperparameters
 from vaeflow.plots import LEARNING_CURVE, RECONSTRUCTIONS, SAMPLES
 from vaeflow.runs import (
@@ -163,7 +164,7 @@ def expand_runs(paths: Sequence[str | os.PathLike[str]]) -> list[Run]:
     return runs
 
 
-_COLUMNS = ("run", "dataset", "flow", "parameters", "test NELBO", "IS NLL", "epochs",
+_COLUMNS = ("run", "dataset", "flow", "parameters", "test NELBO", "IS NLL", "unit", "epochs",
             "wall-clock", "NFE", "settings")
 # Config keys that change neither what a run learns nor its figures: not among its settings.
 LOG_ONLY_KEYS = frozenset({"data_dir", "log_every", "image_every", "pictures", "checkpoint_every",
@@ -206,42 +207,70 @@ def differing_settings(runs: Sequence[Run]) -> list[str]:
     return [" ".join(f"{k}={_text(c[k])}" for k in varying if k in c) for c in plain]
 
 
-def compare_rows(runs: Sequence[Run]) -> list[dict[str, str]]:
-    """One row per run with the columns of :func:`compare_table` (unfinished runs, and runs
-    whose final evaluation failed, show their best validation NELBO so far)."""
+def compare_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
+    """One row per run, as plain JSON values (``vaeflow compare --json``): ``run``, ``dataset``,
+    ``flow``, ``status`` (``finished``; ``unfinished``, or ``failed`` when its final evaluation
+    failed), ``parameters``, ``test NELBO``, ``IS NLL`` and the best ``valid NELBO`` so far in
+    ``unit`` (bits/dim for a data set reported so, Frey Faces; else nats), ``epochs``,
+    ``wall-clock seconds`` (of training and validation), ``NFE`` (mean function evaluations per
+    training solve) and ``settings`` (:func:`differing_settings`); None where a run has no such
+    figure. A run of a flow that this process has not registered is read all the same."""
     from vaeflow.model import count_parameters
 
     rows = []
     for run, settings in zip(runs, differing_settings(runs), strict=True):
-        config, results, timing = run.config, run.results, run.timing or {}
-        row = {"run": str(run.path), "dataset": config.dataset, "flow": config.flow}
-        bpd = config.dataset == "freyfaces"
+        config, results, timing, history = run.config, run.results, run.timing or {}, run.history
+        spec = get_spec(config.dataset)
+        # bits/dim as evaluate computes it from nats, so a figure equals results.json's
+        per_unit = math.prod(spec.input_shape) * math.log(2.0) if spec.bits_per_dim else 1.0
+        finished = results or {}
+        nelbo, is_nll = finished.get("test_nelbo"), finished.get("test_nll_is")
+        valid = min((h["valid_nelbo"] for h in history), default=None)
         if results is not None:
-            key = "test_nelbo_bpd" if bpd else "test_nelbo"
-            row["test NELBO"] = f"{results[key]:.4f}" if bpd else f"{results[key]:.2f}"
-            if "test_nll_is" in results:
-                key = "test_nll_is_bpd" if bpd else "test_nll_is"
-                row["IS NLL"] = f"{results[key]:.4f}" if bpd else f"{results[key]:.2f}"
-            row["parameters"] = f"{results['num_parameters']:,}"
-            row["epochs"] = str(results.get("epochs", "-"))
-            if "train_nfe_forward_mean" in results:
-                row["NFE"] = f"{results['train_nfe_forward_mean']:.1f}"
+            status, parameters = "finished", results["num_parameters"]
         else:
-            history = run.history
-            best = min((h["valid_nelbo"] for h in history), default=math.nan)
-            state = "failed" if run.failure else "unfinished"  # failed: its final evaluation
-            row["test NELBO"] = f"{state} (valid {best:.2f})" if history else state
-            row["parameters"] = f"{count_parameters(config):,}"
-            row["epochs"] = str(len(history))
-        row["wall-clock"] = _minutes(timing.get("train_seconds"))
-        row["settings"] = settings or "-"
-        rows.append({c: row.get(c, "-") for c in _COLUMNS})
+            status = "failed" if run.failure else "unfinished"
+            # the model is built (on the meta device) only from a flow this process knows
+            parameters = count_parameters(config) if config.flow in FLOWS else None
+        rows.append({
+            "run": str(run.path), "dataset": config.dataset, "flow": config.flow,
+            "status": status, "parameters": parameters,
+            **{key: None if value is None else value / per_unit
+               for key, value in (("test NELBO", nelbo), ("IS NLL", is_nll),
+                                  ("valid NELBO", valid))},
+            "unit": "bits/dim" if spec.bits_per_dim else "nats",
+            "epochs": finished.get("epochs", len(history)),
+            "wall-clock seconds": timing.get("train_seconds"),
+            "NFE": finished.get("train_nfe_forward_mean"),
+            "settings": settings,
+        })
     return rows
 
 
+def _cells(row: Mapping[str, Any]) -> dict[str, str]:
+    """A row of :func:`compare_rows` as the table's text, ``-`` where there is no figure."""
+    digits = 4 if row["unit"] == "bits/dim" else 2  # bits/dim differ in the third decimal
+
+    def figure(value: float | None, fmt: str = f".{digits}f") -> str:
+        return "-" if value is None else format(value, fmt)
+
+    nelbo = figure(row["test NELBO"])
+    if row["status"] != "finished":  # unfinished or failed: its best validation NELBO so far
+        valid = row["valid NELBO"]
+        nelbo = row["status"] + (f" (valid {figure(valid)})" if valid is not None else "")
+    return {
+        "run": row["run"], "dataset": row["dataset"], "flow": row["flow"],
+        "parameters": figure(row["parameters"], ","), "test NELBO": nelbo,
+        "IS NLL": figure(row["IS NLL"]), "unit": row["unit"], "epochs": figure(row["epochs"], "d"),
+        "wall-clock": _minutes(row["wall-clock seconds"]), "NFE": figure(row["NFE"], ".1f"),
+        "settings": row["settings"] or "-",
+    }
+
+
 def compare_table(runs: Sequence[Run]) -> str:
-    """A plain-text table of ``runs`` (test NELBO in nats; bits/dim for Frey Faces)."""
-    rows = compare_rows(runs)
+    """A plain-text table of ``runs`` (the figures in each run's ``unit``: nats; bits/dim for
+    Frey Faces)."""
+    rows = [_cells(row) for row in compare_rows(runs)]
     # "settings" only where the runs differ in more than data set and flow
     columns = [c for c in _COLUMNS if c != "settings" or any(r[c] != "-" for r in rows)]
     widths = {c: max(len(c), *(len(r[c]) for r in rows)) for c in columns}
