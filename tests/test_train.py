@@ -499,3 +499,16 @@ def test_the_training_bar_closes_before_the_final_evaluation(
     monkeypatch.setattr(train_mod, "evaluate", evaluate)
     train(tiny_config(tiny_data_dir, max_epochs=1), tmp_path / "run", progress=True)
     assert events[:2] == ["close", "evaluate"]
+
+
+def test_the_budget_bar_follows_the_budgets_clock(
+    tiny_data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the bar of a max_minutes run is set to the run's own count of training seconds at every
+    # read-back and epoch end (its wall-clock would also count the pictures and checkpoints)
+    seen: list[float] = []
+    monkeypatch.setattr(train_mod.TrainingBar, "sync", lambda bar, s: seen.append(s))
+    train(tiny_config(tiny_data_dir, max_epochs=2, max_minutes=60.0), tmp_path / "run",
+          progress=True)
+    seconds = json.loads((tmp_path / "run" / "timing.json").read_text())["train_seconds"]
+    assert len(seen) >= 2 * 10 // 3 and seen == sorted(seen) and 0 < seen[-1] <= seconds

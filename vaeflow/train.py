@@ -508,6 +508,7 @@ class _Trainer:
             stacked, totals, signals.pending if signals else None, self.state.seconds
         )
         values, self.state.seconds = synced.values, synced.seconds
+        bar.sync(self.state.seconds)  # the budget's clock, not the bar's own
         if signals is not None and signals.deferred and synced.signal is not None:
             signals.received = synced.signal
         losses = values[:, names.index("loss")].tolist()
@@ -590,6 +591,8 @@ class _Trainer:
             self.end_of_training()
         else:
             self.save()
+            if self.bar is not None:  # validation counts, the pictures and the save do not
+                self.bar.sync(st.seconds)
 
     def end_of_training(self) -> None:
         """Keep the best model (or the last one when no epoch ended), evaluate it, write files."""
