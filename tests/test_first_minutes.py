@@ -130,7 +130,8 @@ def test_under_a_time_budget_the_bar_measures_the_budget(
     train(config, tmp_path / "run", progress=True)
     bar = next(b for b in recorder.instances if b.kw.get("unit") == "s")
     assert bar.total == 30  # seconds of budget, not max_epochs x steps
-    assert len(bar.updates) == 2 * TINY_SPLITS[0] // 20  # one update per step
+    # one update per step, and where the run reads its clock, the bar set to the budget's
+    assert len(bar.updates) >= 2 * TINY_SPLITS[0] // 20
     assert 0 < bar.n <= 30
 
 

@@ -477,7 +477,9 @@ def test_validation_and_pictures_after_fixed_steps_use_the_evaluation_solve(
     assert pictured == ["dopri5"] * 3
     evaluate_run(tmp_path / "run", eval_points=20, is_samples=0,
                  solver={"method": "rk4", "solver_options": {"step_size": 0.25}})
-    assert pictured[-1] == "rk4"  # vaeflow eval --solver: its pictures too
+    assert pictured == ["dopri5"] * 3  # vaeflow eval --solver leaves the run's pictures alone
+    evaluate_run(tmp_path / "run", eval_points=20, is_samples=0)
+    assert pictured == ["dopri5"] * 4  # and vaeflow eval draws them through the run's own solve
 
 
 def test_the_training_bar_closes_before_the_final_evaluation(
