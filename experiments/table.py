@@ -222,6 +222,10 @@ def run_table(options: TableOptions, echo: TextIO = sys.stderr) -> int:
     SIGTERM in :func:`main`). The report is written in every case.
     """
     options.check()
+    if options.report_only and not Path(options.runs_dir).is_dir():
+        # a mistyped folder would otherwise write an empty table over the real one
+        raise TableError(f"--report-only: no runs folder {options.runs_dir} (a typo in "
+                         "--runs-dir?); nothing to report")
     missing = missing_data(options.datasets, options.data_dir)
     status = 0
     if not options.report_only:

@@ -310,6 +310,7 @@ def test_readme_flow_is_registered_checked_and_trains(tiny_data_dir, tmp_path) -
         assert results["flow"] == "radial" and math.isfinite(results["test_nelbo"])
         model, _ = load_model(tmp_path / "run")
         assert type(model.flow).__name__ == "Radial" and model.flow.num_steps == 2
+        assert not model.training and not model.flow.training  # loaded to measure: eval mode
         assert main(["flows"]) == 0  # lists it with its hyperparameters
         with pytest.raises(ValueError, match="'radial' is taken"):
             register_flow("radial", Planar)

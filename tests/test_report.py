@@ -188,3 +188,19 @@ def test_compare_gives_numbers_in_json_and_the_unit_in_both(
     assert "212.82" in table[2] and " nats " in table[2] and "1,210,480" in table[2]
     assert f"{2000.0 * bpd:.4f}" in table[3] and " bits/dim " in table[3]
     assert f"unfinished (valid {2100.0 * bpd:.4f})" in table[4] and " bits/dim " in table[4]
+
+
+def test_the_summary_says_which_model_a_max_steps_run_tested(tiny_data_dir: Path,
+                                                              tmp_path: Path) -> None:
+    # a --max-steps stop validates no partial epoch: the steps after the last validation are
+    # not in the tested (best) model, and a run stopped inside its first epoch tests its last
+    for steps, expected in ((14, "of epoch 1 (step 10); the 4 steps after"),
+                            (6, "the last model (no epoch was validated")):
+        run = tmp_path / str(steps)
+        results = train(tiny_config(tiny_data_dir, max_steps=steps, is_samples=0), run,
+                        progress=False)
+        assert expected in report.summary(run, results)
+    finished = tmp_path / "epochs"
+    results = train(tiny_config(tiny_data_dir, max_epochs=1, is_samples=0), finished,
+                    progress=False)
+    assert "tested:" not in report.summary(finished, results)

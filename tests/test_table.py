@@ -520,6 +520,15 @@ def test_main_reports_bad_input_with_status_2(capsys: pytest.CaptureFixture[str]
     assert "table: error: unknown flow(s) realnvp" in capsys.readouterr().err
 
 
+def test_report_only_of_a_folder_that_is_not_there_writes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    argv = ["--report-only", "--runs-dir", str(tmp_path / "typo"), "--out", str(out)]
+    assert table.main(argv) == 2
+    assert "no runs folder" in capsys.readouterr().err and not out.exists()
+
+
 def test_seeds_and_flow_options() -> None:
     assert table_options.parse_seeds(["3"]) == [0, 1, 2]
     assert table_options.parse_seeds(["0", "4"]) == [0, 4]

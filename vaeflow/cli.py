@@ -291,9 +291,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("run_dir")
     e.add_argument("--device")
     e.add_argument("--data-dir")
-    e.add_argument("--eval-points", type=int, help="test points for the NELBO (default all)")
-    e.add_argument("--is-samples", type=int, help="importance samples (0: skip)")
-    e.add_argument("--is-points", type=int, help="test points for the IS estimate")
+    e.add_argument("--eval-points", type=int,
+                   help="test points for the NELBO, a seeded subset (default: the run's "
+                   "eval_points; all when it has none)")
+    e.add_argument("--is-samples", type=int,
+                   help="importance samples (0: skip; default: the run's is_samples)")
+    e.add_argument("--is-points", type=int,
+                   help="test points for the IS estimate (default: the run's is_points)")
     e.add_argument("--checkpoint", choices=("best", "last"), default="best")
     e.add_argument("--solver", action="append", metavar="KEY=VALUE",
                    help="evaluate with another ODE solver setting (repeatable; method, atol, "

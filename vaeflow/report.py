@@ -86,6 +86,23 @@ def _built_in(flow: str) -> bool:
     return flow in FLOWS and FLOWS[flow].__module__.startswith("vaeflow.")
 
 
+def _tested_model(run: Run, results: Mapping[str, Any]) -> list[str]:
+    """Which model the figures measure, where a --max-steps stop left steps after the last
+    validation (such a stop, unlike the time budget's, validates no partial epoch)."""
+    steps = results.get("steps")
+    if results.get("checkpoint") or steps is None:  # vaeflow eval says which model it read
+        return []
+    history = run.history
+    if not history:
+        return ["tested: the last model (no epoch was validated, so none was chosen)"]
+    best = next((h for h in history if h["epoch"] == results.get("best_epoch")), None)
+    if best is None or history[-1]["step"] >= steps:
+        return []
+    return [f"tested: the best model, of epoch {best['epoch']} (step {best['step']:,}); the "
+            f"{steps - history[-1]['step']:,} steps after the last validation are not in it "
+            "(--max-epochs or max_minutes validate where they stop)"]
+
+
 def next_commands(run_dir: str | os.PathLike[str], flow: str, world_size: int = 1) -> list[str]:
     """What the closing summary suggests doing next with the run of ``flow`` in ``run_dir``,
     trained by ``world_size`` processes: shell commands, and for a flow of one's own the calls
@@ -141,6 +158,7 @@ def summary(run_dir: str | os.PathLike[str], results: Mapping[str, Any]) -> str:
         trained.append(f"stopped: {results['stop_reason']}")
     if "epochs" in results:
         lines.append(f"   {', '.join(trained)}")
+        lines += [f"   {line}" for line in _tested_model(run, results)]
     files = [CONFIG, RESULTS, HISTORY, TIMING, BEST, CHECKPOINT, SAMPLES, RECONSTRUCTIONS,
              LEARNING_CURVE]
     present = [name for name in files if (run.path / name).is_file()]

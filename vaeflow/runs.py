@@ -191,7 +191,9 @@ def load_model(
 ) -> tuple[VAE, TrainConfig]:
     """The model of a run with the parameters of ``best.pt`` (``"best"``) or of the last
     ``checkpoint.pt`` (``"last"``), on ``device``, and the run's config (``config``, when the
-    caller has read it already)."""
+    caller has read it already). The model is in eval mode, as a loaded model is mostly used to
+    measure and draw: FFJORD then uses the exact trace, as the test figures do (call
+    ``model.train()`` to train it on, with the Hutchinson estimate)."""
     if checkpoint not in ("best", "last"):
         raise InputError(f"checkpoint must be 'best' or 'last', got {checkpoint!r}")
     directory = Path(run_dir)
@@ -207,7 +209,7 @@ def load_model(
     with torch.device(device):
         model = build_model(config)
     load_state(model, state, path)
-    return model, config
+    return model.eval(), config
 
 
 class RunLock:
