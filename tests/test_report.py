@@ -158,7 +158,8 @@ def test_the_summary_of_a_torchrun_run_resumes_it_under_torchrun(
 
 
 def test_compare_gives_numbers_in_json_and_the_unit_in_both(
-    tiny_data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tiny_data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     bpd = 1 / (FREY_DIMS * math.log(2.0))
     mnist = _fake_run(tmp_path / "mnist", tiny_data_dir,
@@ -170,7 +171,9 @@ def test_compare_gives_numbers_in_json_and_the_unit_in_both(
     unfinished = _fake_run(tmp_path / "unfinished", tiny_data_dir, "freyfaces",
                            history=[{"epoch": 1, "step": 10, "seconds": 1.0,
                                      "valid_nelbo": 2100.0}])
-    assert main(["compare", str(tmp_path), "--json", "--plot", "none"]) == 0
+    monkeypatch.chdir(tmp_path)
+    assert main(["compare", str(tmp_path), "--json"]) == 0
+    assert not (tmp_path / "compare.png").exists()  # a script reading JSON gets no PNG beside
     rows = {Path(r["run"]).name: r for r in json.loads(capsys.readouterr().out)}
     assert rows["mnist"]["test NELBO"] == 212.8234 and rows["mnist"]["IS NLL"] == 210.5
     assert rows["mnist"]["parameters"] == 1210480 and rows["mnist"]["epochs"] == 1

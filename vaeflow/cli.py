@@ -203,11 +203,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
         print(json.dumps(report.compare_rows(runs), indent=2))
     else:
         print(report.compare_table(runs))
-    if args.plot != "none":
+    # a JSON reader (a script) gets no file written beside it unless it asks for one
+    plot = args.plot or ("none" if args.json else "compare.png")
+    if plot != "none":
         from vaeflow.plots import plot_learning_curves
 
         try:
-            path = plot_learning_curves([run.path for run in runs], args.plot)
+            path = plot_learning_curves([run.path for run in runs], plot)
         except InputError as err:  # no epoch finished anywhere: the table is still useful
             print(f"no plot: {err}", file=sys.stderr)
         else:
@@ -308,9 +310,10 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compare", help="a table and learning curves of runs, finished or not")
     c.add_argument("runs", nargs="+", metavar="RUN",
                    help="run directories, or folders holding runs")
-    c.add_argument("--plot", default="compare.png", metavar="PNG",
-                   help="where to write the runs' learning curves (default: %(default)s in "
-                   "the current folder, replaced if it exists; 'none': no plot)")
+    c.add_argument("--plot", metavar="PNG",
+                   help="where to write the runs' learning curves (default: compare.png in "
+                   "the current folder, replaced if it exists, and none with --json; 'none': "
+                   "no plot)")
     c.add_argument("--json", action="store_true",
                    help="print the table as JSON: numbers as numbers (null where a run has "
                    "none), the test figures' unit in 'unit'")

@@ -36,7 +36,9 @@ __all__ = [
 def _minutes(seconds: float | None) -> str:
     if seconds is None or not math.isfinite(seconds):
         return "-"
-    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
+    if seconds >= 60:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds:.0f} s" if seconds >= 10 else f"{seconds:.1f} s"  # not "0 s" for 0.4 s
 
 
 def _count(n: int | None, noun: str) -> str:
