@@ -207,3 +207,4 @@ def test_the_summary_says_which_model_a_max_steps_run_tested(tiny_data_dir: Path
     results = train(tiny_config(tiny_data_dir, max_epochs=1, is_samples=0), finished,
                     progress=False)
     assert "tested:" not in report.summary(finished, results)
+    assert "trace" not in results  # planar solves no ODE: no trace to name

@@ -62,7 +62,8 @@ def figures(results: Mapping[str, Any]) -> list[str]:
         value = results["test_nll_is_bpd"] if unit == "bits/dim" else results["test_nll_is"]
         lines.append(
             f"test NLL (importance sampling, {_count(results['is_samples'], 'sample')}, "
-            f"{_count(results['is_points'], 'point')}): {value:.4f} {unit}"
+            f"{_count(results['is_points'], 'point')}): {value:.{4 if unit == 'bits/dim' else 2}f}"
+            f" {unit}"
         )
     return lines
 
