@@ -275,7 +275,8 @@ class _Trainer:
         self.state = _Progress()
         self.writer: Any = None
         self.signals: _Signals | None = None
-        self.bar: TrainingBar | None = None  # the training bar while the loop runs
+        # the training bar of the loop under way (`run` opens it; none shows before)
+        self.bar = TrainingBar(False, config, 0, 0.0, 1)
         self.saved_step = 0  # of the last checkpoint, for a rank that loses the others
 
     def _graphed(self, x: Tensor, beta: float) -> dict[str, Tensor]:
@@ -381,15 +382,14 @@ class _Trainer:
 
     def run(self, signals: _Signals) -> None:
         cfg, st = self.config, self.state
-        bar = self.bar = TrainingBar(self.progress_bar, cfg, st.step, st.seconds,
-                                     len(self.loader))
+        self.bar = TrainingBar(self.progress_bar, cfg, st.step, st.seconds, len(self.loader))
         try:
             while not st.done:
-                self.run_epoch(signals, bar)
+                self.run_epoch(signals)
                 if signals.received is not None:
                     return
         finally:
-            bar.close()
+            self.bar.close()
 
     def _stop(self, reason: str) -> None:
         self.state.done = True
@@ -428,7 +428,7 @@ class _Trainer:
             (self.run_dir / RESULTS).unlink(missing_ok=True)
         self.save()  # not done any more: a kill from now on resumes training, not evaluation
 
-    def run_epoch(self, signals: _Signals, bar: TrainingBar) -> None:
+    def run_epoch(self, signals: _Signals) -> None:
         cfg, st = self.config, self.state
         beta = beta_at(st.epoch, cfg.warmup_epochs)
         sums: dict[str, Tensor] = {}
@@ -451,7 +451,7 @@ class _Trainer:
                 )
             st.step += 1
             st.epoch_steps += 1
-            bar.step(st.step)  # host-side counting only: no device read
+            self.bar.step(st.step)  # host-side counting only: no device read
             window.append(out)
             stats = self.model.flow.statistics()  # plain ints: no device read
             if "nfe_forward" in stats:
@@ -463,7 +463,7 @@ class _Trainer:
             if flush or ckpt_due or not self.loader.in_epoch:
                 now = time.perf_counter()
                 st.seconds += now - tick
-                self._flush(window, nfe, sums, beta, (now - tick) / max(len(window), 1), bar)
+                self._flush(window, nfe, sums, beta, (now - tick) / max(len(window), 1))
                 tick = now
                 window, nfe = [], []
                 interrupted = signals.received is not None  # under torchrun: agreed just now
@@ -494,7 +494,6 @@ class _Trainer:
         sums: dict[str, Tensor],
         beta: float,
         sec_per_iter: float,
-        bar: TrainingBar,
     ) -> None:
         """Read back the window's loss terms in one transfer; log; stop on a NaN. Under torchrun
         the ranks agree here on the terms, the NFE, a pending signal and the clock."""
@@ -508,7 +507,7 @@ class _Trainer:
             stacked, totals, signals.pending if signals else None, self.state.seconds
         )
         values, self.state.seconds = synced.values, synced.seconds
-        bar.sync(self.state.seconds)  # the budget's clock, not the bar's own
+        self.bar.sync(self.state.seconds)  # the budget's clock, not the bar's own
         if signals is not None and signals.deferred and synced.signal is not None:
             signals.received = synced.signal
         losses = values[:, names.index("loss")].tolist()
@@ -540,7 +539,7 @@ class _Trainer:
         postfix = {"epoch": self.state.epoch, "loss": f"{mean['loss']:.2f}", "beta": f"{beta:.2f}"}
         if nfe:
             postfix["nfe"] = f"{extra['nfe_forward']:.0f}"
-        bar.set_postfix(postfix)
+        self.bar.set_postfix(postfix)
 
     def _fold(self, sums: Mapping[str, Tensor]) -> None:
         for n, v in sums.items():
@@ -591,8 +590,7 @@ class _Trainer:
             self.end_of_training()
         else:
             self.save()
-            if self.bar is not None:  # validation counts, the pictures and the save do not
-                self.bar.sync(st.seconds)
+            self.bar.sync(st.seconds)  # validation counts, the pictures and the save do not
 
     def end_of_training(self) -> None:
         """Keep the best model (or the last one when no epoch ended), evaluate it, write files."""
@@ -600,8 +598,7 @@ class _Trainer:
         if self.world.is_main and not best.is_file():  # stopped inside its first epoch
             atomic_save(self.model.state_dict(), best)
         self.save()  # the final state, with done=True, so a resume only re-evaluates
-        if self.bar is not None:  # its time and rate are the training's, not the evaluation's
-            self.bar.close()
+        self.bar.close()  # its time and rate are the training's, not the evaluation's
         self.finish()
 
     def finish(self) -> dict[str, Any]:
