@@ -24,7 +24,7 @@ from vaeflow.plots import image_grids, write_run_pictures
 from vaeflow.progress import eval_batches
 from vaeflow.rng import fork_rng
 from vaeflow.runs import load_model, read_config, solver_state
-from vaeflow.vae import VAE, eval_mode
+from vaeflow.vae import VAE, bits_per_dim, eval_mode
 
 __all__ = [
     "eval_mode",
@@ -136,14 +136,12 @@ def evaluation_solve(
             flow.solver = old
 
 
-def run_pictures(
-    model: VAE, data: Dataset, config: TrainConfig, solver: Mapping[str, Any] | None = None
-) -> tuple[Tensor, Tensor]:
+def run_pictures(model: VAE, data: Dataset, config: TrainConfig) -> tuple[Tensor, Tensor]:
     """The run's picture grids (:func:`vaeflow.plots.image_grids`: 64 prior samples, and the
     first 32 test images beside their reconstructions), the reconstructions through the solve
     of the test figures (:func:`evaluation_solve`), so that they show the model the figures
     measure; the same seed every time."""
-    with evaluation_solve(model, config, solver):
+    with evaluation_solve(model, config):
         return image_grids(model, data.test[:32], config.seed + 2)
 
 
@@ -194,7 +192,7 @@ def evaluate(
             hook.remove()
         out: dict[str, Any] = {
             "test_nelbo": nelbo,
-            "test_nelbo_bpd": nelbo / (num_dims * math.log(2.0)),
+            "test_nelbo_bpd": bits_per_dim(nelbo, num_dims),
             "test_points": len(test),
             "eval_samples": config.eval_samples,
             "solver": solver_state(model),
@@ -210,7 +208,7 @@ def evaluate(
             ))
             out.update(
                 test_nll_is=-ll,
-                test_nll_is_bpd=-ll / (num_dims * math.log(2.0)),
+                test_nll_is_bpd=bits_per_dim(-ll, num_dims),
                 is_samples=is_samples,
                 is_points=len(xs),
             )

@@ -37,8 +37,9 @@ def log_standard_normal(z: Tensor) -> Tensor:
     return -0.5 * z.pow(2).sum(-1) - z.shape[-1] * _HALF_LOG_2PI
 
 
-def bits_per_dim(nll_nats: Tensor, num_dims: int) -> Tensor:
-    """Negative log-likelihood in nats per datum ``[B]`` -> bits per dimension ``[B]``.
+def bits_per_dim(nll_nats: Tensor | float, num_dims: int) -> Tensor | float:
+    """Negative log-likelihood in nats per datum ``[B]`` (or one figure) -> bits per dimension
+    ``[B]`` (or one figure).
 
     ``nll / (num_dims * ln 2)``. This is right as it stands for likelihoods over discrete values
     (Bernoulli, the 256-way categorical, the discretized logistic, e.g. Frey Faces with ``x = k /
