@@ -25,11 +25,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("learning_curve.png"))
     args = parser.parse_args(argv)
     try:
-        path = plot_learning_curves(args.run_dirs, args.out)
+        path, skipped = plot_learning_curves(args.run_dirs, args.out)
     except InputError as err:
         print(f"plot_run: error: {err}", file=sys.stderr)
         return 2
     print(f"wrote {path}")
+    for run in skipped:
+        print(f"left out {run.path}: no epoch of it has finished")
     return 0
 
 

@@ -209,11 +209,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
         from vaeflow.plots import plot_learning_curves
 
         try:
-            path = plot_learning_curves([run.path for run in runs], plot)
+            path, skipped = plot_learning_curves([run.path for run in runs], plot)
         except InputError as err:  # no epoch finished anywhere: the table is still useful
             print(f"no plot: {err}", file=sys.stderr)
         else:
             print(f"learning curves: {path}", file=sys.stderr)
+            for run in skipped:
+                print(f"  left out {run.path}: no epoch of it has finished", file=sys.stderr)
     return 0
 
 

@@ -20,9 +20,10 @@ import torch
 from torch import Tensor
 
 from vaeflow.checks import InputError
+from vaeflow.data import get_spec
 from vaeflow.rng import fork_rng
 from vaeflow.runs import Run
-from vaeflow.vae import VAE, eval_mode
+from vaeflow.vae import VAE, bits_per_dim, eval_mode
 
 __all__ = [
     "SAMPLES",
@@ -96,30 +97,45 @@ def _label(run: Run) -> str:
     return f"{config.dataset} / {config.flow} ({run.name})"
 
 
-def _curves(run: Run) -> tuple[list[float], list[float], list[float], list[float]]:
-    history = run.history
+def _unit(run: Run) -> tuple[str, float]:
+    """The unit of the run's data set (:attr:`DatasetSpec.unit`) and the factor from nats."""
+    spec = get_spec(run.config.dataset)
+    scale = bits_per_dim(1.0, math.prod(spec.input_shape)) if spec.bits_per_dim else 1.0
+    return spec.unit, float(scale)
+
+
+def _curves(run: Run) -> tuple[list[float], list[float], list[float], list[float], float | None]:
+    """Steps, minutes, validation and training NELBO per finished epoch, and the test NELBO
+    (None before the run finished), in the run's unit (:func:`_unit`)."""
+    _, scale = _unit(run)
+    history, results = run.history, run.results
     steps = [float(h["step"]) for h in history]
     minutes = [h["seconds"] / 60 for h in history]
-    valid = [h["valid_nelbo"] for h in history]
-    train = [h.get("train_nelbo", math.nan) for h in history]
-    return steps, minutes, valid, train
+    valid = [h["valid_nelbo"] * scale for h in history]
+    train = [h.get("train_nelbo", math.nan) * scale for h in history]
+    test = None if results is None else results["test_nelbo"] * scale
+    return steps, minutes, valid, train, test
+
+
+def _number(value: float, unit: str) -> str:
+    return f"{value:.{4 if unit == 'bits/dim' else 2}f}"  # bits/dim differ in the third decimal
 
 
 def _learning_curve(run: Run, path: Path) -> None:
     plt = _pyplot()
-    steps, minutes, valid, train = _curves(run)
-    results = run.results
+    steps, minutes, valid, train, test = _curves(run)
+    unit, _ = _unit(run)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     for ax, xs, xlabel in ((axes[0], steps, "optimizer steps"),
                            (axes[1], minutes, "wall-clock minutes (training and validation)")):
         ax.plot(xs, train, "--", label="train (epoch mean)", alpha=0.7)
         ax.plot(xs, valid, "-o", markersize=3, label="validation")
-        if results is not None:
-            ax.scatter([xs[-1]], [results["test_nelbo"]], marker="*", s=90, zorder=3, color="k",
-                       label=f"test {results['test_nelbo']:.2f}")
+        if test is not None:
+            ax.scatter([xs[-1]], [test], marker="*", s=90, zorder=3, color="k",
+                       label=f"test {_number(test, unit)}")
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("negative ELBO (nats)")
+    axes[0].set_ylabel(f"negative ELBO ({unit})")
     axes[0].legend(fontsize=8)
     _zoom(axes[0], valid + train)
     fig.suptitle(_label(run))
@@ -139,28 +155,41 @@ def _zoom(ax: Any, values: Sequence[float]) -> None:
 
 def plot_learning_curves(
     run_dirs: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str]
-) -> Path:
-    """Validation (solid) and training (dashed) NELBO of each run against wall-clock minutes on
-    one figure, the test NELBO of a finished run as a star; runs with no finished epoch are
-    left out. Needs matplotlib."""
+) -> tuple[Path, list[Run]]:
+    """Validation (solid, a dot per epoch) and training (dashed) NELBO of each run against
+    wall-clock minutes on one figure, the test NELBO of a finished run as a star, in the unit of
+    the runs' data sets (bits/dim for Frey Faces, else nats). Returns the PNG's path and the runs
+    left out because no epoch of theirs has finished. Needs matplotlib.
+
+    Raises:
+        InputError: when no run has a finished epoch, or the runs' data sets are reported in
+            different units (nats and bits/dim cannot share an axis).
+    """
+    runs = [Run(Path(d)) for d in run_dirs]
+    units = {run.path: _unit(run)[0] for run in runs}
+    if len(set(units.values())) > 1:
+        listed = "; ".join(f"{path} ({unit})" for path, unit in units.items())
+        raise InputError(f"these runs' figures are in different units and cannot share an axis: "
+                         f"{listed}; plot the runs of each unit apart")
+    curves = [(run, _curves(run)) for run in runs]
+    skipped = [run for run, c in curves if not c[0]]
+    curves = [(run, c) for run, c in curves if c[0]]  # runs with a finished epoch
+    if not curves:
+        raise InputError("no epoch has finished in any of these runs yet: nothing to plot")
+    unit = units[curves[0][0].path]
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     values: list[float] = []
-    curves = [(run, _curves(run)) for run in (Run(Path(d)) for d in run_dirs)]
-    curves = [(run, c) for run, c in curves if c[0]]  # runs with a finished epoch
-    if not curves:
-        plt.close(fig)
-        raise InputError("no epoch has finished in any of these runs yet: nothing to plot")
-    for run, (_, minutes, valid, train) in curves:
+    for run, (_, minutes, valid, train, test) in curves:
         values += valid
-        (line,) = ax.plot(minutes, valid, label=f"{_label(run)} valid")
+        # a dot per epoch, so that a run of one epoch shows too
+        (line,) = ax.plot(minutes, valid, "-o", markersize=2.5, label=f"{_label(run)} valid")
         ax.plot(minutes, train, linestyle="--", color=line.get_color(), alpha=0.6)
-        results = run.results
-        if results is not None:
-            ax.scatter([minutes[-1]], [results["test_nelbo"]], color=line.get_color(),
-                       marker="*", s=80, zorder=3, label=f"test {results['test_nelbo']:.2f}")
+        if test is not None:
+            ax.scatter([minutes[-1]], [test], color=line.get_color(), marker="*", s=80,
+                       zorder=3, label=f"test {_number(test, unit)}")
     ax.set_xlabel("wall-clock minutes (training and validation)")
-    ax.set_ylabel("negative ELBO (nats)")
+    ax.set_ylabel(f"negative ELBO ({unit})")
     ax.set_title("validation (solid), training (dashed), test (star)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -170,4 +199,4 @@ def plot_learning_curves(
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
     plt.close(fig)
-    return out
+    return out, skipped

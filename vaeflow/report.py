@@ -261,7 +261,7 @@ def compare_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
                else bits_per_dim(value, dims)
                for key, value in (("test NELBO", nelbo), ("IS NLL", is_nll),
                                   ("valid NELBO", valid))},
-            "unit": "bits/dim" if spec.bits_per_dim else "nats",
+            "unit": spec.unit,
             "epochs": finished.get("epochs", len(history)),
             "wall-clock seconds": timing.get("train_seconds"),
             "NFE": finished.get("train_nfe_forward_mean"),

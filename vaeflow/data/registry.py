@@ -44,6 +44,11 @@ class DatasetSpec:
     note: str = ""
     warning: str = ""  # issued as a UserWarning on every load
 
+    @property
+    def unit(self) -> str:
+        """The unit its results are reported in: ``"bits/dim"`` (Frey Faces) or ``"nats"``."""
+        return "bits/dim" if self.bits_per_dim else "nats"
+
 
 _REDERIVED_NOTE = (
     "omniglot_rederived is NOT the IWAE Omniglot (chardata.mat): it was re-derived from the "
