@@ -7,11 +7,11 @@ from pathlib import Path
 
 import plot_run
 import pytest
+from test_report import _fake_run
 from test_train import tiny_config
 
 from vaeflow import plots
 from vaeflow.checks import InputError
-from vaeflow.configs import TrainConfig
 from vaeflow.plots import plot_learning_curves
 from vaeflow.runs import Run
 from vaeflow.train import train
@@ -37,24 +37,22 @@ def test_not_a_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "is not a vaeflow run directory" in capsys.readouterr().err
 
 
-def _written_run(path: Path, dataset: str, nelbos: list[float], test: float | None) -> Run:
-    """A run directory as training leaves it (config, history, results), without the training:
-    its figures are chosen so that the plot's values can be checked."""
-    path.mkdir(parents=True)
-    run = Run(path)
-    run.write_config(TrainConfig(dataset=dataset, flow="none"))
-    run.write_history([{"epoch": i + 1, "step": 10 * (i + 1), "seconds": 6.0 * (i + 1),
-                        "valid_nelbo": v, "train_nelbo": v + 1.0} for i, v in enumerate(nelbos)])
-    if test is not None:
-        run.write_results({"test_nelbo": test, "num_parameters": 1})
-    return run
+def _written_run(path: Path, data_dir: Path, dataset: str, nelbos: list[float],
+                 test: float | None) -> Run:
+    """A run as training leaves it, written by hand: figures chosen so that the plot's values
+    can be checked."""
+    history = [{"epoch": i + 1, "step": 10 * (i + 1), "seconds": 6.0 * (i + 1),
+                "valid_nelbo": v, "train_nelbo": v + 1.0} for i, v in enumerate(nelbos)]
+    return _fake_run(path, data_dir, dataset, None if test is None else {"test_nelbo": test},
+                     history=history)
 
 
-def test_curves_are_in_the_data_sets_unit(tmp_path: Path) -> None:
+def test_curves_are_in_the_data_sets_unit(tiny_data_dir: Path, tmp_path: Path) -> None:
     """Frey Faces is reported in bits/dim (28 x 20 pixels): its curves and its test star are
     too, as in results.json and vaeflow compare; MNIST stays in nats."""
-    frey = _written_run(tmp_path / "frey", "freyfaces", [2000.0, 1900.0], test=1800.0)
-    mnist = _written_run(tmp_path / "mnist", "static_mnist", [90.0], test=None)
+    frey = _written_run(tmp_path / "frey", tiny_data_dir, "freyfaces", [2000.0, 1900.0],
+                        test=1800.0)
+    mnist = _written_run(tmp_path / "mnist", tiny_data_dir, "static_mnist", [90.0], test=None)
     per_nat = 1 / (28 * 20 * math.log(2))
     steps, minutes, valid, train, test = plots._curves(frey)
     assert steps == [10.0, 20.0] and minutes == [0.1, 0.2]
@@ -62,17 +60,18 @@ def test_curves_are_in_the_data_sets_unit(tmp_path: Path) -> None:
     assert train == pytest.approx([2001 * per_nat, 1901 * per_nat])
     assert test == pytest.approx(1800 * per_nat)
     assert plots._unit(frey) == ("bits/dim", pytest.approx(per_nat))
-    assert plots._curves(mnist)[2:] == ([90.0], [91.0], None)
+    assert plots._curves(mnist)[2:] == ([90.0], [91.0], None)  # nats as they are
     with pytest.raises(InputError, match=r"different units.*frey \(bits/dim\).*mnist \(nats\)"):
         plot_learning_curves([frey.path, mnist.path], tmp_path / "x.png")
     assert not (tmp_path / "x.png").exists()
 
 
-def test_runs_left_out_are_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_runs_left_out_are_named(tiny_data_dir: Path, tmp_path: Path,
+                                 capsys: pytest.CaptureFixture[str]) -> None:
     """A run with one finished epoch is drawn (a dot), one with none is left out and named."""
     pytest.importorskip("matplotlib")
-    one = _written_run(tmp_path / "one", "static_mnist", [90.0], test=None)
-    empty = _written_run(tmp_path / "empty", "static_mnist", [], test=None)
+    one = _written_run(tmp_path / "one", tiny_data_dir, "static_mnist", [90.0], test=None)
+    empty = _written_run(tmp_path / "empty", tiny_data_dir, "static_mnist", [], test=None)
     out = tmp_path / "c.png"
     path, skipped = plot_learning_curves([one.path, empty.path], out)
     assert path == out and out.read_bytes()[:4] == b"\x89PNG" and skipped == [empty]

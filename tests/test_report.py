@@ -193,6 +193,25 @@ def test_compare_gives_numbers_in_json_and_the_unit_in_both(
     assert f"unfinished (valid {2100.0 * bpd:.4f})" in table[4] and " bits/dim " in table[4]
 
 
+def test_compare_says_when_the_is_nll_covers_fewer_test_points(tiny_data_dir: Path,
+                                                               tmp_path: Path) -> None:
+    subset = {"test_nelbo": 90.0, "test_nll_is": 88.0, "test_points": 10000, "is_points": 1000}
+    runs = [_fake_run(tmp_path / "a", tiny_data_dir, results=subset),
+            _fake_run(tmp_path / "b", tiny_data_dir, results={**subset, "is_points": 10000}),
+            _fake_run(tmp_path / "c", tiny_data_dir, results={"test_nelbo": 90.0,
+                                                               "test_points": 10000})]
+    rows = report.compare_rows(runs)
+    assert [(r["test points"], r["IS points"]) for r in rows] == [
+        (10000, 1000), (10000, 10000), (10000, None)]
+    table = report.compare_table(runs).splitlines()
+    assert table[-1] == f"IS NLL on the first 1,000 of the 10,000 test points of the NELBO " \
+                        f"({tmp_path / 'a'})"
+    assert table[-2] == "" and len(table) == 2 + 3 + 2
+    everyone = report.compare_table(runs[:1]).splitlines()[-1]
+    assert everyone.endswith("of the NELBO")  # every run of the table: no list of runs
+    assert "IS NLL on" not in report.compare_table(runs[1:])
+
+
 def test_the_summary_says_which_model_a_max_steps_run_tested(tiny_data_dir: Path,
                                                               tmp_path: Path) -> None:
     # a --max-steps stop validates no partial epoch: the steps after the last validation are

@@ -235,8 +235,10 @@ def compare_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
     failed), ``parameters``, ``test NELBO``, ``IS NLL`` and the best ``valid NELBO`` so far in
     ``unit`` (bits/dim for a data set reported so, Frey Faces; else nats), ``epochs``,
     ``wall-clock seconds`` (of training and validation), ``NFE`` (mean function evaluations per
-    training solve) and ``settings`` (:func:`differing_settings`); None where a run has no such
-    figure. A run of a flow that this process has not registered is read all the same."""
+    training solve), ``test points`` and ``IS points`` (the test points of the NELBO and of the
+    IS NLL: the IS estimate, 100 times dearer, is often made on the first of them only) and
+    ``settings`` (:func:`differing_settings`); None where a run has no such figure. A run of a
+    flow that this process has not registered is read all the same."""
     from vaeflow.model import count_parameters
 
     rows = []
@@ -265,6 +267,8 @@ def compare_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
             "epochs": finished.get("epochs", len(history)),
             "wall-clock seconds": timing.get("train_seconds"),
             "NFE": finished.get("train_nfe_forward_mean"),
+            "test points": finished.get("test_points"),
+            "IS points": finished.get("is_points") if is_nll is not None else None,
             "settings": settings,
         })
     return rows
@@ -293,11 +297,30 @@ def _cells(row: Mapping[str, Any]) -> dict[str, str]:
 def compare_table(runs: Sequence[Run]) -> str:
     """A plain-text table of ``runs`` (the figures in each run's ``unit``: nats; bits/dim for
     Frey Faces)."""
-    rows = [_cells(row) for row in compare_rows(runs)]
+    figures = compare_rows(runs)
+    rows = [_cells(row) for row in figures]
     # "settings" only where the runs differ in more than data set and flow
     columns = [c for c in _COLUMNS if c != "settings" or any(r[c] != "-" for r in rows)]
     widths = {c: max(len(c), *(len(r[c]) for r in rows)) for c in columns}
     line = "  ".join(c.ljust(widths[c]) for c in columns).rstrip()
     out = [line, "  ".join("-" * widths[c] for c in columns)]
     out += ["  ".join(r[c].ljust(widths[c]) for c in columns).rstrip() for r in rows]
-    return "\n".join(out)
+    return "\n".join(out + _subset_notes(figures))
+
+
+def _subset_notes(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Lines under the table where a run's IS NLL covers fewer test points than its NELBO (the
+    config's ``is_points``): the two columns are then figures of different sets of images."""
+    groups: dict[tuple[int, int], list[str]] = {}
+    for row in rows:
+        is_points, points = row["IS points"], row["test points"]
+        if is_points is not None and points is not None and is_points < points:
+            groups.setdefault((is_points, points), []).append(row["run"])
+    if not groups:
+        return []
+    notes = [""]
+    for (is_points, points), names in groups.items():
+        which = "" if len(names) == len(rows) else f" ({', '.join(names)})"
+        notes.append(f"IS NLL on the first {is_points:,} of the {points:,} test points of the "
+                     f"NELBO{which}")
+    return notes
