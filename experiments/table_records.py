@@ -9,7 +9,6 @@ finished, from its per-epoch history.
 
 from __future__ import annotations
 
-import math
 import re
 import statistics
 import sys
@@ -93,13 +92,13 @@ def paper_value(dataset: str, flow: str) -> float | None:
 
 
 def unit_of(dataset: str) -> str:
-    return "bits/dim" if get_spec(dataset).bits_per_dim else "nats"
+    """The data set's unit: bits/dim for Frey Faces, else nats."""
+    return get_spec(dataset).unit
 
 
 def to_unit(nats: float, dataset: str) -> float:
     """A NELBO in nats in the data set's unit (bits per dimension for Frey Faces)."""
-    spec = get_spec(dataset)
-    return nats / (math.prod(spec.input_shape) * math.log(2.0)) if spec.bits_per_dim else nats
+    return get_spec(dataset).in_unit(nats)
 
 
 def mean(values: Sequence[float | None]) -> float | None:

@@ -122,7 +122,12 @@ def _budget_note(done: Sequence[CellRecord]) -> str | None:
     epochs = [r.epochs for r in done if r.epochs is not None]
     warmups = {int(r.config.get("warmup_epochs", 0)) for r in done if r.config}
     patience = {int(r.config.get("early_stopping_epochs", 0)) for r in done if r.config}
-    span = f"{min(epochs)}–{max(epochs)}" if epochs else "?"
+    if not epochs:
+        span = "?"
+    elif max(epochs) == 0:  # a --max-steps budget inside the first epoch
+        span = "none whole: every cell stopped inside its first epoch"
+    else:
+        span = str(epochs[0]) if min(epochs) == max(epochs) else f"{min(epochs)}–{max(epochs)}"
     note = (
         f"**The budget is below the papers' protocol**: {len(done) - len(early)} of "
         f"{len(done)} finished cells stopped on the budget, not by early stopping (epochs "

@@ -10,6 +10,7 @@ visible GPUs, so that no GPU is needed.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import os
@@ -570,3 +571,21 @@ def test_a_cell_marked_failed_is_neither_done_nor_ok(tmp_path: Path) -> None:
     results.write_text(json.dumps({"status": "finished", "test_nelbo": 90.0}))
     assert table_grid.cell_state(run_dir) == "done"
     assert table_pool.JobResult(job, 1, 1.0, "now").ok  # killed after writing its figures
+
+
+def test_the_budget_note_says_how_many_epochs_the_cells_trained() -> None:
+    import table_report
+
+    def cells(*epochs: int) -> list[table_records.CellRecord]:
+        return [table_records.CellRecord(Cell("static_mnist", "planar", i), "done", "nats",
+                                         epochs=e, stop_reason="budget",
+                                         config={"warmup_epochs": 100,
+                                                 "early_stopping_epochs": 100})
+                for i, e in enumerate(epochs)]
+
+    assert "(epochs trained: 3–7)" in table_report._budget_note(cells(3, 7))
+    assert "(epochs trained: 4)" in table_report._budget_note(cells(4, 4))
+    assert "(epochs trained: none whole: every cell stopped inside its first epoch)" in \
+        table_report._budget_note(cells(0, 0))
+    early = [dataclasses.replace(r, stop_reason="early stopping at epoch 9") for r in cells(9)]
+    assert table_report._budget_note(early) is None

@@ -23,7 +23,7 @@ from vaeflow.checks import InputError
 from vaeflow.data import get_spec
 from vaeflow.rng import fork_rng
 from vaeflow.runs import Run
-from vaeflow.vae import VAE, bits_per_dim, eval_mode
+from vaeflow.vae import VAE, eval_mode
 
 __all__ = [
     "SAMPLES",
@@ -100,8 +100,7 @@ def _label(run: Run) -> str:
 def _unit(run: Run) -> tuple[str, float]:
     """The unit of the run's data set (:attr:`DatasetSpec.unit`) and the factor from nats."""
     spec = get_spec(run.config.dataset)
-    scale = bits_per_dim(1.0, math.prod(spec.input_shape)) if spec.bits_per_dim else 1.0
-    return spec.unit, float(scale)
+    return spec.unit, spec.in_unit(1.0)
 
 
 def _curves(run: Run) -> tuple[list[float], list[float], list[float], list[float], float | None]:

@@ -26,7 +26,6 @@ from vaeflow.runs import (
     RunError,
     find_runs,
 )
-from vaeflow.vae import bits_per_dim
 
 __all__ = [
     "figures", "solver_text", "summary", "next_commands", "compare_rows", "compare_table",
@@ -245,7 +244,6 @@ def compare_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
     for run, settings in zip(runs, differing_settings(runs), strict=True):
         config, results, timing, history = run.config, run.results, run.timing or {}, run.history
         spec = get_spec(config.dataset)
-        dims = math.prod(spec.input_shape)
         finished = results or {}
         nelbo, is_nll = finished.get("test_nelbo"), finished.get("test_nll_is")
         valid = min((h["valid_nelbo"] for h in history), default=None)
@@ -259,8 +257,7 @@ def compare_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
             "run": str(run.path), "dataset": config.dataset, "flow": config.flow,
             "status": status, "parameters": parameters,
             # in bits/dim as evaluate computes them, so a figure equals results.json's
-            **{key: value if value is None or not spec.bits_per_dim
-               else bits_per_dim(value, dims)
+            **{key: None if value is None else spec.in_unit(value)
                for key, value in (("test NELBO", nelbo), ("IS NLL", is_nll),
                                   ("valid NELBO", valid))},
             "unit": spec.unit,

@@ -8,6 +8,7 @@ The table of the data sets is in the :mod:`vaeflow.data` docstring.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,12 @@ class DatasetSpec:
     def unit(self) -> str:
         """The unit its results are reported in: ``"bits/dim"`` (Frey Faces) or ``"nats"``."""
         return "bits/dim" if self.bits_per_dim else "nats"
+
+    def in_unit(self, nats: float) -> float:
+        """A per-datum figure in nats (a NELBO, an NLL) in :attr:`unit`."""
+        from vaeflow.vae import bits_per_dim  # imported here: the registry loads without torch
+
+        return float(bits_per_dim(nats, math.prod(self.input_shape))) if self.bits_per_dim else nats
 
 
 _REDERIVED_NOTE = (
