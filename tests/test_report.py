@@ -204,7 +204,7 @@ def test_compare_says_when_the_is_nll_covers_fewer_test_points(tiny_data_dir: Pa
     assert [(r["test points"], r["IS points"]) for r in rows] == [
         (10000, 1000), (10000, 10000), (10000, None)]
     table = report.compare_table(runs).splitlines()
-    assert table[-1] == f"IS NLL on the first 1,000 of the 10,000 test points of the NELBO " \
+    assert table[-1] == f"IS NLL on 1,000 (a seeded draw) of the 10,000 test points of the NELBO " \
                         f"({tmp_path / 'a'})"
     assert table[-2] == "" and len(table) == 2 + 3 + 2
     everyone = report.compare_table(runs[:1]).splitlines()[-1]

@@ -235,7 +235,7 @@ def compare_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
     ``unit`` (bits/dim for a data set reported so, Frey Faces; else nats), ``epochs``,
     ``wall-clock seconds`` (of training and validation), ``NFE`` (mean function evaluations per
     training solve), ``test points`` and ``IS points`` (the test points of the NELBO and of the
-    IS NLL: the IS estimate, 100 times dearer, is often made on the first of them only) and
+    IS NLL: the IS estimate, 100 times dearer, is often made on a seeded subset of them) and
     ``settings`` (:func:`differing_settings`); None where a run has no such figure. A run of a
     flow that this process has not registered is read all the same."""
     from vaeflow.model import count_parameters
@@ -307,7 +307,8 @@ def compare_table(runs: Sequence[Run]) -> str:
 
 def _subset_notes(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     """Lines under the table where a run's IS NLL covers fewer test points than its NELBO (the
-    config's ``is_points``): the two columns are then figures of different sets of images."""
+    config's ``is_points``, drawn with a fixed seed): the two columns are then figures of
+    different sets of images."""
     groups: dict[tuple[int, int], list[str]] = {}
     for row in rows:
         is_points, points = row["IS points"], row["test points"]
@@ -318,6 +319,6 @@ def _subset_notes(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     notes = [""]
     for (is_points, points), names in groups.items():
         which = "" if len(names) == len(rows) else f" ({', '.join(names)})"
-        notes.append(f"IS NLL on the first {is_points:,} of the {points:,} test points of the "
-                     f"NELBO{which}")
+        notes.append(f"IS NLL on {is_points:,} (a seeded draw) of the {points:,} test points of "
+                     f"the NELBO{which}")
     return notes

@@ -873,5 +873,6 @@ def _recover(trainer: _Trainer, err: Exception) -> None:
         f"{ckpt['progress']['step']}) is kept in {trainer.run_dir / CHECKPOINT}. {hint}"
     )
     if trainer.world.is_main:  # `vaeflow compare` shows the run as failed, not unfinished
-        Run(trainer.run_dir).write_results({"status": "failed", "error": f"{err} {where}"})
+        Run(trainer.run_dir).write_results({"status": "failed",
+                                             "error": f"training stopped {where}: {err}"})
     raise TrainingError(message) from err
