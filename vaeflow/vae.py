@@ -286,9 +286,10 @@ class VAE(nn.Module):
 
 
 @contextlib.contextmanager
-def eval_mode(model: VAE, exact: bool = True) -> Iterator[None]:
+def eval_mode(model: VAE, exact: bool | None = True) -> Iterator[None]:
     """Eval mode, with the flow's exact log-determinant (a continuous flow's exact trace)
-    unless ``exact`` is False; the previous mode after."""
+    unless ``exact`` is False (or None: as the flow was built, :meth:`Flow.evaluation_trace`);
+    the previous mode after."""
     was_training = model.training
     model.eval()
     try:

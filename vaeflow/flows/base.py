@@ -125,9 +125,10 @@ class Flow(nn.Module):
         return total
 
     @contextlib.contextmanager
-    def evaluation_trace(self, exact: bool = True) -> Iterator[None]:
-        """Within this context, eval mode computes the exact log-determinant (``exact``) or the
-        training estimator (flows whose log-determinant is always exact ignore it)."""
+    def evaluation_trace(self, exact: bool | None = True) -> Iterator[None]:
+        """Within this context, eval mode computes the exact log-determinant (``exact``), the
+        training estimator (False), or what each flow was built to use in eval mode (None:
+        FFJORD's ``exact_in_eval``); flows whose log-determinant is always exact ignore it."""
         with contextlib.ExitStack() as stack:
             for flow in self.subflows():
                 stack.enter_context(flow.evaluation_trace(exact))

@@ -599,8 +599,9 @@ class FFJORD(Flow):
         return {"nfe_forward": self._counter.forward, "nfe_backward": self._counter.backward}
 
     @contextlib.contextmanager
-    def evaluation_trace(self, exact: bool = True) -> Iterator[None]:
-        saved, self.exact_in_eval = self.exact_in_eval, exact
+    def evaluation_trace(self, exact: bool | None = True) -> Iterator[None]:
+        saved = self.exact_in_eval
+        self.exact_in_eval = saved if exact is None else exact
         try:
             yield
         finally:
