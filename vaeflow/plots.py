@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from vaeflow.checks import InputError
-from vaeflow.data import get_spec
+from vaeflow.data import figure_text, get_spec
 from vaeflow.rng import fork_rng
 from vaeflow.runs import Run
 from vaeflow.vae import VAE, eval_mode
@@ -116,10 +116,6 @@ def _curves(run: Run) -> tuple[list[float], list[float], list[float], list[float
     return steps, minutes, valid, train, test
 
 
-def _number(value: float, unit: str) -> str:
-    return f"{value:.{4 if unit == 'bits/dim' else 2}f}"  # bits/dim differ in the third decimal
-
-
 def _learning_curve(run: Run, path: Path) -> None:
     plt = _pyplot()
     steps, minutes, valid, train, test = _curves(run)
@@ -131,7 +127,7 @@ def _learning_curve(run: Run, path: Path) -> None:
         ax.plot(xs, valid, "-o", markersize=3, label="validation")
         if test is not None:
             ax.scatter([xs[-1]], [test], marker="*", s=90, zorder=3, color="k",
-                       label=f"test {_number(test, unit)}")
+                       label=f"test {figure_text(test, unit)}")
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel(f"negative ELBO ({unit})")
@@ -186,7 +182,7 @@ def plot_learning_curves(
         ax.plot(minutes, train, linestyle="--", color=line.get_color(), alpha=0.6)
         if test is not None:
             ax.scatter([minutes[-1]], [test], color=line.get_color(), marker="*", s=80,
-                       zorder=3, label=f"test {_number(test, unit)}")
+                       zorder=3, label=f"test {figure_text(test, unit)}")
     ax.set_xlabel("wall-clock minutes (training and validation)")
     ax.set_ylabel(f"negative ELBO ({unit})")
     ax.set_title("validation (solid), training (dashed), test (star)")

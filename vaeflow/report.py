@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from vaeflow.configs import TrainConfig
-from vaeflow.data import get_spec
+from vaeflow.data import figure_text, get_spec
 from vaeflow.flows import FLOWS, flow_hyperparameters
 from vaeflow.plots import LEARNING_CURVE, RECONSTRUCTIONS, SAMPLES
 from vaeflow.runs import (
@@ -62,8 +62,7 @@ def figures(results: Mapping[str, Any]) -> list[str]:
         value = results["test_nll_is_bpd"] if unit == "bits/dim" else results["test_nll_is"]
         lines.append(
             f"test NLL (importance sampling, {_count(results['is_samples'], 'sample')}, "
-            f"{_count(results['is_points'], 'point')}): {value:.{4 if unit == 'bits/dim' else 2}f}"
-            f" {unit}"
+            f"{_count(results['is_points'], 'point')}): {figure_text(value, unit)} {unit}"
         )
     return lines
 
@@ -273,10 +272,10 @@ def compare_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
 
 def _cells(row: Mapping[str, Any]) -> dict[str, str]:
     """A row of :func:`compare_rows` as the table's text, ``-`` where there is no figure."""
-    digits = 4 if row["unit"] == "bits/dim" else 2  # bits/dim differ in the third decimal
-
-    def figure(value: float | None, fmt: str = f".{digits}f") -> str:
-        return "-" if value is None else format(value, fmt)
+    def figure(value: float | None, fmt: str | None = None) -> str:
+        if value is None:
+            return "-"
+        return figure_text(value, row["unit"]) if fmt is None else format(value, fmt)
 
     nelbo = figure(row["test NELBO"])
     if row["status"] != "finished":  # unfinished or failed: its best validation NELBO so far

@@ -44,7 +44,7 @@ The package, one concept per module (each imports only those above it)::
     sources.py   Source (mirror URLs, checksum) and the table of every public source
     convert.py   raw source formats -> the canonical .npz arrays
     readers.py   opening an .npz safely, checking it, cutting it into splits
-    registry.py  DatasetSpec, DATASETS, get_spec
+    registry.py  DatasetSpec, DATASETS, get_spec, figure_text
     download.py  fetching, checking and converting a missing file, written atomically
     loader.py    DeviceLoader: device-resident batches with a resumable state
     dataset.py   Dataset and load_dataset
@@ -58,7 +58,7 @@ from vaeflow.data.download import _download as _download
 from vaeflow.data.loader import DeviceLoader
 from vaeflow.data.paths import resolve_data_dir
 from vaeflow.data.readers import FREY_SPLIT_SEED as FREY_SPLIT_SEED
-from vaeflow.data.registry import DATASETS, DatasetSpec, get_spec
+from vaeflow.data.registry import DATASETS, DatasetSpec, figure_text, get_spec
 from vaeflow.data.sources import Source
 from vaeflow.data.sources import _digest as _digest
 
@@ -74,6 +74,7 @@ __all__ = [
     "DatasetSpec",
     "DeviceLoader",
     "Source",
+    "figure_text",
     "get_spec",
     "load_dataset",
     "resolve_data_dir",

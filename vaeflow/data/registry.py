@@ -19,7 +19,7 @@ from vaeflow.data import convert, readers
 from vaeflow.data.base import Arrays, SplitSizes
 from vaeflow.data.sources import SOURCES, Source
 
-__all__ = ["DATASETS", "DatasetSpec", "get_spec"]
+__all__ = ["DATASETS", "DatasetSpec", "figure_text", "get_spec"]
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,11 @@ class DatasetSpec:
         from vaeflow.vae import bits_per_dim  # imported here: the registry loads without torch
 
         return float(bits_per_dim(nats, math.prod(self.input_shape))) if self.bits_per_dim else nats
+
+
+def figure_text(value: float, unit: str) -> str:
+    """A NELBO or NLL as printed: 4 decimals in bits/dim (they differ in the third), else 2."""
+    return f"{value:.{4 if unit == 'bits/dim' else 2}f}"
 
 
 _REDERIVED_NOTE = (
