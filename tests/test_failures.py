@@ -160,6 +160,17 @@ def test_resume_refuses_what_would_change_the_run(finished: Path, capsys,
     assert snapshot(finished) == before
 
 
+def test_resume_takes_the_run_s_own_values_named_again(finished: Path, capsys) -> None:
+    config = json.loads((finished / "config.json").read_text())
+    before = snapshot(finished)
+    args = ["train", "--resume", str(finished), "--dataset", config["dataset"], "--flow",
+            config["flow"], "--lr", str(config["lr"]), "--seed", str(config["seed"]),
+            "--batch-size", str(config["batch_size"]), "--quiet"]
+    assert main(args) == 0, capsys.readouterr().err
+    assert json.loads((finished / "config.json").read_text()) == config
+    assert json.loads((finished / "results.json").read_text()) == json.loads(before["results.json"])
+
+
 def test_resume_refuses_a_config_that_is_not_the_checkpoint_s(finished: Path, capsys) -> None:
     config = json.loads((finished / "config.json").read_text())
     (finished / "config.json").write_text(json.dumps({**config, "lr": 0.5}))
@@ -381,7 +392,7 @@ def test_the_nan_hint_knows_the_retries_are_used(tiny_data_dir: Path, tmp_path: 
 
     monkeypatch.setattr(train_mod, "train_step", nan_step)
     args = [*tiny(tiny_data_dir, tmp_path / "run", "ffjord"), "--set", "nan_retries=1"]
-    err = fails(capsys, args, 1, "the automatic retry is used up")
+    err = fails(capsys, args, 1, "the automatic retry is used up", "Start a new run (--out)")
     assert "--set nan_retries=1" not in err
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import signal
 from pathlib import Path
 from typing import Any
@@ -221,6 +222,27 @@ def test_resume_after_a_crash_is_bit_identical(
     assert resumed == reference
     assert_same_params(params(tmp_path / "a"), params(tmp_path / "b"))
     assert_same_params(params(tmp_path / "a", "best.pt"), params(tmp_path / "b", "best.pt"))
+
+
+def test_resume_refuses_a_spent_budget_and_takes_restated_values(
+    tiny_data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tiny_config(tiny_data_dir)
+    reference = train(config, tmp_path / "a", progress=False)
+    crash_at(monkeypatch, 23)  # the last checkpoint: step 20, epoch 3 under way
+    with pytest.raises(Crash):
+        train(config, tmp_path / "b", progress=False)
+    monkeypatch.undo()
+    before = (tmp_path / "b" / "config.json").read_text()
+    for spent, words in [({"max_steps": 20}, "max_steps=20 (it is at step 20)"),
+                         ({"max_epochs": 2}, "max_epochs=2 (it is in epoch 3)")]:
+        with pytest.raises(RunError, match=re.escape(words) + ".*passed that budget"):
+            train(resume=tmp_path / "b", changes=spent, progress=False)
+        assert (tmp_path / "b" / "config.json").read_text() == before  # nothing written
+    # the run's own values, named again, are no change: the run goes on as the reference
+    same = {"lr": config.lr, "seed": config.seed, "batch_size": config.batch_size,
+            "max_epochs": config.max_epochs}
+    assert train(resume=tmp_path / "b", changes=same, progress=False) == reference
 
 
 def test_sigterm_writes_a_checkpoint_and_resume_matches(

@@ -128,6 +128,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     from vaeflow.train import train
 
     if args.resume:
+        if args.dataset or args.flow:
+            from vaeflow.runs import read_config
+
+            # Naming the run's own data set or flow again changes nothing.
+            saved = read_config(args.resume, any_flow=True)
+            if args.dataset == saved.dataset:
+                args.dataset = None
+            if args.flow == saved.flow:
+                args.flow = None
         if args.dataset or args.flow or args.config or args.flow_opt or args.preset:
             raise CLIError(
                 "--resume continues a run with its saved config; drop --dataset/--flow/"

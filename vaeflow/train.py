@@ -408,6 +408,25 @@ class _Trainer:
             return f"max_steps={cfg.max_steps} reached"
         return None
 
+    def check_budget(self) -> None:
+        """Refuse to resume an unfinished run with a step or epoch budget it has already passed:
+        it would stop after one more step (or epoch) and say that budget was reached at a count
+        it had long passed. A finished run keeps its results whatever the budget (a resume only
+        evaluates it again)."""
+        cfg, st = self.config, self.state
+        if st.done:
+            return
+        passed = []
+        if cfg.max_steps is not None and cfg.max_steps <= st.step:
+            passed.append(f"max_steps={cfg.max_steps} (it is at step {st.step})")
+        if cfg.max_epochs < st.epoch:
+            passed.append(f"max_epochs={cfg.max_epochs} (it is in epoch {st.epoch})")
+        if passed:
+            raise RunError(
+                f"cannot resume {self.run_dir} with {' and '.join(passed)}: the run has passed "
+                "that budget; give a larger one, or resume without it to keep the run's own"
+            )
+
     def reopen(self) -> None:
         """A finished run resumed with a larger budget (``max_epochs``, ``max_steps``,
         ``max_minutes``) trains on from its final checkpoint; its test figures, now those of a
@@ -726,6 +745,7 @@ def train(
                     assert trainer is not None
                     if resume is not None:
                         trainer.restore(trainer.load_checkpoint())
+                        trainer.check_budget()  # before the new budget is written down
                     trainer.replicate()
                 except BaseException:
                     if created:  # a start that failed leaves nothing behind
@@ -790,8 +810,12 @@ def _claim(
         if not (directory / CHECKPOINT).is_file():
             raise RunError(f"cannot resume {directory}: it holds no {CHECKPOINT}")
         if changes:
+            # Restating a run's own value (``--lr 0.001`` on a run of lr 0.001) changes nothing,
+            # so it is no change to refuse.
+            saved = config.to_dict()
+            changes = {k: v for k, v in changes.items() if k not in saved or saved[k] != v}
             check_resume_changes(changes)
-            config = TrainConfig.from_dict({**config.to_dict(), **changes})
+            config = TrainConfig.from_dict({**saved, **changes})
     else:
         if config is None or run_dir is None:
             raise ValueError("train() needs config and run_dir, or resume=RUN_DIR")
@@ -856,7 +880,9 @@ def _recover(trainer: _Trainer, err: Exception) -> None:
         )
         trainer.save()
         return
-    hint = "Lower the learning rate (--lr) or clip gradients (--set max_grad_norm=...)"
+    # A resume keeps the run's settings (an exact continuation), so these are a new run's.
+    hint = ("Start a new run (--out) with a lower learning rate (--lr) or clipped gradients "
+            "(--set max_grad_norm=...)")
     if adaptive:
         hint += ", or tighten the solver tolerances (--flow-opt atol=... --flow-opt rtol=...)"
         if cfg.nan_retries == 0:
