@@ -282,8 +282,9 @@ def test_replace_solver_changes_the_solve_not_the_model() -> None:
     assert not torch.allclose(rough, fine, rtol=1e-6, atol=1e-6)  # two rk4 steps were coarse
     # The same method keeps its options unless given; tolerances alone leave them.
     coarse.replace_solver(method="rk4", solver_options={"step_size": 0.25})
-    assert coarse.replace_solver(atol=1e-4)["options"] == {"step_size": 0.25}
-    assert coarse.tighten_solver(10.0) == {"atol": 1e-5, "rtol": 1e-10}
+    assert coarse.replace_solver(method="rk4")["options"] == {"step_size": 0.25}
+    # a fixed-step flow keeps tolerances (its test figures are solved with dopri5 at them)
+    assert coarse.tighten_solver(10.0) == {"atol": TIGHT["atol"] / 10, "rtol": TIGHT["rtol"] / 10}
     assert coarse.get_extra_state()["method"] == "rk4"
 
 
@@ -295,6 +296,9 @@ def test_replace_solver_changes_the_solve_not_the_model() -> None:
         ({"method": "rk4"}, "needs a step size: solver_options="),
         ({"atol": -1.0}, "atol"),
         ({"solver_options": {"stepsize": 0.1}}, "unknown option.*'stepsize'"),
+        ({"method": "rk4", "solver_options": {"step_size": 0.25}, "atol": 1e-3},
+         "atol means nothing to the fixed-step solver 'rk4'"),
+        ({"method": "euler", "solver_options": {"step_size": 2}}, "at most 1.*s in \\[0, 1\\]"),
     ],
 )
 def test_replace_solver_refuses_bad_settings_and_keeps_the_old(

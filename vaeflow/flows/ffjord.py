@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..checks import InputError, check_bool, check_number, input_errors
-from ..ode import NFECounter, SolverConfig, solve, uses_static_solver
+from ..ode import ADAPTIVE_SOLVERS, NFECounter, SolverConfig, solve, uses_static_solver
 from .base import ContextHead, Flow, check_choice, check_positive_int
 
 __all__ = [
@@ -424,7 +424,17 @@ def _solver(
             f"solver_options must be a table such as {{step_size = 0.1}}, got {options!r}"
         )
     with input_errors():
-        return SolverConfig(method=method, atol=atol, rtol=rtol, options=options, adjoint=adjoint)
+        config = SolverConfig(method=method, atol=atol, rtol=rtol, options=options,
+                              adjoint=adjoint)
+    step = (config.options or {}).get("step_size")
+    # Each block solves over s in [0, 1] (the time rescaled by T), and a step longer than the
+    # interval is cut to it: step_size=2 would quietly be one step, not what it says.
+    if step is not None and float(step) > 1:
+        raise InputError(
+            f"step_size must be at most 1, got {step!r}: FFJORD integrates over s in [0, 1] "
+            "(the time t = s T rescaled by the end time), so step_size=1/N takes N steps"
+        )
+    return config
 
 
 class FFJORD(Flow):
@@ -618,7 +628,10 @@ class FFJORD(Flow):
         )
 
     def tighten_solver(self, factor: float = 10.0) -> dict[str, float]:
-        self.replace_solver(atol=self.solver.atol / factor, rtol=self.solver.rtol / factor)
+        # Set directly, not through replace_solver: a fixed-step flow keeps tolerances too
+        # (its test figures are solved with dopri5 at them), though its own solve ignores them.
+        self.solver = _solver(self.solver.method, self.solver.atol / factor,
+                              self.solver.rtol / factor, self.solver.options, self.solver.adjoint)
         return {"atol": self.solver.atol, "rtol": self.solver.rtol}
 
     def replace_solver(self, **settings: Any) -> dict[str, Any]:
@@ -632,6 +645,15 @@ class FFJORD(Flow):
         method = settings.get("method", old.method)
         # rk4's step_size means nothing to dopri5: a new method starts from no options.
         options = settings.get("solver_options", old.options if method == old.method else None)
+        given = sorted({"atol", "rtol"} & set(settings))
+        if given and method not in ADAPTIVE_SOLVERS:
+            # A fixed-step solve takes no error-controlled steps: the tolerances would be
+            # accepted and change nothing.
+            raise InputError(
+                f"{' and '.join(given)} {'mean' if len(given) > 1 else 'means'} nothing to the "
+                f"fixed-step solver {method!r}, which "
+                "controls no error; drop them, or set its step with solver_options={step_size=H}"
+            )
         atol, rtol = settings.get("atol", old.atol), settings.get("rtol", old.rtol)
         self.solver = _solver(method, atol, rtol, options, old.adjoint)
         return self.get_extra_state()
