@@ -576,6 +576,22 @@ def test_mean_and_sample(name: str) -> None:
     torch.testing.assert_close(draws, again)
 
 
+def test_data_outside_the_likelihood_s_support_is_refused() -> None:
+    model = VAE(*make_networks("mlp", (1, 4, 4), 2, 3, hidden_sizes=(8,)))
+    x = torch.randint(0, 2, (3, 1, 4, 4)).float()
+    assert model.nelbo(x).shape == (3,)
+    with pytest.raises(ValueError, match=r"values in \[0, 1\], got values from 0 to 255.*255"):
+        model.nelbo(x * 255)  # a positive log-probability, had it been computed
+    with pytest.raises(ValueError, match=r"got values from -1"):
+        model.importance_log_likelihood(x - 1, n_samples=2)
+    with pytest.raises(ValueError, match=r"floating-point tensor, got torch.uint8.*/ 255"):
+        model.loss(x.to(torch.uint8))
+    with pytest.raises(ValueError, match=r"beta .* >= 0, got -1"):
+        model.loss(x, beta=-1)
+    # a likelihood of one's own states its support, or none (the toy Gaussian: any real)
+    assert Likelihood.support is None and Bernoulli.support == (0.0, 1.0)
+
+
 def test_likelihood_registry_and_checks() -> None:
     assert set(LIKELIHOODS) == {"bernoulli", "categorical256", "logistic"}
     assert [

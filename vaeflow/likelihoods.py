@@ -46,6 +46,9 @@ class Likelihood:
     """Interface of an observation model ``p(x | params)`` on images ``[B, C, H, W]``."""
 
     name: str = ""
+    # The interval the data must lie in, checked by :meth:`check_values` (None: any value). Each
+    # built-in models images scaled to [0, 1]; a likelihood of one's own states its own.
+    support: tuple[float, float] | None = None
 
     def out_channels(self, in_channels: int) -> int:
         """Number of decoder output channels needed for images with ``in_channels`` channels."""
@@ -78,14 +81,38 @@ class Likelihood:
 
     def check(self, params: Tensor, x: Tensor) -> None:
         """Raise a ``ValueError`` unless ``params`` has the shape that ``x`` calls for."""
-        if x.dim() != 4:
-            raise ValueError(f"{self.name}: x must be [B, C, H, W], got {tuple(x.shape)}")
+        self.check_data(x)
         b, c, h, w = x.shape
         expected = (b, self.out_channels(c), h, w)
         if tuple(params.shape) != expected:
             raise ValueError(
                 f"{self.name}: for x of shape {tuple(x.shape)} params must have shape "
                 f"{expected}, got {tuple(params.shape)}"
+            )
+
+    def check_data(self, x: Tensor) -> None:
+        """Raise a ``ValueError`` unless ``x`` is a floating-point ``[B, C, H, W]`` tensor;
+        free (shape and dtype are on the host), so the VAE calls it before its encoder."""
+        if x.dim() != 4:
+            raise ValueError(f"{self.name}: x must be [B, C, H, W], got {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise ValueError(
+                f"{self.name}: x must be a floating-point tensor, got {x.dtype} (images of 0-255 "
+                "integers: x.float() / 255)"
+            )
+
+    def check_values(self, x: Tensor) -> None:
+        """Raise a ``ValueError`` unless every value of ``x`` lies in :attr:`support`. It
+        reads ``x``'s extremes back to the host, so evaluation calls it, not the training step
+        (whose data the loader checked)."""
+        if self.support is None or not x.is_floating_point() or x.numel() == 0:
+            return
+        lo, hi = self.support
+        low, high = (float(v) for v in torch.aminmax(x.detach()))
+        if not (lo <= low and high <= hi):
+            raise ValueError(
+                f"{self.name}: x must hold values in [{lo:g}, {hi:g}], got values from {low:g} "
+                f"to {high:g}" + (" (images of 0-255: divide by 255)" if high > 1.0 else "")
             )
 
     def __repr__(self) -> str:
@@ -96,6 +123,7 @@ class Bernoulli(Likelihood):
     """Independent Bernoulli pixels; ``params`` are logits ``[B, C, H, W]``."""
 
     name = "bernoulli"
+    support = (0.0, 1.0)
 
     def out_channels(self, in_channels: int) -> int:
         return in_channels
@@ -119,6 +147,7 @@ class Categorical256(Likelihood):
     """
 
     name = "categorical256"
+    support = (0.0, 1.0)
 
     def out_channels(self, in_channels: int) -> int:
         return NUM_BINS * in_channels
@@ -178,6 +207,7 @@ class DiscretizedLogistic(Likelihood):
     """
 
     name = "logistic"
+    support = (0.0, 1.0)
 
     def __init__(self, min_log_scale: float = -9.0) -> None:
         self.min_log_scale = float(min_log_scale)

@@ -148,6 +148,7 @@ class VAE(nn.Module):
             ``[B]`` tensors: ``recon = -log p(x|zK)``, ``kl = log q0(z0|x) - logdet - log p(zK)``
             (single-sample), ``log_q0``, ``log_pz``, ``logdet`` and ``nelbo = recon + kl``.
         """
+        self.likelihood.check_data(x)  # before the encoder, whose error would be torch's
         mu, sigma, h = self.encoder(x)
         return self._terms(x, mu, sigma, h, self._noise(mu, generator))
 
@@ -168,6 +169,8 @@ class VAE(nn.Module):
             Scalars ``loss = recon + beta * kl`` (to minimise), ``recon``, ``kl``, ``log_q0``,
             ``log_pz``, ``logdet``, ``nelbo`` (``recon + kl``), and ``nelbo_per_sample [B]``.
         """
+        if isinstance(beta, (int, float)) and not (beta >= 0 and math.isfinite(beta)):
+            raise ValueError(f"beta (the KL weight) must be finite and >= 0, got {beta!r}")
         terms = self.elbo_terms(x, generator=generator)
         out = {name: value.mean() for name, value in terms.items()}
         out["loss"] = out["recon"] + beta * out["kl"]
@@ -194,6 +197,10 @@ class VAE(nn.Module):
         ``detach`` drops each chunk's graph as soon as it is computed, bounding memory.
         """
         check_positive_int("n_samples", n_samples)
+        # One read of x's extremes per evaluation call: x = 255 would otherwise give a positive
+        # Bernoulli log-probability, and a NELBO that looks like a result.
+        self.likelihood.check_data(x)
+        self.likelihood.check_values(x)
         batch = x.shape[0]
         if batch_size is None:
             per_chunk = n_samples
