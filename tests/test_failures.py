@@ -148,6 +148,10 @@ def test_resume_takes_budget_device_and_data_dir(tiny_data_dir: Path, tmp_path: 
     assert main(args) == 0
     config = json.loads((run / "config.json").read_text())
     assert config["max_steps"] == 6 and config["data_dir"] == str(moved)
+    # where each session trained stays on record, the latest at the top
+    timing = json.loads((run / "timing.json").read_text())
+    assert [s["resumed"] for s in timing["sessions"]] == [False, True]
+    assert timing["train_seconds"] == timing["sessions"][-1]["train_seconds"]
 
 
 @pytest.mark.parametrize("change", [["--lr", "1e9"], ["--set", "lr=0.1"], ["--seed", "4"],

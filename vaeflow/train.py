@@ -770,7 +770,7 @@ def train(
                         trainer.writer.close()
                 results = world.from_main(lambda: Run(directory).results)
                 if world.is_main:
-                    Run(directory).write_timing({
+                    session = {
                         "wall_seconds_this_session": time.time() - start,
                         "train_seconds": trainer.state.seconds,
                         "device": str(trainer.device),
@@ -781,7 +781,14 @@ def train(
                         "commit": git_commit(),
                         "resumed": resume is not None,
                         "world_size": world.size,
-                    })
+                    }
+                    # The latest session's figures at the top; every session that returned,
+                    # in order, under "sessions", so a resume by another commit or on another
+                    # device does not erase where the earlier training ran.
+                    earlier = (Run(directory).timing or {}) if resume is not None else {}
+                    # (a run from before "sessions" was kept: its one record is the first)
+                    sessions = [*earlier.get("sessions", [earlier] if earlier else []), session]
+                    Run(directory).write_timing({**session, "sessions": sessions})
         except RuntimeError as err:
             if isinstance(err, TrainingError) or not world.lost_contact(err):
                 raise
