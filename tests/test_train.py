@@ -132,6 +132,31 @@ def test_pictures_change_nothing_that_the_run_computes(tiny_data_dir: Path, tmp_
     assert json.loads((tmp_path / "False" / "config.json").read_text())["pictures"] is True
 
 
+def test_a_bits_per_dim_data_set_logs_its_unit_too(tmp_path: Path) -> None:
+    import numpy as np
+
+    from vaeflow.data import DATASETS
+
+    rng = np.random.default_rng(0)
+    faces = rng.integers(0, 256, (60, 28, 20), dtype=np.uint8)
+    np.savez_compressed(tmp_path / DATASETS["freyfaces"].filename, x=faces)
+    config = tiny_config(tmp_path, "none", dataset="freyfaces", split_sizes=[40, 10, 10],
+                         max_epochs=1, eval_points=None, is_samples=0, is_points=None)
+    run = tmp_path / "run"
+    train(config, run, progress=False)
+    per_nat = 1 / (28 * 20 * math.log(2))
+    (record,) = json.loads((run / "history.json").read_text())
+    assert record["valid_nelbo_bpd"] == pytest.approx(record["valid_nelbo"] * per_nat)
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run)).Reload()
+    for tag in ("train/nelbo", "valid/nelbo", "test/nelbo"):
+        (nats,), (bpd,) = events.Scalars(tag), events.Scalars(f"{tag}_bpd")
+        assert bpd.value == pytest.approx(nats.value * per_nat, rel=1e-6), tag
+    assert "train/loss_bpd" not in events.Tags()["scalars"]  # beta-weighted: not a figure
+
+
 @pytest.mark.slow
 def test_run_directory_contents(tiny_data_dir: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"

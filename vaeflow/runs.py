@@ -10,7 +10,8 @@ A run directory holds:
   progress), written atomically after every epoch and on a signal;
 - ``best.pt``: the parameters with the best validation NELBO;
 - ``history.json``: one record per epoch (step, seconds, train terms, validation NELBO);
-- ``results.json``: the final test figures; ``timing.json``: wall-clock and provenance (per session);
+- ``results.json``: the final test figures; ``timing.json``: wall-clock and provenance, per
+  session;
 - TensorBoard event files.
 """
 

@@ -53,7 +53,7 @@ from torch import Tensor
 from vaeflow import distributed
 from vaeflow.checks import input_errors, resolve_device
 from vaeflow.configs import TrainConfig
-from vaeflow.data import DeviceLoader
+from vaeflow.data import DeviceLoader, get_spec
 from vaeflow.distributed import SINGLE, World
 from vaeflow.evaluate import (
     dataset_nelbo,
@@ -253,6 +253,7 @@ class _Trainer:
         self, config: TrainConfig, run_dir: Path, progress_bar: bool, world: World = SINGLE
     ) -> None:
         self.config = config
+        self.spec = get_spec(config.dataset)  # for its unit: Frey Faces is read in bits/dim
         self.run_dir = run_dir
         self.world = world
         self.progress_bar = progress_bar and world.is_main
@@ -361,10 +362,20 @@ class _Trainer:
         if self.state.step == 0:  # a resumed run's settings are in its first event file
             log_settings(self.writer, self.config)
 
+    # Per-datum figures that a bits/dim data set (Frey Faces) also gets in its unit.
+    _IN_UNIT = ("nelbo", "nll_is")
+
     def log_scalars(self, values: Mapping[str, float], step: int, prefix: str) -> None:
-        if self.writer is not None:
-            for name, value in values.items():
-                self.writer.add_scalar(f"{prefix}/{name}", value, step)
+        """``prefix/name`` scalars at ``step``; on a bits/dim data set, the NELBO and NLL are
+        also written as ``prefix/name_bpd``, the unit its results are read in."""
+        if self.writer is None:
+            return
+        values = dict(values)
+        if self.spec.unit != "nats":
+            values.update({f"{n}_bpd": self.spec.in_unit(values[n])
+                           for n in self._IN_UNIT if n in values})
+        for name, value in values.items():
+            self.writer.add_scalar(f"{prefix}/{name}", value, step)
 
     def log_images(self, epoch: int) -> None:
         """Sample and reconstruction grids to TensorBoard and, with the learning curve, as PNG
@@ -556,6 +567,8 @@ class _Trainer:
             extra["nfe_backward"] = synced.nfe[1] / len(nfe)
         self.log_scalars({**mean, **extra}, step, "train")
         postfix = {"epoch": self.state.epoch, "loss": f"{mean['loss']:.2f}", "beta": f"{beta:.2f}"}
+        if self.spec.unit != "nats":
+            postfix["nelbo bits/dim"] = f"{self.spec.in_unit(mean['nelbo']):.3f}"
         if nfe:
             postfix["nfe"] = f"{extra['nfe_forward']:.0f}"
         self.bar.set_postfix(postfix)
@@ -585,6 +598,8 @@ class _Trainer:
             raise _NonFinite(f"the validation NELBO became {valid}")
         train_means = {n: v / max(st.epoch_steps, 1) for n, v in st.epoch_sums.items()}
         record = {"epoch": st.epoch, "step": st.step, "seconds": st.seconds, "valid_nelbo": valid}
+        if self.spec.unit != "nats":  # the figure a Frey Faces reader compares, beside nats
+            record["valid_nelbo_bpd"] = self.spec.in_unit(valid)
         record.update({f"train_{n}": v for n, v in train_means.items()})
         st.history.append(record)
         main = self.world.is_main
