@@ -137,6 +137,7 @@ def run_reference(
         records[flow] = record
         if limit < 2:
             record.update(status="skipped", error="no time left in the stage")
+            print(f"reference {flow:12s} skipped: {record['error']}", flush=True)
             continue
         cmd = [sys.executable, "../refbench.py", str(iters), *args]
         done = stream_lines(cmd, limit, logs / f"reference-{flow}.log", run_dir, env)
@@ -150,6 +151,7 @@ def run_reference(
             cut = f" (cut short at {limit:.0f} s)" if done.timed_out else ""
             record.update(status="ok", error=cut.strip(" ()"))
         s_per_iter = record.get("s_per_iter")
-        shown = "" if s_per_iter is None else f"{s_per_iter:.4g} s/iter"
+        # a failure says why here too, not only in summary.json and the log
+        shown = f"{s_per_iter:.4g} s/iter" if s_per_iter is not None else record["error"]
         print(f"reference {flow:12s} {record['status']} {shown}", flush=True)
     return records

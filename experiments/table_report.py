@@ -216,7 +216,8 @@ def _header_lines(records: Sequence[CellRecord], options: TableOptions,
         f"{len(records)} cells finished.",
     ]
     if invocation.get("command"):
-        lines.append(f"- Last command: `{invocation['command']}`")
+        # (a --report-only call, which trains nothing, is not recorded: this is the training one)
+        lines.append(f"- Last command that trained cells: `{invocation['command']}`")
     return lines + [
         "",
         f"Cells: ours, test NELBO mean ± sample std over seeds (number of seeds) / the paper "
