@@ -140,7 +140,14 @@ def test_net_kwargs_are_refused_cleanly_by_print_config(capsys: pytest.CaptureFi
         ("[train]\nnope = 1\n", r"\[train\]: unknown config key\(s\) 'nope'; valid keys are"),
         ("lr = 1\n", r"key\(s\) 'lr' outside any table: config keys go in a \[train\] table"),
         ("[train]\nflow = 'ffjord'\n", r"\[train\]: flow cannot be set in a file"),
-        ("[model]\nx = 1\n", r"unknown table\(s\) \['model'\]"),
+        ("[model]\nx = 1\n", r"unknown table\(s\) \['model'\]; valid tables are \[train\], "
+         r"\[flows.<flow>\], \[datasets.<dataset>\]"),
+        ("[datasets.mnsit.train]\nlr = 1\n", r"unknown data set 'mnsit'; valid data sets are"),
+        ("[datasets.caltech.train]\nnope = 1\n",
+         r"\[datasets.caltech\]: \[train\]: unknown config key\(s\) 'nope'"),
+        ("[datasets.caltech.model]\nx = 1\n",
+         r"\[datasets.caltech\]: unknown table\(s\) \['model'\]; valid tables are \[train\], "
+         r"\[flows.<flow>\]$"),
     ],
 )
 def test_a_config_file_hides_nothing_and_is_named(
@@ -150,6 +157,29 @@ def test_a_config_file_hides_nothing_and_is_named(
     path.write_text(text)
     err = error([*QUICK, "--flow", "planar", "--config", str(path)], capsys)
     assert err.startswith(f"vaeflow: error: {path}: ") and re.search(message, err), err
+
+
+def test_a_config_file_s_data_set_section_applies_to_that_data_set_only(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("[train]\nlr = 0.002\n[flows.planar]\nnum_steps = 3\n"
+                    "[datasets.caltech.train]\nlr = 0.0005\n"
+                    "[datasets.caltech.flows.planar]\nnum_steps = 6\n")
+    caltech = resolve("caltech", "planar", config_file=path)
+    mnist = resolve("static_mnist", "planar", config_file=path)
+    assert (caltech.lr, caltech.flow_kwargs["num_steps"]) == (0.0005, 6)
+    assert (mnist.lr, mnist.flow_kwargs["num_steps"]) == (0.002, 3)
+    # the command line still comes last
+    assert resolve("caltech", "planar", {"lr": 0.1}, config_file=path).lr == 0.1
+
+
+def test_the_quick_preset_keeps_frey_faces_small() -> None:
+    from vaeflow.model import count_parameters
+
+    frey = resolve("freyfaces", "ffjord", preset="quick")
+    assert frey.net_kwargs == {"hidden_sizes": [64, 256]}
+    assert count_parameters(frey) < 10_000_000  # 74 M with the binary data sets' decoder
+    assert resolve("static_mnist", "ffjord", preset="quick").net_kwargs == {
+        "hidden_sizes": [512, 256]}
 
 
 def test_a_set_flow_that_is_not_the_runs_flow_is_refused(

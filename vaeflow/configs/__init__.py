@@ -14,7 +14,10 @@ Layers, lowest priority first:
 6. ``overrides`` (config keys) and ``flow_options`` (flow hyperparameters).
 
 Every file holds a ``[train]`` table of config keys and ``[flows.<flow>]`` tables of
-hyperparameters; a file's ``[flows.<flow>]`` applies only to runs of that flow. The CLI, the
+hyperparameters; a file's ``[flows.<flow>]`` applies only to runs of that flow. A file may also
+hold ``[datasets.<dataset>.train]`` and ``[datasets.<dataset>.flows.<flow>]``: settings for runs
+on that data set only, applied over the file's general ones (the quick preset's smaller decoder
+for Frey Faces, whose 256-way output layer would otherwise hold 73 M parameters). The CLI, the
 comparison table, the benchmark and Python users all resolve through :func:`resolve`, so the
 papers' settings are written once, here, and travel with an installed wheel.
 """
@@ -29,6 +32,7 @@ from typing import Any
 
 from vaeflow.checks import InputError, check_choice, input_errors
 from vaeflow.configs.train_config import OPTIMIZERS, TrainConfig
+from vaeflow.data import DATASETS
 from vaeflow.flows import FLOWS, check_hyperparameters
 
 if sys.version_info >= (3, 11):
@@ -39,6 +43,7 @@ else:  # pragma: no cover
 __all__ = ["TrainConfig", "OPTIMIZERS", "ConfigError", "resolve", "presets", "read_config_file"]
 
 _TABLES = ("train", "flows")
+_FILE_TABLES = (*_TABLES, "datasets")  # a file's top level: also per-data-set sections
 # Keys that resolve's arguments set, over every layer: a layer that set them would be ignored.
 _CHOSEN = ("dataset", "flow")
 
@@ -59,23 +64,38 @@ def presets() -> list[str]:
 
 def _parse(text: str, source: str) -> dict[str, Any]:
     """A config file's tables, checked so that nothing in it is silently ignored: a key outside
-    a table, an unknown table, config key, flow or flow hyperparameter is refused, naming
-    ``source`` and the valid ones."""
+    a table, an unknown table, data set, config key, flow or flow hyperparameter is refused,
+    naming ``source`` and the valid ones."""
     try:
         table = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"config file {source} is not valid TOML: {err}") from err
-    loose = sorted(k for k, v in table.items() if k not in _TABLES and not isinstance(v, dict))
+    _check_tables(table, source, _FILE_TABLES)
+    datasets = table.get("datasets", {})
+    if not isinstance(datasets, dict) or not all(isinstance(v, dict) for v in datasets.values()):
+        raise ConfigError(f"{source}: [datasets.<dataset>] must be tables")
+    for name, section in datasets.items():
+        with input_errors(f"{source}: "):
+            check_choice("data set", name, DATASETS, "data sets")
+        _check_tables(section, f"{source}: [datasets.{name}]", _TABLES)
+    return table
+
+
+def _check_tables(table: Mapping[str, Any], source: str, allowed: tuple[str, ...]) -> None:
+    """Check one level of ``[train]`` and ``[flows.<flow>]`` tables (and, at a file's top,
+    ``[datasets.<dataset>]``)."""
+    loose = sorted(k for k, v in table.items() if k not in allowed and not isinstance(v, dict))
     if loose:
         raise ConfigError(
             f"{source}: key(s) {', '.join(map(repr, loose))} outside any table: config keys go "
             "in a [train] table (a line [train] above them), flow hyperparameters in "
             "[flows.<flow>]"
         )
-    unknown = sorted(set(table) - set(_TABLES))
+    unknown = sorted(set(table) - set(allowed))
     if unknown:
         raise ConfigError(
-            f"{source}: unknown table(s) {unknown}; valid tables are [train] and [flows.<flow>]"
+            f"{source}: unknown table(s) {unknown}; valid tables are "
+            + ", ".join(f"[{t}]" if t == "train" else f"[{t}.<{t[:-1]}>]" for t in allowed)
         )
     train = table.get("train", {})
     flows = table.get("flows", {})
@@ -96,7 +116,6 @@ def _parse(text: str, source: str) -> dict[str, Any]:
         with input_errors(f"{source}: [flows.{name}]: "):
             check_choice("flow", name, FLOWS, "flows")
             check_hyperparameters(name, hyperparameters)
-    return table
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
@@ -118,11 +137,14 @@ def _package_table(*parts: str) -> dict[str, Any] | None:
     return _parse(item.read_text(), f"vaeflow/configs/{'/'.join(parts)}")
 
 
-def _merge(values: dict[str, Any], table: Mapping[str, Any], flow: str) -> None:
-    values.update(table.get("train", {}))
-    flow_table = table.get("flows", {}).get(flow)
-    if flow_table is not None:
-        values["flow_kwargs"] = {**values.get("flow_kwargs", {}), **flow_table}
+def _merge(values: dict[str, Any], table: Mapping[str, Any], flow: str, dataset: str) -> None:
+    """Lay a file's settings for a run of ``flow`` on ``dataset`` over ``values``: its general
+    tables, then its section for ``dataset``."""
+    for level in (table, table.get("datasets", {}).get(dataset, {})):
+        values.update(level.get("train", {}))
+        flow_table = level.get("flows", {}).get(flow)
+        if flow_table is not None:
+            values["flow_kwargs"] = {**values.get("flow_kwargs", {}), **flow_table}
 
 
 def resolve(
@@ -157,7 +179,7 @@ def resolve(
         layers.append(read_config_file(config_file))
     for table in layers:
         if table is not None:
-            _merge(values, table, flow)
+            _merge(values, table, flow, dataset)
     overrides = dict(overrides or {})
     for key, chosen in zip(_CHOSEN, (dataset, flow), strict=True):
         if key in overrides and overrides[key] != chosen:
