@@ -581,3 +581,33 @@ def test_exact_in_eval_false_keeps_the_hutchinson_estimate_for_the_test_figures(
     assert estimated["test_nelbo"] != exact["test_nelbo"]
     assert estimated["test_nll_is"] != exact["test_nll_is"]
     assert evaluate_run(tmp_path / "hutchinson", pictures=False)["trace"] == "Hutchinson"
+
+
+def test_a_model_trained_elsewhere_becomes_a_run(tiny_data_dir: Path, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    from vaeflow.cli import main
+    from vaeflow.model import build_model
+    from vaeflow.runs import load_model, save_run
+
+    config = tiny_config(tiny_data_dir)
+    model = build_model(config)
+    with torch.no_grad():  # stands in for a loop of one's own
+        next(model.parameters()).add_(0.5)
+    results = save_run(tmp_path / "mine", model, config)
+    assert results is not None and Run(tmp_path / "mine").results == results
+    assert results["status"] == "finished" and math.isfinite(results["test_nelbo"])
+    loaded, _ = load_model(tmp_path / "mine")
+    assert_same_params(loaded.state_dict(), model.state_dict())
+    # the CLI sees it as any run: evaluated again to the same figure, and compared
+    assert main(["eval", str(tmp_path / "mine"), "--json"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["test_nelbo"] == pytest.approx(results["test_nelbo"], rel=1e-6)
+    assert main(["compare", str(tmp_path / "mine"), "--plot", "none"]) == 0
+    assert "planar" in capsys.readouterr().out
+    # a folder that holds a run, and a model that is not the config's, are refused by name
+    with pytest.raises(RunError, match="already holds files"):
+        save_run(tmp_path / "mine", model, config)
+    other = build_model(dataclasses.replace(config, latent_dim=6))
+    with pytest.raises(RunError, match="not the one its config describes: shapes differ for"):
+        save_run(tmp_path / "other", other, config)
+    assert not (tmp_path / "other").exists()
