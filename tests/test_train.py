@@ -586,8 +586,9 @@ def test_exact_in_eval_false_keeps_the_hutchinson_estimate_for_the_test_figures(
 def test_a_model_trained_elsewhere_becomes_a_run(tiny_data_dir: Path, tmp_path: Path,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
     from vaeflow.cli import main
+    from vaeflow.evaluate import save_run
     from vaeflow.model import build_model
-    from vaeflow.runs import load_model, save_run
+    from vaeflow.runs import load_model
 
     config = tiny_config(tiny_data_dir)
     model = build_model(config)

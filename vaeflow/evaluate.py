@@ -9,6 +9,7 @@ import contextlib
 import math
 import os
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,11 +20,22 @@ from vaeflow.configs import TrainConfig
 from vaeflow.data import Dataset, load_dataset
 from vaeflow.distributed import SINGLE, World
 from vaeflow.flows import FFJORD, use_solver
+from vaeflow.model import build_model
 from vaeflow.ode import ADAPTIVE_SOLVERS
 from vaeflow.plots import image_grids, write_run_pictures
 from vaeflow.progress import eval_batches
 from vaeflow.rng import fork_rng
-from vaeflow.runs import load_model, read_config, solver_state
+from vaeflow.runs import (
+    BEST,
+    Run,
+    RunError,
+    atomic_save,
+    check_new_run_dir,
+    clear_run_files,
+    load_model,
+    read_config,
+    solver_state,
+)
 from vaeflow.vae import VAE, bits_per_dim, eval_mode
 
 __all__ = [
@@ -35,6 +47,7 @@ __all__ = [
     "fork_rng",
     "evaluate_run",
     "run_pictures",
+    "save_run",
     "smoke_eval_counts",
 ]
 
@@ -285,4 +298,60 @@ def evaluate_run(
     )
     if pictures and checkpoint == "best" and not solver:
         write_run_pictures(run_dir, run_pictures(model, data, config))
+    return results
+
+
+def save_run(
+    run_dir: str | os.PathLike[str],
+    model: VAE,
+    config: TrainConfig,
+    *,
+    evaluate: bool = True,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> dict[str, Any] | None:
+    """Make a run directory of a model trained outside ``vaeflow train`` (a loop of one's own,
+    a Pyro guide's networks): ``config.json`` and ``best.pt``, so that ``vaeflow eval``,
+    :func:`load_model` and the pictures treat it as any run's best model, and (``evaluate``)
+    its test figures in ``results.json``, so that ``vaeflow compare`` sets it beside trained
+    runs. ``model`` must be the model that ``config`` describes (:func:`vaeflow.model.build_model`
+    of it, trained); a parameter of another name or shape is refused by name.
+
+    Returns the test figures written (``None`` without ``evaluate``). Such a run has no
+    ``checkpoint.pt``: it cannot be resumed, and ``vaeflow compare`` shows no epochs or steps.
+
+    Raises:
+        RunError: ``run_dir`` holds files (``overwrite`` replaces the run files in it), or the
+            model does not fit the config.
+    """
+    if not isinstance(model, VAE) or not isinstance(config, TrainConfig):
+        raise TypeError("save_run(run_dir, model, config) takes a VAE and its TrainConfig, got "
+                        f"{type(model).__name__} and {type(config).__name__}")
+    directory = Path(run_dir)
+    # Checked on the meta device: the config's model without allocating it.
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in build_model(config).state_dict().items()
+                    if isinstance(v, torch.Tensor)}
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    given = {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
+    wrong = sorted(k for k in expected.keys() & given.keys() if expected[k] != given[k])
+    missing, extra = sorted(expected.keys() - given.keys()), sorted(given.keys() - expected.keys())
+    if wrong or missing or extra:
+        parts = [f"{label} {', '.join(names[:3])}{', ...' if len(names) > 3 else ''}"
+                 for label, names in (("shapes differ for", wrong), ("the model lacks", missing),
+                                      ("the config has no", extra)) if names]
+        raise RunError(f"the model is not the one its config describes: {'; '.join(parts)} "
+                       "(build it with vaeflow.model.build_model(config))")
+    check_new_run_dir(directory, overwrite)
+    directory.mkdir(parents=True, exist_ok=True)
+    if overwrite:
+        clear_run_files(directory)
+    run = Run(directory)
+    run.write_config(config)
+    atomic_save(state, directory / BEST)
+    if not evaluate:
+        return None
+    results = evaluate_run(directory, progress=progress)
+    results.update(status="finished", stop_reason="saved with save_run, trained elsewhere")
+    run.write_results(results)
     return results

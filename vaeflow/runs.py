@@ -53,7 +53,6 @@ __all__ = [
     "load_model",
     "load_state",
     "read_config",
-    "save_run",
     "solver_state",
 ]
 
@@ -212,64 +211,6 @@ def load_model(
         model = build_model(config)
     load_state(model, state, path)
     return model.eval(), config
-
-
-def save_run(
-    run_dir: str | os.PathLike[str],
-    model: VAE,
-    config: TrainConfig,
-    *,
-    evaluate: bool = True,
-    overwrite: bool = False,
-    progress: bool = False,
-) -> dict[str, Any] | None:
-    """Make a run directory of a model trained outside ``vaeflow train`` (a loop of one's own,
-    a Pyro guide's networks): ``config.json`` and ``best.pt``, so that ``vaeflow eval``,
-    :func:`load_model` and the pictures treat it as any run's best model, and (``evaluate``)
-    its test figures in ``results.json``, so that ``vaeflow compare`` sets it beside trained
-    runs. ``model`` must be the model that ``config`` describes (:func:`vaeflow.model.build_model`
-    of it, trained); a parameter of another name or shape is refused by name.
-
-    Returns the test figures written (``None`` without ``evaluate``). Such a run has no
-    ``checkpoint.pt``: it cannot be resumed, and ``vaeflow compare`` shows no epochs or steps.
-
-    Raises:
-        RunError: ``run_dir`` holds files (``overwrite`` replaces the run files in it), or the
-            model does not fit the config.
-    """
-    if not isinstance(model, VAE) or not isinstance(config, TrainConfig):
-        raise TypeError("save_run(run_dir, model, config) takes a VAE and its TrainConfig, got "
-                        f"{type(model).__name__} and {type(config).__name__}")
-    directory = Path(run_dir)
-    # Checked on the meta device: the config's model without allocating it.
-    with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in build_model(config).state_dict().items()
-                    if isinstance(v, torch.Tensor)}
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    given = {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
-    wrong = sorted(k for k in expected.keys() & given.keys() if expected[k] != given[k])
-    missing, extra = sorted(expected.keys() - given.keys()), sorted(given.keys() - expected.keys())
-    if wrong or missing or extra:
-        parts = [f"{label} {', '.join(names[:3])}{', ...' if len(names) > 3 else ''}"
-                 for label, names in (("shapes differ for", wrong), ("the model lacks", missing),
-                                      ("the config has no", extra)) if names]
-        raise RunError(f"the model is not the one its config describes: {'; '.join(parts)} "
-                       "(build it with vaeflow.model.build_model(config))")
-    check_new_run_dir(directory, overwrite)
-    directory.mkdir(parents=True, exist_ok=True)
-    if overwrite:
-        clear_run_files(directory)
-    run = Run(directory)
-    run.write_config(config)
-    atomic_save(state, directory / BEST)
-    if not evaluate:
-        return None
-    from vaeflow.evaluate import evaluate_run  # it reads runs through this module
-
-    results = evaluate_run(directory, progress=progress)
-    results.update(status="finished", stop_reason="saved with save_run, trained elsewhere")
-    run.write_results(results)
-    return results
 
 
 class RunLock:
