@@ -177,7 +177,7 @@ def test_compare_gives_numbers_in_json_and_the_unit_in_both(
     rows = {Path(r["run"]).name: r for r in json.loads(capsys.readouterr().out)}
     assert rows["mnist"]["test NELBO"] == 212.8234 and rows["mnist"]["IS NLL"] == 210.5
     assert rows["mnist"]["parameters"] == 1210480 and rows["mnist"]["epochs"] == 1
-    assert rows["mnist"]["wall-clock seconds"] == 1.4 and rows["mnist"]["NFE"] == 12.0
+    assert rows["mnist"]["wall-clock seconds"] == 1.4 and rows["mnist"]["train NFE"] == 12.0
     assert rows["mnist"]["unit"] == "nats" and rows["mnist"]["status"] == "finished"
     assert rows["frey"]["unit"] == "bits/dim" and rows["frey"]["test NELBO"] == 2000.0 * bpd
     assert rows["frey"]["IS NLL"] is None and rows["frey"]["wall-clock seconds"] is None
@@ -186,8 +186,10 @@ def test_compare_gives_numbers_in_json_and_the_unit_in_both(
     assert rows["unfinished"]["valid NELBO"] == 2100.0 * bpd  # in its unit, as the table
     assert isinstance(rows["unfinished"]["parameters"], int)
     table = report.compare_table([mnist, frey, unfinished]).splitlines()
-    header = table[0].split("  ")
-    assert "unit" in [c.strip() for c in header]
+    header = [c.strip() for c in table[0].split("  ")]
+    # the NFE of the training solves (the test solve's is in results.json): the header says so
+    assert "unit" in header and "train NFE" in header and "NFE" not in header
+    assert " 12.0" in table[2]
     assert "212.82" in table[2] and " nats " in table[2] and "1,210,480" in table[2]
     assert f"{2000.0 * bpd:.4f}" in table[3] and " bits/dim " in table[3]
     assert f"unfinished (valid {2100.0 * bpd:.4f})" in table[4] and " bits/dim " in table[4]
@@ -210,6 +212,65 @@ def test_compare_says_when_the_is_nll_covers_fewer_test_points(tiny_data_dir: Pa
     everyone = report.compare_table(runs[:1]).splitlines()[-1]
     assert everyone.endswith("of the NELBO")  # every run of the table: no list of runs
     assert "IS NLL on" not in report.compare_table(runs[1:])
+
+
+def _epoch(epoch: int, seconds: float) -> dict[str, Any]:
+    """A ``history.json`` record of an epoch ended at ``seconds`` of training (summed)."""
+    return {"epoch": epoch, "step": 10 * epoch, "seconds": seconds, "valid_nelbo": 100.0}
+
+
+def test_compare_shows_the_wall_clock_an_unfinished_run_has_trained_so_far(
+    tiny_data_dir: Path, tmp_path: Path
+) -> None:
+    # killed in its first session: no timing.json, its epochs' records hold the clock
+    killed = _fake_run(tmp_path / "killed", tiny_data_dir,
+                       history=[_epoch(1, 30.0), _epoch(2, 90.0)])
+    # resumed, then killed: timing.json is the first session's, older than the last epoch
+    resumed = _fake_run(tmp_path / "resumed", tiny_data_dir, history=[_epoch(1, 12.0)],
+                        timing={"train_seconds": 5.0})
+    started = _fake_run(tmp_path / "started", tiny_data_dir)  # no epoch yet: nothing to show
+    rows = report.compare_rows([killed, resumed, started])
+    assert [r["wall-clock seconds"] for r in rows] == [90.0, 12.0, None]
+    table = report.compare_table([killed, resumed, started]).splitlines()
+    assert "1.5 min" in table[2] and "12 s" in table[3]
+    assert all("unfinished" in line for line in table[2:5])  # the row says it is so far
+
+
+def test_compare_lists_a_run_named_twice_once(
+    tiny_data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    results = {"test_nelbo": 90.0}
+    (tmp_path / "runs").mkdir()
+    a = _fake_run(tmp_path / "runs" / "a", tiny_data_dir, results=results).path
+    b = _fake_run(tmp_path / "runs" / "b", tiny_data_dir, results=results).path
+    monkeypatch.chdir(tmp_path)
+    # b itself, then again through its folder, relatively and with a trailing slash
+    argv = [str(b), "runs", "./runs/b/", str(a), str(tmp_path / "runs")]
+    assert [run.path for run in report.expand_runs(argv)] == [b, Path("runs/a")]
+    assert main(["compare", *argv, "--json"]) == 0
+    assert [Path(r["run"]).name for r in json.loads(capsys.readouterr().out)] == ["b", "a"]
+
+
+def test_compare_says_a_path_that_does_not_exist_does_not_exist(
+    tiny_data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = _fake_run(tmp_path / "run", tiny_data_dir, results={"test_nelbo": 90.0}).path
+    missing = tmp_path / "rnu"
+    assert main(["compare", str(run), str(missing), "--json"]) == 2
+    assert capsys.readouterr().err == f"vaeflow: error: {missing} does not exist\n"
+    (tmp_path / "empty").mkdir()  # a folder there but without runs is another matter
+    with pytest.raises(RunError, match="is not a vaeflow run directory and holds none"):
+        report.expand_runs([tmp_path / "empty"])
+
+
+def test_the_summary_counts_one_step_after_the_last_validation_in_the_singular(
+    tiny_data_dir: Path, tmp_path: Path
+) -> None:
+    results = {"test_nelbo": 90.0, "unit": "nats", "epochs": 1, "steps": 11, "best_epoch": 1}
+    run = _fake_run(tmp_path / "run", tiny_data_dir, results=results, history=[_epoch(1, 1.0)])
+    text = report.summary(run.path, results)
+    assert "the 1 step after the last validation is not in it" in text
 
 
 def test_the_summary_says_which_model_a_max_steps_run_tested(tiny_data_dir: Path,

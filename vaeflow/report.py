@@ -100,9 +100,10 @@ def _tested_model(run: Run, results: Mapping[str, Any]) -> list[str]:
     best = next((h for h in history if h["epoch"] == results.get("best_epoch")), None)
     if best is None or history[-1]["step"] >= steps:
         return []
+    after = steps - history[-1]["step"]
     return [f"tested: the best model, of epoch {best['epoch']} (step {best['step']:,}); the "
-            f"{steps - history[-1]['step']:,} steps after the last validation are not in it "
-            "(--max-epochs or max_minutes validate where they stop)"]
+            f"{_count(after, 'step')} after the last validation {'is' if after == 1 else 'are'} "
+            "not in it (--max-epochs or max_minutes validate where they stop)"]
 
 
 def next_commands(run_dir: str | os.PathLike[str], flow: str, world_size: int = 1) -> list[str]:
@@ -174,18 +175,24 @@ def summary(run_dir: str | os.PathLike[str], results: Mapping[str, Any]) -> str:
 
 
 def expand_runs(paths: Sequence[str | os.PathLike[str]]) -> list[Run]:
-    """Run directories, or folders holding runs (searched below), in the order given."""
-    runs: list[Run] = []
+    """Run directories, or folders holding runs (searched below), in the order given; a run
+    named twice (twice over, or itself and through a folder above it) is listed once, where it
+    came first."""
+    runs: dict[Path, Run] = {}
     for path in paths:
+        if not Path(path).exists():  # a typo'd path: not "holds no run", which sends one looking
+            raise RunError(f"{path} does not exist")
         found = [Run(Path(path))] if Run(Path(path)).is_run else find_runs(path)
         if not found:
             raise RunError(f"{path} is not a vaeflow run directory and holds none")
-        runs += found
-    return runs
+        for run in found:
+            # resolved: "runs/a", "./runs/a" and a symbolic link to it are one run
+            runs.setdefault(run.path.resolve(), run)
+    return list(runs.values())
 
 
 _COLUMNS = ("run", "dataset", "flow", "parameters", "test NELBO", "IS NLL", "unit", "epochs",
-            "wall-clock", "NFE", "settings")
+            "wall-clock", "train NFE", "settings")
 # Config keys that change neither what a run learns nor its figures: not among its settings.
 LOG_ONLY_KEYS = frozenset({"data_dir", "log_every", "image_every", "pictures", "checkpoint_every",
                            "eval_batch_rows"})
@@ -232,9 +239,10 @@ def compare_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
     ``flow``, ``status`` (``finished``; ``unfinished``, or ``failed`` when its final evaluation
     failed), ``parameters``, ``test NELBO``, ``IS NLL`` and the best ``valid NELBO`` so far in
     ``unit`` (bits/dim for a data set reported so, Frey Faces; else nats), ``epochs``,
-    ``wall-clock seconds`` (of training and validation), ``NFE`` (mean function evaluations per
-    training solve), ``test points`` and ``IS points`` (the test points of the NELBO and of the
-    IS NLL: the IS estimate, 100 times dearer, is often made on a seeded subset of them) and
+    ``wall-clock seconds`` (of training and validation; so far, for a run not finished),
+    ``train NFE`` (mean function evaluations per training solve), ``test points`` and
+    ``IS points`` (the test points of the NELBO and of the IS NLL: the IS estimate, 100 times
+    dearer, is often made on a seeded subset of them) and
     ``settings`` (:func:`differing_settings`); None where a run has no such figure. A run of a
     flow that this process has not registered is read all the same."""
     from vaeflow.model import count_parameters
@@ -246,12 +254,18 @@ def compare_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
         finished = results or {}
         nelbo, is_nll = finished.get("test_nelbo"), finished.get("test_nll_is")
         valid = min((h["valid_nelbo"] for h in history), default=None)
+        seconds = timing.get("train_seconds")
         if results is not None:
             status, parameters = "finished", results["num_parameters"]
         else:
             status = "failed" if run.failure else "unfinished"
             # the model is built (on the meta device) only from a flow this process knows
             parameters = count_parameters(config) if config.flow in FLOWS else None
+            # timing.json is written when a session returns: a run killed (or still training)
+            # has none, or an earlier session's; each epoch's record holds the same clock,
+            # summed over resumes, so the larger of the two is the time trained so far
+            seconds = max((s for s in (seconds, history[-1]["seconds"] if history else None)
+                           if s is not None), default=None)
         rows.append({
             "run": str(run.path), "dataset": config.dataset, "flow": config.flow,
             "status": status, "parameters": parameters,
@@ -261,8 +275,8 @@ def compare_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
                                   ("valid NELBO", valid))},
             "unit": spec.unit,
             "epochs": finished.get("epochs", len(history)),
-            "wall-clock seconds": timing.get("train_seconds"),
-            "NFE": finished.get("train_nfe_forward_mean"),
+            "wall-clock seconds": seconds,
+            "train NFE": finished.get("train_nfe_forward_mean"),
             "test points": finished.get("test_points"),
             "IS points": finished.get("is_points") if is_nll is not None else None,
             "settings": settings,
@@ -285,7 +299,9 @@ def _cells(row: Mapping[str, Any]) -> dict[str, str]:
         "run": row["run"], "dataset": row["dataset"], "flow": row["flow"],
         "parameters": figure(row["parameters"], ","), "test NELBO": nelbo,
         "IS NLL": figure(row["IS NLL"]), "unit": row["unit"], "epochs": figure(row["epochs"], "d"),
-        "wall-clock": _minutes(row["wall-clock seconds"]), "NFE": figure(row["NFE"], ".1f"),
+        # an unfinished run's time is so far: its test NELBO cell says it is unfinished
+        "wall-clock": _minutes(row["wall-clock seconds"]),
+        "train NFE": figure(row["train NFE"], ".1f"),
         "settings": row["settings"] or "-",
     }
 
