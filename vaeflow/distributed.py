@@ -391,8 +391,15 @@ def session() -> Iterator[World]:
     world = start()
     try:
         yield world
-    finally:
-        stop(world)
+    except BaseException:
+        stop(world)  # no meeting: a peer that failed would never come to it
+        raise
+    if world.owned and dist.is_initialized():
+        # Every rank ends the block after the same collectives, but the fastest one would tear
+        # down its connections while a peer still reads the last result from them; gloo reports
+        # that as a peer that hung up, and can abort the process. One more meeting first.
+        dist.barrier()
+    stop(world)
 
 
 def start() -> World:
