@@ -289,3 +289,28 @@ def test_a_reader_that_goes_away_is_not_a_traceback() -> None:
     err = child.stderr.read().decode()
     assert child.wait(timeout=60) == 141, err
     assert err == ""
+
+
+def test_every_option_of_every_command_says_what_it_does() -> None:
+    """``--help`` is the reference a user reads first: no option or argument without a text,
+    and the training defaults it quotes are TrainConfig's own."""
+    import argparse
+
+    from vaeflow.cli import build_parser
+    from vaeflow.configs import TrainConfig
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(commands.choices) == {"train", "eval", "compare", "flows"}
+    silent = [
+        f"{name} {action.option_strings or action.dest}"
+        for name, sub in commands.choices.items()
+        for action in sub._actions
+        if not action.help
+    ]
+    assert not silent, f"options without a help text: {silent}"
+    train_help = commands.choices["train"].format_help()
+    for key in ("lr", "batch_size", "warmup_epochs", "max_epochs", "early_stopping_epochs"):
+        assert f"(default {getattr(TrainConfig(), key)}, the papers'" in " ".join(
+            train_help.split()
+        ), key

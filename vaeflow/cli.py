@@ -26,6 +26,7 @@ None back to None: ``--set max_minutes=none`` drops the quick preset's time budg
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -255,6 +256,13 @@ def cmd_flows(args: argparse.Namespace) -> int:
     return 0
 
 
+def _paper(key: str, papers: bool = True) -> str:
+    """`` (default V, the papers' protocol)`` for a help text, read from TrainConfig so that
+    the text cannot drift from the value; a preset or --config may set another."""
+    value = next(f.default for f in dataclasses.fields(TrainConfig) if f.name == key)
+    return f" (default {value}, the papers' protocol)" if papers else f" (default {value})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vaeflow",
@@ -274,19 +282,24 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its checkpoint")
     t.add_argument("--preset", choices=presets() or None,
                    help="a named configuration that ships with vaeflow (over the paper's)")
-    t.add_argument("--config", help="a TOML file with [train] and [flows.NAME] tables")
+    t.add_argument("--config", help="a TOML file with [train] and [flows.NAME] tables, and "
+                   "[datasets.DATASET.train] / [datasets.DATASET.flows.NAME] for one data set")
     t.add_argument("--no-dataset-config", action="store_true",
                    help="ignore the papers' settings (vaeflow/configs): TrainConfig defaults")
     t.add_argument("--arch", choices=ARCHITECTURES, help="encoder/decoder architecture")
     t.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
-    t.add_argument("--seed", type=int)
-    t.add_argument("--max-epochs", type=int)
+    t.add_argument("--seed", type=int, help=f"random seed{_paper('seed', papers=False)}")
+    t.add_argument("--max-epochs", type=int,
+                   help=f"stop after this many epochs{_paper('max_epochs')}")
     t.add_argument("--max-steps", type=int, help="stop after this many steps (smoke runs)")
     t.add_argument("--data-dir", help="data directory (default $VAEFLOW_DATA or a user cache)")
-    t.add_argument("--lr", type=float)
-    t.add_argument("--batch-size", type=int)
-    t.add_argument("--warmup-epochs", type=int)
-    t.add_argument("--early-stopping-epochs", type=int)
+    t.add_argument("--lr", type=float, help=f"learning rate{_paper('lr')}")
+    t.add_argument("--batch-size", type=int, help=f"training batch size{_paper('batch_size')}")
+    t.add_argument("--warmup-epochs", type=int,
+                   help=f"epochs of linear KL warm-up, 0: none{_paper('warmup_epochs')}")
+    t.add_argument("--early-stopping-epochs", type=int,
+                   help="stop after this many epochs without a better validation NELBO, 0: "
+                   f"never{_paper('early_stopping_epochs')}")
     t.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="any TrainConfig key (repeatable), e.g. --set max_grad_norm=100; "
                    "none sets an optional key to None: --set max_minutes=none")
@@ -301,9 +314,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="evaluate a run's best model on the test set")
-    e.add_argument("run_dir")
-    e.add_argument("--device")
-    e.add_argument("--data-dir")
+    e.add_argument("run_dir", help="a run directory (vaeflow train --out)")
+    e.add_argument("--device", help="auto, cpu, cuda, cuda:N (default: the run's)")
+    e.add_argument("--data-dir", help="data directory (default: the run's, else $VAEFLOW_DATA "
+                   "or a user cache)")
     e.add_argument("--eval-points", type=int,
                    help="test points for the NELBO, a seeded subset (default: the run's "
                    "eval_points; all when it has none)")
@@ -311,7 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="importance samples (0: skip; default: the run's is_samples)")
     e.add_argument("--is-points", type=int,
                    help="test points for the IS estimate (default: the run's is_points)")
-    e.add_argument("--checkpoint", choices=("best", "last"), default="best")
+    e.add_argument("--checkpoint", choices=("best", "last"), default="best",
+                   help="best: the best validation epoch's model (best.pt, default); last: the "
+                   "last checkpoint's (checkpoint.pt)")
     e.add_argument("--solver", action="append", metavar="KEY=VALUE",
                    help="evaluate with another ODE solver setting (repeatable; method, atol, "
                    "rtol, solver_options), e.g. --solver method=dopri5 --solver atol=1e-5")
