@@ -25,6 +25,7 @@ __all__ = [
     "check_positive_int",
     "check_annotated",
     "check_options",
+    "annotation_alternatives",
     "is_none_word",
     "resolve_device",
 ]
@@ -126,7 +127,7 @@ def is_none_word(value: Any) -> bool:
     return isinstance(value, str) and value.lower() in ("none", "null")
 
 
-def _alternatives(annotation: object) -> list[str]:
+def annotation_alternatives(annotation: object) -> list[str]:
     """The alternatives of a type annotation, as text: ``"int | None"`` -> ``["int", "None"]``,
     ``"Optional[dict[str, Any]]"`` -> ``["dict[str, Any]", "None"]``. Annotations are text under
     ``from __future__ import annotations``; a real type (a flow of one's own) is written out."""
@@ -136,7 +137,7 @@ def _alternatives(annotation: object) -> list[str]:
         text = str(annotation).replace("typing.", "").replace("collections.abc.", "")
     text = text.strip()
     if text.startswith("Optional[") and text.endswith("]"):
-        return [*_alternatives(text[len("Optional["):-1]), "None"]
+        return [*annotation_alternatives(text[len("Optional["):-1]), "None"]
     parts, depth, start = [], 0, 0
     for i, char in enumerate(text):  # split at the top-level "|" only, not inside brackets
         depth += {"[": 1, "]": -1}.get(char, 0)
@@ -160,7 +161,7 @@ def check_annotated(name: str, value: Any, annotation: object) -> Any:
     """
     if annotation is inspect.Parameter.empty or not isinstance(value, str):
         return value
-    alternatives = _alternatives(annotation)
+    alternatives = annotation_alternatives(annotation)
     if "str" in alternatives:
         return value
     optional = "None" in alternatives

@@ -16,6 +16,7 @@ import torch
 
 from vaeflow.checks import (
     InputError,
+    annotation_alternatives,
     check_annotated,
     check_bool,
     check_choice,
@@ -242,8 +243,9 @@ _TYPES: dict[str, tuple[type, ...]] = {
 
 
 def _check_type(name: str, value: Any, annotation: str) -> Any:
-    optional = annotation.endswith(" | None")
-    base = annotation.removesuffix(" | None")
+    alternatives = annotation_alternatives(annotation)
+    optional = "None" in alternatives
+    (base,) = [a for a in alternatives if a != "None"]  # TrainConfig's fields: one type each
     value = check_annotated(name, value, annotation)  # --set max_steps=none: None
     if value is None:
         if optional:
