@@ -17,7 +17,6 @@ atol = rtol = 1e-4 (see ``FLOW_DEFAULTS``; ``--flow-opt name=value`` overrides a
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import math
 import time
@@ -35,6 +34,14 @@ from pyro.optim import ClippedAdam
 from torch import Tensor, nn
 from torch.utils.tensorboard import SummaryWriter
 
+from vaeflow.checks import (
+    check_choice,
+    check_int,
+    check_number,
+    check_options,
+    check_positive_int,
+)
+from vaeflow.cli import parse_value
 from vaeflow.data import DataFileError, DataNotFoundError, Dataset, load_dataset
 from vaeflow.flows import FLOWS, make_flow
 from vaeflow.nets import make_networks
@@ -69,17 +76,17 @@ class Config:
     flow_kw: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.flow not in FLOWS:
-            raise ValueError(f"unknown flow {self.flow!r}; valid flows are {', '.join(FLOWS)}")
-        if self.threads < 0:
-            raise ValueError(f"threads must be >= 0, got {self.threads!r}")
+        # vaeflow's own checks, so that a value is refused here as `vaeflow train` refuses it
+        check_choice("flow", self.flow, FLOWS, "flows")
         for name in ("max_steps", "batch_size", "eval_size", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
-        if self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps!r}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be positive, got {self.lr!r}")
+            check_positive_int(name, getattr(self, name))
+        for name in ("threads", "warmup_steps"):
+            check_int(name, getattr(self, name), minimum=0)
+        check_number("lr", self.lr, positive=True)
+        check_number("clip_norm", self.clip_norm, positive=True)
+        # read as `vaeflow train --flow-opt` reads them: `none`, lists and tables by the
+        # hyperparameter's annotation
+        self.flow_kw = check_options(self.flow_kw, [FLOWS[self.flow]], "--flow-opt ")
 
     def flow_hyperparameters(self) -> dict[str, Any]:
         return {**FLOW_DEFAULTS.get(self.flow, {}), **self.flow_kw}
@@ -264,14 +271,12 @@ def run(config: Config, data: Dataset | None = None, verbose: bool = True) -> di
 
 
 def _flow_kw(text: str) -> tuple[str, Any]:
-    """``name=value`` with ``value`` a Python literal (else kept as a string)."""
+    """``name=value`` with ``value`` read as TOML, as ``vaeflow train --flow-opt`` reads it
+    (``hidden_dims=[64,64]``, ``adjoint=true``, ``solver_options={step_size=0.25}``)."""
     name, sep, value = text.partition("=")
     if not sep or not name:
         raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
-    try:
-        return name, ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-        return name, value
+    return name.strip(), parse_value(value.strip())
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
@@ -313,7 +318,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
         action="append",
         default=[],
         metavar="NAME=VALUE",
-        help="flow hyperparameter, e.g. --flow-opt atol=1e-5 (`vaeflow flows` lists them)",
+        help="flow hyperparameter, read as TOML as by vaeflow train, e.g. --flow-opt "
+        "atol=1e-5 --flow-opt hidden_dims=[32,32] (`vaeflow flows` lists them)",
     )
     p.add_argument("--overwrite", action="store_true",
                    help="replace the results of an earlier run in --out")

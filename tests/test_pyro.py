@@ -440,9 +440,12 @@ def test_experiment_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     config = experiment.parse_args(
         ["--flow", "ffjord", "--max-steps", "3", "--batch-size", "8", "--eval-size", "10",
          "--latent-dim", "4", "--context-dim", "8", "--warmup-steps", "2", "--threads", "0",
-         "--flow-opt", "hidden_dims=(16, 16)", "--out", str(tmp_path / "run")]
+         "--flow-opt", "hidden_dims=[16, 16]", "--flow-opt", "solver_options=none",
+         "--out", str(tmp_path / "run")]
     )  # fmt: skip
-    assert config.flow_hyperparameters()["hidden_dims"] == (16, 16)
+    # TOML, as vaeflow train reads --flow-opt: a list, and the word none where None is allowed
+    assert config.flow_hyperparameters()["hidden_dims"] == [16, 16]
+    assert config.flow_hyperparameters()["solver_options"] is None
     results = experiment.run(config, data, verbose=False)
     assert math.isfinite(results["first_loss"]) and math.isfinite(results["test_nelbo"])
     assert results["eval_size"] == 10
@@ -454,6 +457,8 @@ def test_experiment_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     # a bad hyperparameter, or a run directory in use, is refused before any training
     for argv in (["--flow", "planar", "--flow-kw", "nope=1"],
                  ["--flow", "ffjord", "--flow-opt", "atol=-1"],
+                 ["--flow", "ffjord", "--flow-opt", "hidden_dims=big"],
+                 ["--lr", "0"],
                  ["--out", str(tmp_path / "run")]):
         with pytest.raises(SystemExit):
             experiment.parse_args(argv)
