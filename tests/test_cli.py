@@ -160,6 +160,8 @@ def test_dataset_config_and_overrides(tiny_data_dir: Path, capsys: pytest.Captur
          "unknown config key.*'nope'.*valid keys are"),
         (["train", "--dataset", "static_mnist", "--flow", "ffjord", "--flow-opt", "method=rk5"],
          "valid methods are"),
+        (["train", "--dataset", "static_mnist", "--flow", "iaf", "--flow-opt", "num_steps=0"],
+         "error: flow 'iaf': num_steps must be a positive integer, got 0"),
         (["train", "--flow", "ffjord"], "train needs --dataset"),
         (["train", "--dataset", "static_mnist", "--flow", "ffjord", "--set", "lr"],
          "--set takes KEY=VALUE"),

@@ -219,9 +219,12 @@ class TrainConfig:
         # caller's random stream, or merely reading a config (a picture's title, a script after
         # its seed) would change what a run trains.
         device = "meta" if self.flow == "ffjord" else "cpu"
-        with input_errors(), torch.device(device), torch.random.fork_rng(devices=[]):
-            check_hyperparameters(self.flow, self.flow_kwargs)
-            flow = make_flow(self.flow, self.latent_dim, self.context_dim, **self.flow_kwargs)
+        with torch.device(device), torch.random.fork_rng(devices=[]):
+            with input_errors():  # its message names the flow already
+                check_hyperparameters(self.flow, self.flow_kwargs)
+            # "num_steps must be a positive integer" alone would not say whose num_steps
+            with input_errors(f"flow {self.flow!r}: "):
+                flow = make_flow(self.flow, self.latent_dim, self.context_dim, **self.flow_kwargs)
         # The test solver is checked now, not after hours of training. Its settings are the
         # flow's hyperparameters of the same names, read as those are (solver_options=none).
         if self.test_solver:
