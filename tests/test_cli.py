@@ -99,6 +99,14 @@ def test_a_fixed_step_run_is_tested_with_dopri5_and_eval_can_change_the_solver(
 
     assert main(["eval", str(run), "--solver", "adjoint=true"]) == 2
     assert "unknown solver setting(s) 'adjoint'" in capsys.readouterr().err
+    # Bad options are refused before the data is read: here there is none to read, and the
+    # message is still the option's, not the missing data's.
+    nowhere = ["--data-dir", str(tmp_path / "no-data")]
+    for option, message in ((["--solver", "method=rk5"], "unknown ODE solver method 'rk5'"),
+                            (["--is-samples", "-1"], "is_samples must be an integer >= 0"),
+                            (["--eval-points", "0"], "eval_points must be a positive integer")):
+        assert main(["eval", str(run), *nowhere, *option]) == 2
+        assert message in capsys.readouterr().err, option
     planar = tmp_path / "planar"
     args = ["train", *tiny_args(tiny_data_dir), "--flow", "planar", "--max-steps", "2"]
     assert main([*args, "--batch-size", "20", "--out", str(planar)]) == 0

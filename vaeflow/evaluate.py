@@ -162,6 +162,21 @@ def run_pictures(model: VAE, data: Dataset, config: TrainConfig) -> tuple[Tensor
         return image_grids(model, data.test[:32], config.seed + 2)
 
 
+def _counts(
+    config: TrainConfig, eval_points: int | None, is_samples: int | None, is_points: int | None
+) -> tuple[int | None, int, int | None]:
+    """The test figures' point and sample counts, the config's where not given, checked."""
+    eval_points = config.eval_points if eval_points is None else eval_points
+    is_samples = config.is_samples if is_samples is None else is_samples
+    is_points = config.is_points if is_points is None else is_points
+    if eval_points is not None:
+        check_int("eval_points", eval_points, minimum=1)
+    check_int("is_samples", is_samples, minimum=0)
+    if is_points is not None:
+        check_int("is_points", is_points, minimum=1)
+    return eval_points, is_samples, is_points
+
+
 def evaluate(
     model: VAE,
     data: Dataset,
@@ -183,14 +198,7 @@ def evaluate(
     are those of :func:`evaluation_solve` (``solver`` changes them further), for these figures
     only; ``"solver"`` in the result says which they were.
     """
-    eval_points = config.eval_points if eval_points is None else eval_points
-    is_samples = config.is_samples if is_samples is None else is_samples
-    is_points = config.is_points if is_points is None else is_points
-    if eval_points is not None:
-        check_int("eval_points", eval_points, minimum=1)
-    check_int("is_samples", is_samples, minimum=0)
-    if is_points is not None:
-        check_int("is_points", is_points, minimum=1)
+    eval_points, is_samples, is_points = _counts(config, eval_points, is_samples, is_points)
     test = subset(data.test, eval_points)
     num_dims = math.prod(data.input_shape)
     # exact=None below: each flow's own eval setting, so that FFJORD's exact_in_eval=False (a
@@ -284,13 +292,19 @@ def evaluate_run(
         config.data_dir = data_dir
     dev = resolve_device(config.device)
     model, _ = load_model(run_dir, checkpoint, dev, config)
-    data = run_dataset(config, dev)
     smoke = smoke_eval_counts(config)
     kw = {
         "eval_points": eval_points if eval_points is not None else smoke.get("eval_points"),
         "is_samples": is_samples if is_samples is not None else smoke.get("is_samples"),
         "is_points": is_points if is_points is not None else smoke.get("is_points"),
     }
+    # Options are checked before the data set is read (seconds, or a download): a bad count
+    # or solver setting says so at once, not after the data, nor instead of a missing-data
+    # message the user would fix first.
+    _counts(config, **kw)
+    with evaluation_solve(model, config, solver):
+        pass  # entering it checks the settings on this model's flow; leaving it restores them
+    data = run_dataset(config, dev)
     results = evaluate(model, data, config, **kw, solver=solver, progress=progress)
     results.update(
         dataset=config.dataset, flow=config.flow, checkpoint=checkpoint,
