@@ -79,3 +79,22 @@ def test_runs_left_out_are_named(tiny_data_dir: Path, tmp_path: Path,
     assert f"left out {empty.path}: no epoch of it has finished" in capsys.readouterr().out
     with pytest.raises(InputError, match="no epoch has finished"):
         plot_learning_curves([empty.path], out)
+
+
+def test_a_figure_format_matplotlib_cannot_write_is_named_before_any_work(
+    tiny_data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from vaeflow.cli import main
+
+    run = _written_run(tmp_path / "run", tiny_data_dir, "static_mnist", [100.0, 99.0], 98.0)
+    # compare: exit status 2 and one line, before the table (it was matplotlib's traceback
+    # after the curves were drawn)
+    assert main(["compare", str(run.path), "--plot", str(tmp_path / "curves.txt")]) == 2
+    captured = capsys.readouterr()
+    assert "cannot write a figure as 'curves.txt'" in captured.err and "png" in captured.err
+    assert captured.out == "" and not (tmp_path / "curves.txt").exists()
+    assert plot_run.main([str(run.path), "--out", str(tmp_path / "x.jpgg")]) == 2
+    assert "its suffix .jpgg is not a format matplotlib writes" in capsys.readouterr().err
+    # any format matplotlib writes is taken, whatever the case of its suffix
+    path, _ = plot_learning_curves([run.path], tmp_path / "curves.SVG")
+    assert path.read_text().lstrip().startswith("<?xml")

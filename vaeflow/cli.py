@@ -208,16 +208,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    # a JSON reader (a script) gets no file written beside it unless it asks for one
+    plot = args.plot or ("none" if args.json else "compare.png")
+    if plot != "none":
+        from vaeflow.plots import check_figure_path, plot_learning_curves
+
+        check_figure_path(plot)  # a bad --plot is an error before the table, not a traceback
     runs = report.expand_runs(args.runs)
     if args.json:
         print(json.dumps(report.compare_rows(runs), indent=2))
     else:
         print(report.compare_table(runs))
-    # a JSON reader (a script) gets no file written beside it unless it asks for one
-    plot = args.plot or ("none" if args.json else "compare.png")
     if plot != "none":
-        from vaeflow.plots import plot_learning_curves
-
         try:
             path, skipped = plot_learning_curves([run.path for run in runs], plot)
         except InputError as err:  # no epoch finished anywhere: the table is still useful
@@ -338,7 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("runs", nargs="+", metavar="RUN",
                    help="run directories, or folders holding runs")
     c.add_argument("--plot", metavar="PNG",
-                   help="where to write the runs' learning curves (default: compare.png in "
+                   help="where to write the runs' learning curves, in the format its suffix "
+                   "names (.png, .pdf, .svg, ...; default: compare.png in "
                    "the current folder, replaced if it exists, and none with --json; 'none': "
                    "no plot)")
     c.add_argument("--json", action="store_true",

@@ -32,6 +32,7 @@ __all__ = [
     "image_grids",
     "write_run_pictures",
     "plot_learning_curves",
+    "check_figure_path",
 ]
 
 SAMPLES = "samples.png"
@@ -148,6 +149,25 @@ def _zoom(ax: Any, values: Sequence[float]) -> None:
         ax.set_ylim(low - margin, high + margin)
 
 
+def check_figure_path(out: str | os.PathLike[str]) -> Path:
+    """``out`` as a figure's path: its suffix must name a format matplotlib writes (``.png``,
+    ``.pdf``, ``.svg``, ...; none: PNG). Checked before any work, so that a typo is named at
+    once rather than as matplotlib's traceback after the curves are drawn.
+
+    Raises:
+        InputError: the suffix names no such format.
+    """
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    path = Path(out)
+    suffix = path.suffix.lower().lstrip(".")
+    formats = sorted(FigureCanvasBase.get_supported_filetypes())
+    if suffix and suffix not in formats:
+        raise InputError(f"cannot write a figure as {path.name!r}: its suffix .{suffix} is not "
+                         f"a format matplotlib writes ({', '.join(formats)})")
+    return path
+
+
 def plot_learning_curves(
     run_dirs: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str]
 ) -> tuple[Path, list[Run]]:
@@ -157,9 +177,11 @@ def plot_learning_curves(
     left out because no epoch of theirs has finished. Needs matplotlib.
 
     Raises:
-        InputError: when no run has a finished epoch, or the runs' data sets are reported in
-            different units (nats and bits/dim cannot share an axis).
+        InputError: when no run has a finished epoch, the runs' data sets are reported in
+            different units (nats and bits/dim cannot share an axis), or ``out`` names a format
+            that matplotlib does not write (:func:`check_figure_path`).
     """
+    out = check_figure_path(out)
     runs = [Run(Path(d)) for d in run_dirs]
     units = {run.path: _unit(run)[0] for run in runs}
     if len(set(units.values())) > 1:
@@ -190,7 +212,6 @@ def plot_learning_curves(
     ax.legend(fontsize=8)
     _zoom(ax, values)
     fig.tight_layout()
-    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
     plt.close(fig)
