@@ -378,6 +378,19 @@ def test_missing_file_names_the_env_var_origin(
     assert os.listdir(tmp_path) == []
 
 
+def test_a_data_directory_that_is_a_file_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_network: list[str]
+) -> None:
+    """Not "binarized_mnist.npz is not in the data directory /x/binarized_mnist.npz", the
+    message of a file that names the file itself, and no download into it."""
+    path = tmp_path / "binarized_mnist.npz"
+    path.write_bytes(b"not a folder")
+    monkeypatch.setenv("VAEFLOW_DATA", str(path))
+    with pytest.raises(DataNotFoundError, match=r"is a file, not a folder.*chosen by \$VAEFLOW"):
+        load_dataset("static_mnist")
+    assert no_network == [] and path.read_bytes() == b"not a folder"
+
+
 def test_download_false_does_not_fetch(tmp_path: Path, no_network: list[str]) -> None:
     with pytest.raises(DataNotFoundError, match="download=False") as info:
         load_dataset("mnist", tmp_path, download=False)

@@ -109,6 +109,12 @@ def load_dataset(
     if len(sizes) != 3 or min(sizes) < 1:
         raise ValueError(f"split_sizes must be three positive integers, got {split_sizes!r}")
     directory, origin = _resolve_with_origin(data_dir)
+    if directory.exists() and not directory.is_dir():
+        # else the message would say the file is missing from "the directory" /some/file.npz
+        raise DataNotFoundError(
+            f"the data directory {directory} is a file, not a folder: give the folder that "
+            f"holds {spec.filename}. That path was chosen by {origin}."
+        )
     path = directory / spec.filename
     if not path.is_file():
         if not download:
