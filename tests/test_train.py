@@ -467,6 +467,15 @@ def test_config_errors_name_the_valid_values() -> None:
         train_mod.resolve_device("gpu7")
 
 
+def test_train_refuses_what_is_not_a_run_before_touching_the_folder(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    with pytest.raises(TypeError, match="train\\(\\) takes a TrainConfig, got dict.*resolve"):
+        train({"flow": "none"}, run)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="needs config and run_dir, or resume"):
+        train(TrainConfig(flow="none"))
+    assert not run.exists()
+
+
 def test_beta_warmup() -> None:
     assert [beta_at(e, 4) for e in (1, 2, 4, 9)] == [0.25, 0.5, 1.0, 1.0]
     assert beta_at(1, 0) == 1.0

@@ -841,6 +841,12 @@ def _claim(
     else:
         if config is None or run_dir is None:
             raise ValueError("train() needs config and run_dir, or resume=RUN_DIR")
+        if not isinstance(config, TrainConfig):
+            # a dict of settings is the likely slip; its keys would fail one by one later
+            raise TypeError(
+                f"train() takes a TrainConfig, got {type(config).__name__}: build one with "
+                "vaeflow.configs.resolve(dataset, flow, {...}) or TrainConfig.from_dict(...)"
+            )
         directory = Path(run_dir)
         check_new_run_dir(directory, overwrite)
     created = not directory.exists()
