@@ -369,6 +369,9 @@ def test_errors() -> None:
     transform = ConditionalFlowTransform(flow)
     with pytest.raises(ValueError, match="context"):
         transform.condition(torch.tensor(1.0))
+    wrong_size = f"Planar takes a context of size H = {H}.*got \\(3, {H + 1}\\)"
+    with pytest.raises(ValueError, match=wrong_size):
+        transform.condition(torch.zeros(3, H + 1, dtype=torch.float64))
     t = transform.condition(torch.zeros(3, H, dtype=torch.float64))
     with pytest.raises(ValueError, match="does not broadcast"):
         t(torch.zeros(5, D, dtype=torch.float64))

@@ -70,6 +70,12 @@ class FlowTransform(Transform):
         if not isinstance(context, Tensor) or context.dim() < 1:
             shape = tuple(context.shape) if isinstance(context, Tensor) else type(context)
             raise ValueError(f"the context must be a tensor [B, H] or [H], got {shape}")
+        if context.shape[-1] != flow.context_dim:
+            # said here, where the guide builds its distribution, not at the first sample
+            raise ValueError(
+                f"{type(flow).__name__} takes a context of size H = {flow.context_dim} "
+                f"([B, {flow.context_dim}] or [{flow.context_dim}]), got {tuple(context.shape)}"
+            )
         self.flow = flow
         self.context = context
         self._last: tuple[Tensor, Tensor, Tensor] | None = None  # (z0, zK, logdet)
