@@ -35,6 +35,8 @@ def test_plot_two_runs(tiny_data_dir: Path, tmp_path: Path) -> None:
 def test_not_a_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert plot_run.main([str(tmp_path), "--out", str(tmp_path / "x.png")]) == 2
     assert "is not a vaeflow run directory" in capsys.readouterr().err
+    assert plot_run.main([str(tmp_path / "absent"), "--out", str(tmp_path / "x.png")]) == 2
+    assert f"run directory {tmp_path / 'absent'} does not exist" in capsys.readouterr().err
 
 
 def _written_run(path: Path, data_dir: Path, dataset: str, nelbos: list[float],

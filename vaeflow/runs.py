@@ -77,6 +77,13 @@ class RunError(InputError):
     """A run directory, or a file in it, that cannot be used (the message says which and why)."""
 
 
+def _not_a_run(run_dir: str | os.PathLike[str]) -> RunError:
+    """Why ``run_dir`` (no ``config.json`` in it) cannot be read as a run."""
+    if not Path(run_dir).exists():
+        return RunError(f"run directory {run_dir} does not exist")
+    return RunError(f"{run_dir} is not a vaeflow run directory: no {CONFIG} in it")
+
+
 def read_config(run_dir: str | os.PathLike[str], *, any_flow: bool = False) -> TrainConfig:
     """The config of the run in ``run_dir`` (its ``config.json``).
 
@@ -87,9 +94,7 @@ def read_config(run_dir: str | os.PathLike[str], *, any_flow: bool = False) -> T
     """
     path = Path(run_dir) / CONFIG
     if not path.is_file():
-        if not Path(run_dir).exists():
-            raise RunError(f"run directory {run_dir} does not exist")
-        raise RunError(f"{run_dir} is not a vaeflow run directory: no {CONFIG} in it")
+        raise _not_a_run(run_dir)
     try:
         values = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -362,7 +367,7 @@ class Run:
         ``train_<term>``...), from ``history.json``; runs of an older vaeflow keep theirs
         inside ``checkpoint.pt``, which is read then."""
         if not self.is_run:
-            raise RunError(f"{self.path} is not a vaeflow run directory: no {CONFIG} in it")
+            raise _not_a_run(self.path)
         history = _read_json(self.path / HISTORY)
         if history is not None:
             return list(history)
