@@ -37,6 +37,10 @@ def test_not_a_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "is not a vaeflow run directory" in capsys.readouterr().err
     assert plot_run.main([str(tmp_path / "absent"), "--out", str(tmp_path / "x.png")]) == 2
     assert f"run directory {tmp_path / 'absent'} does not exist" in capsys.readouterr().err
+    from vaeflow.runs import RunError
+
+    with pytest.raises(RunError, match="absent does not exist"):
+        Run(tmp_path / "absent").history  # noqa: B018 - the property raises
 
 
 def _written_run(path: Path, data_dir: Path, dataset: str, nelbos: list[float],
