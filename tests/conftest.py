@@ -36,14 +36,21 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.slow)
 
 
-def run_readme(section: str, min_blocks: int = 1) -> dict[str, object]:
+def run_readme(
+    section: str, min_blocks: int = 1, skip: tuple[str, ...] = ()
+) -> dict[str, object]:
     """Execute the Python blocks of the README's ``## section`` as written, joined, from torch's
-    seed 0, and return their namespace; the section must hold at least ``min_blocks`` blocks."""
+    seed 0, and return their namespace; the section must hold at least ``min_blocks`` blocks.
+    A block that holds one of the texts of ``skip`` is left out (a GPU job shown as an
+    example); each of them must name exactly one block, so that none is skipped unawares."""
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert f"\n## {section}\n" in readme, section
     text = readme.split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
     blocks = re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL)
     assert len(blocks) >= min_blocks, (section, len(blocks))
+    for marker in skip:
+        assert sum(marker in block for block in blocks) == 1, (section, marker)
+    blocks = [block for block in blocks if not any(marker in block for marker in skip)]
     namespace: dict[str, object] = {"__name__": "docs_" + re.sub(r"\W", "_", section.lower())}
     torch.manual_seed(0)
     exec(compile("\n".join(blocks), "README.md", "exec"), namespace)

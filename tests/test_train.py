@@ -592,6 +592,28 @@ def test_exact_in_eval_false_keeps_the_hutchinson_estimate_for_the_test_figures(
     assert evaluate_run(tmp_path / "hutchinson", pictures=False)["trace"] == "Hutchinson"
 
 
+def test_readme_python_section_runs_as_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The README's "## Python" blocks, but the paper-size training (a GPU job): a flow called
+    directly, then a loop of one's own saved as a run that vaeflow reads back."""
+    from conftest import run_readme
+
+    from vaeflow.runs import load_model
+
+    monkeypatch.chdir(tmp_path)  # the block writes runs/mine where it runs
+    namespace = run_readme("Python", min_blocks=3, skip=('train(config, "runs/x")',))
+    zK, logdet = namespace["zK"], namespace["logdet"]
+    assert zK.shape == (100, 64) and logdet.shape == (100,)
+    terms, model = namespace["terms"], namespace["model"]
+    assert math.isfinite(terms["loss"].item())
+    assert {"nelbo", "kl", "recon", "logdet"} <= terms.keys()
+    loaded, config = load_model(tmp_path / "runs" / "mine")
+    assert config.flow == "planar" and config.arch == "mlp"
+    assert config.flow_kwargs["num_steps"] == 16  # the comment in the block says so
+    assert_same_params(loaded.state_dict(), model.state_dict())
+
+
 def test_a_model_trained_elsewhere_becomes_a_run(tiny_data_dir: Path, tmp_path: Path,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
     from vaeflow.cli import main
