@@ -268,6 +268,18 @@ def test_resume_refuses_a_spent_budget_and_takes_restated_values(
     same = {"lr": config.lr, "seed": config.seed, "batch_size": config.batch_size,
             "max_epochs": config.max_epochs}
     assert train(resume=tmp_path / "b", changes=same, progress=False) == reference
+    # finished, it is refused a budget below what it trained: its config.json would say
+    # max_steps=10 of a run of 30 steps (the budget reached or not, nothing else would change)
+    done = (tmp_path / "b" / "config.json").read_text()
+    steps, epochs = reference["steps"], reference["epochs"]
+    for smaller, words in [({"max_steps": 10}, f"max_steps=10 (it trained {steps} steps)"),
+                           ({"max_epochs": 1}, f"max_epochs=1 (it trained {epochs} epochs)")]:
+        with pytest.raises(RunError, match=re.escape(words) + ".*has finished.*vaeflow eval"):
+            train(resume=tmp_path / "b", changes=smaller, progress=False)
+        assert (tmp_path / "b" / "config.json").read_text() == done
+    # the budget it stopped at is no change worth refusing
+    assert train(resume=tmp_path / "b", changes={"max_steps": steps}, progress=False)["steps"] \
+        == steps
 
 
 def test_sigterm_writes_a_checkpoint_and_resume_matches(

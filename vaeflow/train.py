@@ -422,10 +422,22 @@ class _Trainer:
     def check_budget(self) -> None:
         """Refuse to resume an unfinished run with a step or epoch budget it has already passed:
         it would stop after one more step (or epoch) and say that budget was reached at a count
-        it had long passed. A finished run keeps its results whatever the budget (a resume only
-        evaluates it again)."""
+        it had long passed. A finished run is refused a budget below what it trained: nothing
+        would change but its config.json, which would then no longer describe it."""
         cfg, st = self.config, self.state
         if st.done:
+            below = []
+            if cfg.max_steps is not None and cfg.max_steps < st.step:
+                below.append(f"max_steps={cfg.max_steps} (it trained {st.step} steps)")
+            if cfg.max_epochs < st.epoch - 1:  # a finish leaves the epoch after the last
+                below.append(f"max_epochs={cfg.max_epochs} (it trained {st.epoch - 1} epochs)")
+            if below:
+                raise RunError(
+                    f"cannot resume {self.run_dir} with {' and '.join(below)}: the run has "
+                    f"finished ({st.stop_reason}), and a smaller budget changes nothing but "
+                    "its config; resume without it to evaluate the run again (or `vaeflow "
+                    f"eval {self.run_dir}`), or give a larger budget to train on"
+                )
             return
         passed = []
         if cfg.max_steps is not None and cfg.max_steps <= st.step:
