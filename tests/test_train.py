@@ -260,7 +260,8 @@ def test_resume_refuses_a_spent_budget_and_takes_restated_values(
     monkeypatch.undo()
     before = (tmp_path / "b" / "config.json").read_text()
     for spent, words in [({"max_steps": 20}, "max_steps=20 (it is at step 20)"),
-                         ({"max_epochs": 2}, "max_epochs=2 (it is in epoch 3)")]:
+                         ({"max_epochs": 2}, "max_epochs=2 (it is in epoch 3)"),
+                         ({"max_minutes": 1e-6}, "max_minutes=1e-06 (it has trained ")]:
         with pytest.raises(RunError, match=re.escape(words) + ".*passed that budget"):
             train(resume=tmp_path / "b", changes=spent, progress=False)
         assert (tmp_path / "b" / "config.json").read_text() == before  # nothing written
@@ -273,7 +274,8 @@ def test_resume_refuses_a_spent_budget_and_takes_restated_values(
     done = (tmp_path / "b" / "config.json").read_text()
     steps, epochs = reference["steps"], reference["epochs"]
     for smaller, words in [({"max_steps": 10}, f"max_steps=10 (it trained {steps} steps)"),
-                           ({"max_epochs": 1}, f"max_epochs=1 (it trained {epochs} epochs)")]:
+                           ({"max_epochs": 1}, f"max_epochs=1 (it trained {epochs} epochs)"),
+                           ({"max_minutes": 1e-6}, "max_minutes=1e-06 (it trained ")]:
         with pytest.raises(RunError, match=re.escape(words) + ".*has finished.*vaeflow eval"):
             train(resume=tmp_path / "b", changes=smaller, progress=False)
         assert (tmp_path / "b" / "config.json").read_text() == done

@@ -420,10 +420,10 @@ class _Trainer:
         return None
 
     def check_budget(self) -> None:
-        """Refuse to resume an unfinished run with a step or epoch budget it has already passed:
-        it would stop after one more step (or epoch) and say that budget was reached at a count
-        it had long passed. A finished run is refused a budget below what it trained: nothing
-        would change but its config.json, which would then no longer describe it."""
+        """Refuse to resume an unfinished run with a step, epoch or time budget it has already
+        passed: it would stop after one more step (or epoch) and say that budget was reached at a
+        count it had long passed. A finished run is refused a budget below what it trained:
+        nothing would change but its config.json, which would then no longer describe it."""
         cfg, st = self.config, self.state
         if st.done:
             below = []
@@ -431,6 +431,8 @@ class _Trainer:
                 below.append(f"max_steps={cfg.max_steps} (it trained {st.step} steps)")
             if cfg.max_epochs < st.epoch - 1:  # a finish leaves the epoch after the last
                 below.append(f"max_epochs={cfg.max_epochs} (it trained {st.epoch - 1} epochs)")
+            if cfg.max_minutes is not None and 60 * cfg.max_minutes < st.seconds:
+                below.append(f"max_minutes={cfg.max_minutes} (it trained {_minutes(st.seconds)})")
             if below:
                 raise RunError(
                     f"cannot resume {self.run_dir} with {' and '.join(below)}: the run has "
@@ -444,6 +446,8 @@ class _Trainer:
             passed.append(f"max_steps={cfg.max_steps} (it is at step {st.step})")
         if cfg.max_epochs < st.epoch:
             passed.append(f"max_epochs={cfg.max_epochs} (it is in epoch {st.epoch})")
+        if cfg.max_minutes is not None and 60 * cfg.max_minutes <= st.seconds:
+            passed.append(f"max_minutes={cfg.max_minutes} (it has trained {_minutes(st.seconds)})")
         if passed:
             raise RunError(
                 f"cannot resume {self.run_dir} with {' and '.join(passed)}: the run has passed "
@@ -716,6 +720,10 @@ class _Trainer:
         self.log_images(st.epoch)  # the best model's pictures, and the whole learning curve
         self.model.load_state_dict(final_state)
         return results
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.2f} minutes"
 
 
 class _NonFinite(RuntimeError):
