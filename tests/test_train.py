@@ -657,3 +657,7 @@ def test_a_model_trained_elsewhere_becomes_a_run(tiny_data_dir: Path, tmp_path: 
     with pytest.raises(RunError, match="not the one its config describes: shapes differ for"):
         save_run(tmp_path / "other", other, config)
     assert not (tmp_path / "other").exists()
+    # saved without its figures, it is a run that is not evaluated (not one still training)
+    assert save_run(tmp_path / "bare", model, config, evaluate=False) is None
+    assert main(["compare", str(tmp_path / "bare"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["status"] == "not evaluated"

@@ -236,8 +236,10 @@ def differing_settings(runs: Sequence[Run]) -> list[str]:
 
 def compare_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
     """One row per run, as plain JSON values (``vaeflow compare --json``): ``run``, ``dataset``,
-    ``flow``, ``status`` (``finished``; ``unfinished``, or ``failed`` when its final evaluation
-    failed), ``parameters``, ``test NELBO``, ``IS NLL`` and the best ``valid NELBO`` so far in
+    ``flow``, ``status`` (``finished``; ``unfinished``, ``failed`` when its final evaluation
+    failed, or ``not evaluated``: a model saved by :func:`vaeflow.evaluate.save_run` with
+    ``evaluate=False``: ``vaeflow eval`` measures it, ``evaluate=True`` records its figures),
+    ``parameters``, ``test NELBO``, ``IS NLL`` and the best ``valid NELBO`` so far in
     ``unit`` (bits/dim for a data set reported so, Frey Faces; else nats), ``epochs``,
     ``wall-clock seconds`` (of training and validation; so far, for a run not finished),
     ``train NFE`` (mean function evaluations per training solve), ``test points`` and
@@ -258,7 +260,13 @@ def compare_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
         if results is not None:
             status, parameters = "finished", results["num_parameters"]
         else:
-            status = "failed" if run.failure else "unfinished"
+            if run.failure:
+                status = "failed"
+            elif (run.path / BEST).is_file() and not (run.path / CHECKPOINT).is_file():
+                # save_run(evaluate=False): a model, no training (which checkpoints from step 0)
+                status = "not evaluated"
+            else:
+                status = "unfinished"
             # the model is built (on the meta device) only from a flow this process knows
             parameters = count_parameters(config) if config.flow in FLOWS else None
             # timing.json is written when a session returns: a run killed (or still training)
@@ -292,7 +300,7 @@ def _cells(row: Mapping[str, Any]) -> dict[str, str]:
         return figure_text(value, row["unit"]) if fmt is None else format(value, fmt)
 
     nelbo = figure(row["test NELBO"])
-    if row["status"] != "finished":  # unfinished or failed: its best validation NELBO so far
+    if row["status"] != "finished":  # not finished: its best validation NELBO so far, if any
         valid = row["valid NELBO"]
         nelbo = row["status"] + (f" (valid {figure(valid)})" if valid is not None else "")
     return {
