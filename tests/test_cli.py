@@ -301,6 +301,29 @@ def test_a_reader_that_goes_away_is_not_a_traceback() -> None:
     assert err == ""
 
 
+def test_a_fatal_signal_in_the_console_script_shows_where_python_was(
+    tiny_data_dir: Path, tmp_path: Path
+) -> None:
+    """A C++ abort (here ``os.abort()`` inside the training step, as a gloo thread's would be)
+    prints the Python stack of every thread, not only the C++ runtime's one line."""
+    code = (
+        "import os, sys, vaeflow.train as t\n"
+        "t.train_step = lambda *a, **k: os.abort()\n"
+        "from vaeflow.cli import main\n"
+        "sys.argv[0] = 'vaeflow'\n"
+        "sys.exit(main())\n"  # no argv: the console script's path, which reads sys.argv
+    )
+    child = subprocess.run(
+        [sys.executable, "-c", code, "train", *tiny_args(tiny_data_dir), "--flow", "none",
+         "--max-steps", "2", "--out", str(tmp_path / "run")],
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": ""},
+        capture_output=True, text=True, timeout=120,
+    )
+    assert child.returncode == -signal.SIGABRT, child.stderr[-2000:]
+    assert "Fatal Python error: Aborted" in child.stderr, child.stderr[-2000:]
+    assert "in run_epoch" in child.stderr and "vaeflow/train.py" in child.stderr
+
+
 def test_every_option_of_every_command_says_what_it_does() -> None:
     """``--help`` is the reference a user reads first: no option or argument without a text,
     and the training defaults it quotes are TrainConfig's own."""

@@ -193,7 +193,7 @@ def reference_runs(tiny_data_dir: Path, tmp_path_factory: pytest.TempPathFactory
                     "--set", "checkpoint_every=4")
     assert main([*args, "--out", str(root / "one")]) == 0
     done = standalone(["vaeflow", *args, "--out", str(root / "two")])
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, done.stderr[-8000:]
     return root
 
 
@@ -233,7 +233,7 @@ def test_killed_rank_then_resume_matches_the_uninterrupted_run(
     with pytest.raises(RunError, match="world size 2.*has 1.*--nproc_per_node=2"):
         train_mod.train(resume=run, progress=False)  # one process: refused, says why
     resumed = standalone(["vaeflow", "train", "--resume", str(run), "--quiet"])
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.returncode == 0, resumed.stderr[-8000:]
     assert read(run / "results.json") == read(reference_runs / "two" / "results.json")
     a = torch.load(run / "best.pt", weights_only=True)
     b = torch.load(reference_runs / "two" / "best.pt", weights_only=True)
@@ -258,7 +258,9 @@ def test_two_machines_train_ffjord_with_the_adjoint(tiny_data_dir: Path, tmp_pat
     ]
     for node in nodes:
         _, err = node.communicate(timeout=120)
-        assert node.returncode == 0, err[-3000:]
+        # the workers run the console script: a C++ abort at teardown (seen twice, not
+        # reproduced in 85 tries) prints Python's stacks above torchrun's own report
+        assert node.returncode == 0, err[-8000:]
     a, b = read(tmp_path / "one" / "results.json"), read(tmp_path / "two" / "results.json")
     assert b["world_size"] == 2 and b["steps"] == 4
     assert b["train_nfe_forward_mean"] >= 8  # the mean over ranks of the adaptive solves

@@ -358,8 +358,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _enable_faulthandler() -> None:
+    """Print every thread's Python stack on a fatal signal (SIGSEGV, SIGABRT, ...).
+
+    A C++ abort inside torch (a gloo thread at a torchrun job's teardown, say) otherwise ends
+    the process with one line such as "terminate called without an active exception" and no
+    hint of what Python was doing. Only the console script does this: a caller of
+    :func:`main` in its own process (a test, a notebook) keeps its own stderr settings."""
+    import faulthandler
+
+    if faulthandler.is_enabled():
+        return
+    try:
+        faulthandler.enable()
+    except (AttributeError, OSError, ValueError):  # stderr without a file descriptor
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``vaeflow`` console script; returns the exit status."""
+    if argv is None:
+        _enable_faulthandler()
     argv = list(sys.argv[1:] if argv is None else argv)
     from vaeflow.train import TrainingError
 
