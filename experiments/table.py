@@ -37,6 +37,7 @@ from typing import TextIO
 
 from table_grid import (
     Plan,
+    check_cells,
     download_missing,
     forget_old_runs,
     missing_data,
@@ -229,6 +230,7 @@ def run_table(options: TableOptions, echo: TextIO = sys.stderr) -> int:
     missing = missing_data(options.datasets, options.data_dir)
     status = 0
     if not options.report_only:
+        check_cells(options)  # before a download, and when no data set is there at all
         if missing and options.download and not options.dry_run:
             missing = download_missing(missing, options.data_dir)
         plan = plan_grid(options, missing)

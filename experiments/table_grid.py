@@ -242,21 +242,30 @@ class Plan:
     warnings: list[str] = field(default_factory=list)
 
 
+def grid_cells(options: TableOptions) -> list[Cell]:
+    """Every cell asked for, data or not; FFJORD's first in each data set and seed (the
+    slowest cells start first, so the grid ends sooner)."""
+    flows = sorted(options.flows, key=lambda f: f != "ffjord")
+    return [Cell(d, f, s) for s in options.seed_list for d in options.datasets for f in flows]
+
+
+def check_cells(options: TableOptions) -> dict[Cell, dict[str, Any]]:
+    """Every cell's config, resolved (and so checked: a :class:`TableError` names the first bad
+    one) without the data: a bad ``--set`` is named before anything is downloaded, and also
+    when no data set is there to run."""
+    return {cell: cell_config(cell, options).to_dict() for cell in grid_cells(options)}
+
+
 def plan_grid(options: TableOptions, missing: Mapping[str, str]) -> Plan:
-    """The jobs of the grid; every cell's config is resolved (and so checked) first."""
+    """The jobs of the grid, after :func:`check_cells`; the cells of ``missing`` data sets
+    are listed in ``Plan.not_run``."""
     plan = Plan(not_run=dict(missing))
-    cells = [
-        Cell(d, f, s)
-        for s in options.seed_list
-        for d in options.datasets
-        if d not in missing
-        # FFJORD first: the slowest cells start first, so the grid ends sooner
-        for f in sorted(options.flows, key=lambda f: f != "ffjord")
-    ]
+    wanted_of = check_cells(options)
     mismatched = []
-    for cell in cells:
+    for cell, wanted in wanted_of.items():
+        if cell.dataset in missing:
+            continue
         run_dir = cell.run_dir(options.runs_dir)
-        wanted = cell_config(cell, options).to_dict()
         state = cell_state(run_dir)
         saved = read_json(run_dir / CONFIG) if state != "new" else None
         diff = config_diff(saved, wanted) if isinstance(saved, dict) else []

@@ -516,6 +516,26 @@ def test_bad_input_is_refused_before_anything_runs(
     assert not (tmp_path / "runs").exists() and not (tmp_path / "out").exists()
 
 
+def test_bad_settings_are_refused_where_the_data_is_missing_and_before_a_download(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With no data file, no cell can run, yet the settings are checked: a bad ``--set`` was a
+    silent 0-cell table; with ``--download`` it is named before anything is fetched."""
+    fetched: list[object] = []
+    monkeypatch.setattr(table, "download_missing", lambda *a, **k: fetched.append(a) or {})
+    empty = tmp_path / "no-data"
+    empty.mkdir()
+    for extra in ([], ["--download"]):
+        code, text = run([
+            "--datasets", "caltech", "--flows", "planar", "--max-epochs", "2",
+            "--data-dir", str(empty), "--runs-dir", str(tmp_path / "runs"),
+            "--out", str(tmp_path / "out"), "--set", "nope=1", *extra,
+        ])
+        assert code == 2, text
+        assert "cell caltech/planar/seed0: unknown config key(s) 'nope'" in text
+    assert fetched == [] and not (tmp_path / "out").exists()
+
+
 def test_main_reports_bad_input_with_status_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert table.main(["--flows", "realnvp", "--report-only"]) == 2
     assert "table: error: unknown flow(s) realnvp" in capsys.readouterr().err
