@@ -301,6 +301,7 @@ def test_a_reader_that_goes_away_is_not_a_traceback() -> None:
     assert err == ""
 
 
+@pytest.mark.slow  # a child process: torch's import, a tiny run
 def test_a_fatal_signal_in_the_console_script_shows_where_python_was(
     tiny_data_dir: Path, tmp_path: Path
 ) -> None:
