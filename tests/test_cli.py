@@ -325,6 +325,18 @@ def test_a_fatal_signal_in_the_console_script_shows_where_python_was(
     assert "in run_epoch" in child.stderr and "vaeflow/train.py" in child.stderr
 
 
+def test_version_names_the_code_for_a_bug_report(capsys: pytest.CaptureFixture[str]) -> None:
+    import vaeflow
+    from vaeflow.runs import git_commit
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(f"vaeflow {vaeflow.__version__} (commit {git_commit()}), ")
+    assert f"torch {torch.__version__}" in line and "Python 3." in line and "\n" not in line
+
+
 def test_every_option_of_every_command_says_what_it_does() -> None:
     """``--help`` is the reference a user reads first: no option or argument without a text,
     and the training defaults it quotes are TrainConfig's own."""

@@ -265,11 +265,36 @@ def _paper(key: str, papers: bool = True) -> str:
     return f" (default {value}, the papers' protocol)" if papers else f" (default {value})"
 
 
+class _Version(argparse.Action):
+    """``--version``, worked out only when asked for (it runs git)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any) -> None:
+        print(_version())
+        parser.exit()
+
+
+def _version() -> str:
+    """What a bug report or a results table needs to name the code: the package version, the
+    checkout's commit (as run directories record it), torch (CUDA build or not), Python."""
+    import platform
+
+    import torch
+
+    from vaeflow import __version__
+    from vaeflow.runs import git_commit
+
+    cuda = f", CUDA {torch.version.cuda}" if torch.version.cuda else ", CPU build"
+    return (f"vaeflow {__version__} (commit {git_commit()}), torch {torch.__version__}{cuda}, "
+            f"Python {platform.python_version()}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vaeflow",
         description="VAEs with normalizing-flow posteriors (FFJORD, planar, IAF, Sylvester).",
     )
+    parser.add_argument("--version", action=_Version, nargs=0,
+                        help="vaeflow's version, its checkout's commit, torch's and Python's")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     t = sub.add_parser(
