@@ -5,6 +5,7 @@ Groups: run directory, resume, signals, values, files, API."""
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -14,7 +15,9 @@ import stat
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import IO, Any
 
 import pytest
 import torch
@@ -350,19 +353,61 @@ def test_out_below_a_regular_file(tiny_data_dir: Path, tmp_path: Path, capsys) -
 def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(
     finished: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:
-    import errno
-
     import vaeflow.atomic as atomic
 
     before = (finished / "checkpoint.pt").read_bytes()
-
-    def full(path: object, write: object) -> None:
-        raise OSError(errno.ENOSPC, "No space left on device", str(path))
-
-    monkeypatch.setattr(atomic, "atomic_write", full)
+    monkeypatch.setattr(atomic.os, "fdopen", full_disk(after=256))
     fails(capsys, ["train", "--resume", str(finished), "--max-epochs", "3", "--quiet"], 1,
           "No space left on device", str(finished))
     assert (finished / "checkpoint.pt").read_bytes() == before
+    assert [p.name for p in finished.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def full_disk(after: int) -> Callable[..., IO[bytes]]:
+    """An ``os.fdopen`` whose files take ``after`` bytes and then fail as a full disk does:
+    OSError ENOSPC from ``write``, with no file name (the OS knows only the descriptor)."""
+    import errno
+
+    class Full(io.RawIOBase):
+        def __init__(self, fd: int) -> None:
+            self.fd, self.taken = fd, 0
+
+        def writable(self) -> bool:
+            return True
+
+        def write(self, data: Any) -> int:
+            self.taken += len(data)
+            if self.taken > after:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return len(data)
+
+        def fileno(self) -> int:
+            return self.fd
+
+        def close(self) -> None:
+            os.close(self.fd)
+            super().close()
+
+    return lambda fd, mode="wb": io.BufferedWriter(Full(fd), buffer_size=64)
+
+
+@pytest.mark.parametrize("what", ["checkpoint", "json"])
+def test_a_full_disk_names_the_file_whoever_wrote_the_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, what: str
+) -> None:
+    """``torch.save`` turns the write's OSError into ``RuntimeError: ... unexpected pos``, and a
+    file object's OSError has no file name: either was a traceback, not one line naming it."""
+    import vaeflow.atomic as atomic
+
+    monkeypatch.setattr(atomic.os, "fdopen", full_disk(after=100))
+    path = tmp_path / f"x.{what}"
+    with pytest.raises(OSError, match="No space left on device") as err:
+        if what == "checkpoint":
+            atomic.atomic_save({"weights": torch.zeros(1000)}, path)
+        else:
+            atomic.atomic_write_json({"values": list(range(1000))}, path)
+    assert err.value.filename == str(path)
+    assert list(tmp_path.iterdir()) == []  # no temporary file, no half-written one
 
 
 # ---- API --------------------------------------------------------------------------------
