@@ -312,6 +312,30 @@ def test_a_non_finite_final_figure_is_a_failure(tiny_data_dir: Path, tmp_path: P
     assert json.loads((run / "results.json").read_text())["status"] == "finished"
 
 
+def test_a_failed_test_solve_is_the_evaluation_s_failure_not_the_training_s(
+    tiny_data_dir: Path, tmp_path: Path, capsys
+) -> None:
+    """A test solve that underflows (atol=rtol=1e-300) after training: no retry of the
+    training and no learning-rate advice; the run is kept, marked failed, and ``vaeflow eval``
+    says the same in one line, then measures it with other solver settings."""
+    run = tmp_path / "run"
+    bad = 'test_solver={method="dopri5", atol=1e-300, rtol=1e-300}'
+    # 3 steps: inside the first epoch, so no validation solve comes first (it would be a
+    # training failure: the model validated is the one being trained)
+    err = fails(capsys, tiny(tiny_data_dir, run, "ffjord", "--set", bad, "--set",
+                             "nan_retries=1", "--max-steps", "3"), 1,
+                "the final evaluation's ODE solve failed", "underflow", "Training is done",
+                f"vaeflow eval {run}")
+    assert "--lr" not in err and "tighter" not in err and ".." not in err
+    results = json.loads((run / "results.json").read_text())
+    assert results["status"] == "failed" and "ODE solve" in results["error"]
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["progress"]["retries"] == 0
+    solver = ["--solver", "atol=1e-300", "--solver", "rtol=1e-300"]
+    fails(capsys, ["eval", str(run), *solver], 1, f"the evaluation of {run} failed",
+          "underflow", "Try other solver settings")
+    assert main(["eval", str(run), "--solver", "atol=1e-3", "--solver", "rtol=1e-3"]) == 0
+
+
 # ---- files ------------------------------------------------------------------------------
 
 

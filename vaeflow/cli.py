@@ -184,20 +184,30 @@ def _rank_zero() -> bool:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from vaeflow.ode import SolverError
     from vaeflow.train import evaluate_run
 
-    results = evaluate_run(
-        args.run_dir,
-        device=args.device,
-        eval_points=args.eval_points,
-        is_samples=args.is_samples,
-        is_points=args.is_points,
-        data_dir=args.data_dir,
-        checkpoint=args.checkpoint,
-        # The settings are FFJORD's hyperparameters of the same names, read as --flow-opt's.
-        solver=check_options(parse_pairs(args.solver, "--solver"), [FFJORD]),
-        progress=not args.json,
-    )
+    try:
+        results = evaluate_run(
+            args.run_dir,
+            device=args.device,
+            eval_points=args.eval_points,
+            is_samples=args.is_samples,
+            is_points=args.is_points,
+            data_dir=args.data_dir,
+            checkpoint=args.checkpoint,
+            # The settings are FFJORD's hyperparameters of the same names, read as --flow-opt's.
+            solver=check_options(parse_pairs(args.solver, "--solver"), [FFJORD]),
+            progress=not args.json,
+        )
+    except SolverError as err:  # the run is untouched: another solve may well succeed
+        print(
+            f"vaeflow: error: the evaluation of {args.run_dir} failed: {err}. Try other solver "
+            f"settings: `vaeflow eval {args.run_dir} --solver atol=1e-6 --solver rtol=1e-6`, or "
+            "fixed steps: `--solver method=rk4 --solver 'solver_options={step_size=0.05}'`",
+            file=sys.stderr,
+        )
+        return 1
     if args.json:
         print(json.dumps(results, indent=2, sort_keys=True))
     else:

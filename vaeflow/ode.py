@@ -283,8 +283,8 @@ def solve(
             ys = odeint(func, y0, t, **kwargs)
     except AssertionError as err:  # torchdiffeq signals underflow and step limits by assert
         raise SolverError(
+            # what to do depends on the caller (a training step, a test solve): it says
             f"ODE solve with {config.method} (atol={config.atol}, rtol={config.rtol}) failed: "
-            f"{err}. The dynamics are likely too stiff or non-finite; lower the learning rate, "
-            "regularize the dynamics, or loosen the tolerances."
+            f"{err} (the dynamics are likely too stiff, or not finite)"
         ) from err
     return tuple(y[-1] for y in ys)

@@ -45,7 +45,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from torch import Tensor
@@ -671,10 +671,14 @@ class _Trainer:
             if self.world.is_main:
                 atomic_save(best_state, best)
         load_state(self.model, best_state, best)
-        results = evaluate(
-            self.model, self.data, cfg, **smoke_eval_counts(cfg), progress=self.progress_bar,
-            world=self.world,
-        )
+        try:
+            results = evaluate(
+                self.model, self.data, cfg, **smoke_eval_counts(cfg), progress=self.progress_bar,
+                world=self.world,
+            )
+        except SolverError as err:  # training is done: no retry, no "lower the learning rate"
+            self.model.load_state_dict(final_state)
+            self._evaluation_failed(f"the final evaluation's ODE solve failed ({err})", {})
         results.update(
             dataset=cfg.dataset,
             flow=cfg.flow,
@@ -694,19 +698,10 @@ class _Trainer:
         bad = {k: v for k, v in results.items() if isinstance(v, float) and not math.isfinite(v)}
         if bad:
             self.model.load_state_dict(final_state)
-            error = (
+            self._evaluation_failed(
                 f"the final evaluation gave non-finite figures ({', '.join(map(str, bad))}: "
-                f"{', '.join(map(str, bad.values()))})"
-            )
-            if self.world.is_main:
-                Run(self.run_dir).write_results({
-                    **{k: (None if k in bad else v) for k, v in results.items()},
-                    "status": "failed", "error": error,
-                })
-            raise TrainingError(
-                f"{error}. best.pt and the last checkpoint are kept in {self.run_dir}; evaluate "
-                f"again with `vaeflow eval {self.run_dir}` (e.g. with tighter solver tolerances) "
-                "or lower the learning rate and train again"
+                f"{', '.join(map(str, bad.values()))})",
+                {k: (None if k in bad else v) for k, v in results.items()},
             )
         results["status"] = "finished"
         if self.world.is_main:
@@ -720,6 +715,19 @@ class _Trainer:
         self.log_images(st.epoch)  # the best model's pictures, and the whole learning curve
         self.model.load_state_dict(final_state)
         return results
+
+
+    def _evaluation_failed(self, error: str, results: Mapping[str, Any]) -> NoReturn:
+        """Mark the run failed (``results``: the figures that are finite) and stop: the
+        training is kept, and ``vaeflow eval`` can measure it under other solver settings."""
+        if self.world.is_main:
+            Run(self.run_dir).write_results({**results, "status": "failed", "error": error})
+        raise TrainingError(
+            f"{error}. Training is done: best.pt and the last checkpoint are kept in "
+            f"{self.run_dir}; evaluate again with `vaeflow eval {self.run_dir}`, with other "
+            "solver settings (e.g. --solver atol=1e-6 --solver rtol=1e-6), or lower the "
+            "learning rate and train again"
+        )
 
 
 def _minutes(seconds: float) -> str:
