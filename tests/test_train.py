@@ -661,3 +661,9 @@ def test_a_model_trained_elsewhere_becomes_a_run(tiny_data_dir: Path, tmp_path: 
     assert save_run(tmp_path / "bare", model, config, evaluate=False) is None
     assert main(["compare", str(tmp_path / "bare"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)[0]["status"] == "not evaluated"
+    # the closing pictures follow the config, as a trained run's do
+    pngs = {"samples.png", "reconstructions.png"}
+    save_run(tmp_path / "quiet", model, dataclasses.replace(config, pictures=False))
+    assert not pngs & {p.name for p in (tmp_path / "quiet").iterdir()}
+    save_run(tmp_path / "drawn", model, dataclasses.replace(config, pictures=True))
+    assert pngs <= {p.name for p in (tmp_path / "drawn").iterdir()}

@@ -365,7 +365,8 @@ def save_run(
     atomic_save(state, directory / BEST)
     if not evaluate:
         return None
-    results = evaluate_run(directory, progress=progress)
+    # the closing pictures as `vaeflow train` draws them: none with pictures=False (a sweep)
+    results = evaluate_run(directory, progress=progress, pictures=config.pictures)
     results.update(status="finished", stop_reason="saved with save_run, trained elsewhere")
     run.write_results(results)
     return results
