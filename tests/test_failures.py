@@ -82,6 +82,10 @@ def test_a_second_process_on_the_same_run_is_refused(tiny_data_dir: Path, tmp_pa
               f"pid {os.getpid()}")
     assert [p.name for p in run.iterdir()] == [".lock"]
     assert main(tiny(tiny_data_dir, run)) == 0  # the lock went with its owner
+    with RunLock(run):  # a run training now is named as in use, not as a run to resume
+        err = fails(capsys, tiny(tiny_data_dir, run), 2, "in use by another vaeflow process")
+        assert "--resume" not in err
+    fails(capsys, tiny(tiny_data_dir, run), 2, "already holds files", "--resume")  # once free
 
 
 def test_the_lock_dies_with_a_killed_process(tiny_data_dir: Path, tmp_path: Path) -> None:

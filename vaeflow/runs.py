@@ -262,6 +262,10 @@ def check_new_run_dir(run_dir: str | os.PathLike[str], overwrite: bool) -> None:
         directory.is_dir()) else []
     if not contents or overwrite:
         return
+    if (directory / LOCK).is_file():
+        # A run that is training now: say so (its --resume would be refused as in use too).
+        with RunLock(directory):  # taken and given back at once when free
+            pass
     if (directory / CHECKPOINT).is_file():
         hint = f"continue it with `vaeflow train --resume {directory}`"
     else:
