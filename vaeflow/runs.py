@@ -158,9 +158,14 @@ def load_checkpoint(path: str | os.PathLike[str], device: torch.device | str = "
         others = [p.name for p in (path.parent / BEST, path.parent / CHECKPOINT)
                   if p.is_file() and p != path]
         also = f"; the run also holds {', '.join(others)}" if others else ""
+        detail = str(err).splitlines()[0] if str(err) else "no detail"
+        if "Weights only load failed" in detail:
+            # torch's text goes on to advise weights_only=False: wrong for a damaged file, and
+            # unsafe for a foreign one; vaeflow writes only tensors and plain values
+            detail = "it holds more than tensors and plain values, which vaeflow never writes"
         raise RunError(
             f"{path} is damaged or not a vaeflow checkpoint ({type(err).__name__}: "
-            f"{str(err).splitlines()[0] if str(err) else 'no detail'}){also}"
+            f"{detail}){also}"
         ) from err
 
 
