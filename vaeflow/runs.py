@@ -162,7 +162,7 @@ def load_checkpoint(path: str | os.PathLike[str], device: torch.device | str = "
         if "Weights only load failed" in detail:
             # torch's text goes on to advise weights_only=False: wrong for a damaged file, and
             # unsafe for a foreign one; vaeflow writes only tensors and plain values
-            detail = "it holds more than tensors and plain values, which vaeflow never writes"
+            detail = "it does not read as the tensors and plain values that vaeflow writes"
         raise RunError(
             f"{path} is damaged or not a vaeflow checkpoint ({type(err).__name__}: "
             f"{detail}){also}"
