@@ -217,6 +217,20 @@ def test_parse_value() -> None:
     assert parse_value("rk4") == "rk4" and parse_value('"x"') == "x"
 
 
+@pytest.mark.parametrize("value", ["{method=rk4, atol=1e-3}", "[a, b]"])
+def test_a_table_or_list_that_is_not_toml_says_strings_need_quotes(
+    value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Unquoted strings made such a value a bare string, refused later as 'must be a table'
+    with no word of why."""
+    assert main(["train", "--dataset", "static_mnist", "--flow", "ffjord",
+                 "--set", f"test_solver={value}", "--print-config"]) == 2
+    err = capsys.readouterr().err
+    assert f"--set test_solver={value} is not a TOML" in err and "strings need quotes" in err
+    example = err.split("as in test_solver='")[1].split("'")[0]
+    assert parse_value(example) != example  # the example given is TOML itself
+
+
 @pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_gives_the_same_results(
     tiny_data_dir: Path, tmp_path: Path

@@ -85,7 +85,16 @@ def parse_pairs(items: Sequence[str] | None, option: str) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise CLIError(f"{option} takes KEY=VALUE, got {item!r}")
-        out[key.strip()] = parse_value(value.strip())
+        key, value = key.strip(), value.strip()
+        out[key] = parse_value(value)
+        if isinstance(out[key], str) and value[:1] in ("{", "["):
+            # meant as a table or a list, but not TOML: most often a string without quotes
+            example = '{method="dopri5", atol=1e-6}' if value[0] == "{" else '["a", "b"]'
+            kind = "table" if value[0] == "{" else "list"
+            raise CLIError(
+                f"{option} {key}={value} is not a TOML {kind}: its strings need quotes, as in "
+                f"{key}='{example}' (the shell's quotes around it keep the inner ones)"
+            )
     return out
 
 
