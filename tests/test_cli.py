@@ -174,6 +174,8 @@ def test_dataset_config_and_overrides(tiny_data_dir: Path, capsys: pytest.Captur
         (["train", "--dataset", "static_mnist", "--flow", "ffjord", "--set", "lr"],
          "--set takes KEY=VALUE"),
         (["eval", "/nonexistent/run"], "run directory /nonexistent/run does not exist"),
+        (["train", "--dataset", "static_mnist", "--flow", "none", "--device", "tpu"],
+         r"invalid device 'tpu' \(try 'auto', 'cpu', 'cuda'"),
     ],
 )
 def test_bad_input_is_a_clear_error(
@@ -185,6 +187,13 @@ def test_bad_input_is_a_clear_error(
     import re
 
     assert re.search(message, err), err
+
+
+def test_a_config_for_a_device_elsewhere_is_printed_here(capsys: pytest.CaptureFixture) -> None:
+    """The device's spelling is checked with the config; whether it is here, at the start."""
+    assert main(["train", "--dataset", "static_mnist", "--flow", "none", "--device", "cuda:3",
+                 "--print-config"]) == 0
+    assert json.loads(capsys.readouterr().out)["device"] == "cuda:3"
 
 
 def test_unknown_choice_names_the_valid_ones(capsys: pytest.CaptureFixture[str]) -> None:

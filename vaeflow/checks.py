@@ -195,19 +195,29 @@ def check_options(
     }
 
 
+def check_device_name(name: str) -> Any:
+    """``name`` as a ``torch.device`` (None for ``"auto"``), whether or not this machine has it:
+    a config for a GPU may be written, printed and checked on a laptop."""
+    import torch
+
+    if name == "auto":
+        return None
+    try:
+        return torch.device(name)
+    except (RuntimeError, TypeError) as err:
+        raise InputError(
+            f"invalid device {name!r} (try 'auto', 'cpu', 'cuda', 'cuda:1')"
+        ) from err
+
+
 def resolve_device(name: str) -> Any:
     """A ``torch.device``: ``"auto"`` -> CUDA when available, else CPU; anything else must name
     a device that exists here. A CPU device with an index (``"cpu:0"``) is plain ``cpu``."""
     import torch
 
-    if name == "auto":
+    device = check_device_name(name)
+    if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError) as err:
-        raise InputError(
-            f"invalid device {name!r} (try 'auto', 'cpu', 'cuda', 'cuda:1')"
-        ) from err
     if device.type == "cpu":
         # There is one CPU device, and torch.load's map_location only knows it as "cpu": given
         # torch.device("cpu:0") it refuses every storage ("don't know how to restore data

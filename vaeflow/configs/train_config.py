@@ -20,6 +20,7 @@ from vaeflow.checks import (
     check_annotated,
     check_bool,
     check_choice,
+    check_device_name,
     check_int,
     check_number,
     check_options,
@@ -181,6 +182,7 @@ class TrainConfig:
         self.net_kwargs = check_options(self.net_kwargs, _NETWORKS, "net_kwargs: ")
         check_choice("arch", self.arch, ARCHITECTURES, "values")
         check_choice("optimizer", self.optimizer, OPTIMIZERS, "values")
+        check_device_name(self.device)  # its spelling; whether it is here, when a run starts
         positive = ("latent_dim", "context_dim", "batch_size", "max_epochs", "eval_samples")
         positive += ("eval_batch_rows", "log_every")
         for name in positive:
