@@ -333,7 +333,8 @@ def test_a_failed_test_solve_is_the_evaluation_s_failure_not_the_training_s(
     assert "--lr" not in err and "tighter" not in err and ".." not in err
     results = json.loads((run / "results.json").read_text())
     assert results["status"] == "failed" and "ODE solve" in results["error"]
-    assert torch.load(run / "checkpoint.pt", weights_only=True)["progress"]["retries"] == 0
+    # the one retry allowed evaluated again at 10x tighter tolerances (no use against 1e-300)
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["progress"]["retries"] == 1
     solver = ["--solver", "atol=1e-300", "--solver", "rtol=1e-300"]
     fails(capsys, ["eval", str(run), *solver], 1, f"the evaluation of {run} failed",
           "underflow", "Try other solver settings")

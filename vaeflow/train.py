@@ -676,8 +676,11 @@ class _Trainer:
                 self.model, self.data, cfg, **smoke_eval_counts(cfg), progress=self.progress_bar,
                 world=self.world,
             )
-        except SolverError as err:  # training is done: no retry, no "lower the learning rate"
+        except SolverError as err:
             self.model.load_state_dict(final_state)
+            if self.can_retry(self.state.retries):
+                raise  # _recover: from the done checkpoint, evaluated at 10x tighter tolerances
+            # training is done: no "lower the learning rate", but where to measure it again
             self._evaluation_failed(f"the final evaluation's ODE solve failed ({err})", {})
         results.update(
             dataset=cfg.dataset,
@@ -716,6 +719,13 @@ class _Trainer:
         self.model.load_state_dict(final_state)
         return results
 
+
+    def can_retry(self, retries: int) -> bool:
+        """Whether a NaN or a failed solve, after ``retries`` retries, may be retried with 10x
+        tighter tolerances: ``nan_retries`` allows one more, and an adaptive solver is there to
+        tighten (a fixed-step one would replay the same failure)."""
+        adaptive = any(s["method"] not in STATIC_SOLVERS for s in solver_state(self.model))
+        return retries < self.config.nan_retries and adaptive
 
     def _evaluation_failed(self, error: str, results: Mapping[str, Any]) -> NoReturn:
         """Mark the run failed (``results``: the figures that are finite) and stop: the
@@ -926,7 +936,7 @@ def _recover(trainer: _Trainer, err: Exception) -> None:
     solvers = solver_state(trainer.model)
     # A fixed-step solve has no tolerances: tightening them would replay the same NaN.
     adaptive = any(s["method"] not in STATIC_SOLVERS for s in solvers)
-    if retries < cfg.nan_retries and adaptive:
+    if trainer.can_retry(retries):
         trainer.restore(ckpt)
         trainer.state.retries = retries + 1
         tolerances = trainer.model.flow.tighten_solver(10.0) or {}
