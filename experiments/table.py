@@ -230,10 +230,10 @@ def run_table(options: TableOptions, echo: TextIO = sys.stderr) -> int:
     missing = missing_data(options.datasets, options.data_dir)
     status = 0
     if not options.report_only:
-        check_cells(options)  # before a download, and when no data set is there at all
+        configs = check_cells(options)  # before a download, and when no data set is there
         if missing and options.download and not options.dry_run:
             missing = download_missing(missing, options.data_dir)
-        plan = plan_grid(options, missing)
+        plan = plan_grid(options, missing, configs)
         for warning in plan.warnings:
             print(f"table: warning: {warning}", file=echo)
         for name, reason in plan.not_run.items():

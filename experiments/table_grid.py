@@ -256,13 +256,14 @@ def check_cells(options: TableOptions) -> dict[Cell, dict[str, Any]]:
     return {cell: cell_config(cell, options).to_dict() for cell in grid_cells(options)}
 
 
-def plan_grid(options: TableOptions, missing: Mapping[str, str]) -> Plan:
-    """The jobs of the grid, after :func:`check_cells`; the cells of ``missing`` data sets
-    are listed in ``Plan.not_run``."""
+def plan_grid(
+    options: TableOptions, missing: Mapping[str, str], configs: Mapping[Cell, dict[str, Any]]
+) -> Plan:
+    """The jobs of the grid, from every cell's config (:func:`check_cells`); the cells of
+    ``missing`` data sets are listed in ``Plan.not_run``."""
     plan = Plan(not_run=dict(missing))
-    wanted_of = check_cells(options)
     mismatched = []
-    for cell, wanted in wanted_of.items():
+    for cell, wanted in configs.items():
         if cell.dataset in missing:
             continue
         run_dir = cell.run_dir(options.runs_dir)

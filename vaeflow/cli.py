@@ -87,10 +87,10 @@ def parse_pairs(items: Sequence[str] | None, option: str) -> dict[str, Any]:
             raise CLIError(f"{option} takes KEY=VALUE, got {item!r}")
         key, value = key.strip(), value.strip()
         out[key] = parse_value(value)
-        if isinstance(out[key], str) and value[:1] in ("{", "["):
+        kind = {"{": "table", "[": "list"}.get(value[:1])
+        if kind is not None and isinstance(out[key], str):
             # meant as a table or a list, but not TOML: most often a string without quotes
-            example = '{method="dopri5", atol=1e-6}' if value[0] == "{" else '["a", "b"]'
-            kind = "table" if value[0] == "{" else "list"
+            example = '{method="dopri5", atol=1e-6}' if kind == "table" else '["a", "b"]'
             raise CLIError(
                 f"{option} {key}={value} is not a TOML {kind}: its strings need quotes, as in "
                 f"{key}='{example}' (the shell's quotes around it keep the inner ones)"

@@ -719,13 +719,16 @@ class _Trainer:
         self.model.load_state_dict(final_state)
         return results
 
+    @property
+    def adaptive_solve(self) -> bool:
+        """Whether the model solves an ODE with an adaptive solver, whose tolerances a retry can
+        tighten (a fixed-step solve has none: tightening would replay the same failure)."""
+        return any(s["method"] not in STATIC_SOLVERS for s in solver_state(self.model))
 
     def can_retry(self, retries: int) -> bool:
         """Whether a NaN or a failed solve, after ``retries`` retries, may be retried with 10x
-        tighter tolerances: ``nan_retries`` allows one more, and an adaptive solver is there to
-        tighten (a fixed-step one would replay the same failure)."""
-        adaptive = any(s["method"] not in STATIC_SOLVERS for s in solver_state(self.model))
-        return retries < self.config.nan_retries and adaptive
+        tighter tolerances: ``nan_retries`` allows one more, and :attr:`adaptive_solve`."""
+        return retries < self.config.nan_retries and self.adaptive_solve
 
     def _evaluation_failed(self, error: str, results: Mapping[str, Any]) -> NoReturn:
         """Mark the run failed (``results``: the figures that are finite) and stop: the
@@ -934,8 +937,7 @@ def _recover(trainer: _Trainer, err: Exception) -> None:
     retries = int(ckpt["progress"]["retries"])
     where = f"at step ~{trainer.state.step} (epoch {trainer.state.epoch})"
     solvers = solver_state(trainer.model)
-    # A fixed-step solve has no tolerances: tightening them would replay the same NaN.
-    adaptive = any(s["method"] not in STATIC_SOLVERS for s in solvers)
+    adaptive = trainer.adaptive_solve
     if trainer.can_retry(retries):
         trainer.restore(ckpt)
         trainer.state.retries = retries + 1
