@@ -324,8 +324,8 @@ def test_a_failed_test_solve_is_the_evaluation_s_failure_not_the_training_s(
     says the same in one line, then measures it with other solver settings."""
     run = tmp_path / "run"
     bad = 'test_solver={method="dopri5", atol=1e-300, rtol=1e-300}'
-    # 3 steps: inside the first epoch, so no validation solve comes first (it would be a
-    # training failure: the model validated is the one being trained)
+    # 3 steps: inside the first epoch, so no validation solve comes first (its failure is the
+    # next test's)
     err = fails(capsys, tiny(tiny_data_dir, run, "ffjord", "--set", bad, "--set",
                              "nan_retries=1", "--max-steps", "3"), 1,
                 "the final evaluation's ODE solve failed", "underflow", "Training is done",
@@ -333,12 +333,29 @@ def test_a_failed_test_solve_is_the_evaluation_s_failure_not_the_training_s(
     assert "--lr" not in err and "tighter" not in err and ".." not in err
     results = json.loads((run / "results.json").read_text())
     assert results["status"] == "failed" and "ODE solve" in results["error"]
-    # the one retry allowed evaluated again at 10x tighter tolerances (no use against 1e-300)
-    assert torch.load(run / "checkpoint.pt", weights_only=True)["progress"]["retries"] == 1
+    # no retry spent: it tightens the flow's tolerances, and test_solver fixes its own
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["progress"]["retries"] == 0
     solver = ["--solver", "atol=1e-300", "--solver", "rtol=1e-300"]
     fails(capsys, ["eval", str(run), *solver], 1, f"the evaluation of {run} failed",
           "underflow", "Try other solver settings")
     assert main(["eval", str(run), "--solver", "atol=1e-3", "--solver", "rtol=1e-3"]) == 0
+
+
+def test_a_failed_validation_solve_names_test_solver(tiny_data_dir: Path, tmp_path: Path,
+                                                     capsys) -> None:
+    """The first validation solves with a test_solver that underflows: the message says it was
+    the validation's solve and points at test_solver, and no retry retrains the epoch to the
+    same failure (nan_retries tightens the flow's tolerances, not test_solver's)."""
+    run = tmp_path / "run"
+    bad = 'test_solver={method="dopri5", atol=1e-300, rtol=1e-300}'
+    err = fails(capsys, tiny(tiny_data_dir, run, "ffjord", "--set", bad, "--set",
+                             "nan_retries=1"), 1,
+                "training stopped at step ~4 (epoch 1): the validation's ODE solve", "underflow",
+                "other test_solver settings", "test_solver={} solves them as the training does")
+    assert "tighten the solver tolerances" not in err and "used up" not in err
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["progress"]["retries"] == 0
+    results = json.loads((run / "results.json").read_text())
+    assert results["status"] == "failed" and "the validation's ODE solve" in results["error"]
 
 
 # ---- files ------------------------------------------------------------------------------

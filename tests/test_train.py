@@ -414,6 +414,41 @@ def test_solver_failure_in_the_final_evaluation(
     assert json.loads((run / "results.json").read_text()) == results
 
 
+@pytest.mark.parametrize("retries", [0, 1])
+def test_a_failed_validation_solve_after_fixed_step_training(
+    tiny_data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, retries: int
+) -> None:
+    """After rk4 training the validation solves with dopri5 at the flow's tolerances: its
+    failure is that solve's (no step-size advice), and a retry tightens those tolerances,
+    though the training solve has none."""
+    real = train_mod.dataset_nelbo  # the validation's; the final evaluation has its own
+    calls = {"n": 0}
+
+    def fails_once(*args: Any, **kwargs: Any) -> torch.Tensor:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise SolverError("step size underflow (simulated)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "dataset_nelbo", fails_once)
+    rk4 = {"hidden_dims": [16], "rank": 2, "method": "rk4", "solver_options": {"step_size": 0.5},
+           "atol": 1e-4, "rtol": 1e-4}
+    config = tiny_config(tiny_data_dir, "ffjord", flow_kwargs=rk4, max_epochs=1, is_samples=0,
+                         nan_retries=retries)
+    if retries:
+        results = train(config, tmp_path / "run", progress=False)
+        assert results["solver"][0]["method"] == "dopri5" and results["solver"][0]["atol"] == 1e-5
+        assert results["steps"] == 10 and calls["n"] == 2  # the epoch trained again from step 0
+    else:
+        with pytest.raises(TrainingError) as info:
+            train(config, tmp_path / "run", progress=False)
+        message = str(info.value)
+        assert "the validation's step size underflow" in message
+        assert "the flow's tolerances, which the adaptive solve of the validation" in message
+        assert "nan_retries=1" in message
+        assert "step_size" not in message and "test_solver" not in message
+
+
 def test_max_steps_makes_a_smoke_run(tiny_data_dir: Path, tmp_path: Path) -> None:
     config = tiny_config(tiny_data_dir, "ffjord", max_steps=5, eval_points=None)
     results = train(config, tmp_path / "run", progress=False)

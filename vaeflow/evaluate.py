@@ -49,6 +49,7 @@ __all__ = [
     "run_pictures",
     "save_run",
     "smoke_eval_counts",
+    "test_solve_changes",
 ]
 
 
@@ -124,6 +125,17 @@ def run_dataset(config: TrainConfig, device: torch.device | str) -> Dataset:
         return load_dataset(config.dataset, config.data_dir, device, split_sizes=split_sizes)
 
 
+def test_solve_changes(model: VAE, config: TrainConfig) -> dict[str, Any]:
+    """What the solve of the test figures changes in the training solve's settings:
+    ``config.test_solver`` when set; else ``{"method": "dopri5"}`` when the model was trained
+    with a fixed-step solver, and ``{}`` (the training solve itself) when it was not."""
+    if config.test_solver is not None:
+        return dict(config.test_solver)
+    flows = [m for m in model.modules() if isinstance(m, FFJORD)]
+    fixed = any(flow.solver.method not in ADAPTIVE_SOLVERS for flow in flows)
+    return {"method": "dopri5"} if fixed else {}
+
+
 @contextlib.contextmanager
 def evaluation_solve(
     model: VAE, config: TrainConfig, solver: Mapping[str, Any] | None = None
@@ -138,13 +150,9 @@ def evaluation_solve(
     """
     flows = [m for m in model.modules() if isinstance(m, FFJORD)]
     saved = [flow.solver for flow in flows]
-    settings = config.test_solver
-    if settings is None:
-        fixed = any(flow.solver.method not in ADAPTIVE_SOLVERS for flow in flows)
-        settings = {"method": "dopri5"} if fixed else {}
     try:
         with input_errors():
-            for changes in (settings, solver or {}):
+            for changes in (test_solve_changes(model, config), solver or {}):
                 if changes:
                     use_solver(model.flow, config.flow, changes)
         yield

@@ -64,6 +64,7 @@ from vaeflow.evaluate import (
     run_pictures,
     smoke_eval_counts,
     subset,
+    test_solve_changes,
 )
 from vaeflow.graphs import GraphedStep, capture, graph_unavailable
 from vaeflow.hparams import log_finished, log_settings
@@ -601,9 +602,12 @@ class _Trainer:
         # flow as the test (after fixed-step training: dopri5, see evaluation_solve).
         seed = cfg.seed + 3 + self.state.epoch
         with evaluation_solve(self.model, cfg), fork_rng(self.device, seed):
-            return float(dataset_nelbo(
-                self.model, valid, cfg.batch_size, 1, cfg.valid_exact_trace, world=self.world
-            ))
+            try:
+                return float(dataset_nelbo(
+                    self.model, valid, cfg.batch_size, 1, cfg.valid_exact_trace, world=self.world
+                ))
+            except SolverError as err:  # the test solve's, not the training's: _recover says so
+                raise _TestSolveError(f"the validation's {err}") from err
 
     def end_of_epoch(self) -> None:
         cfg, st = self.config, self.state
@@ -678,8 +682,9 @@ class _Trainer:
             )
         except SolverError as err:
             self.model.load_state_dict(final_state)
-            if self.can_retry(self.state.retries):
-                raise  # _recover: from the done checkpoint, evaluated at 10x tighter tolerances
+            if self.can_retry(self.state.retries, test=True):
+                # _recover: from the done checkpoint, evaluated at 10x tighter tolerances
+                raise _TestSolveError(f"the final evaluation's {err}") from err
             # training is done: no "lower the learning rate", but where to measure it again
             self._evaluation_failed(f"the final evaluation's ODE solve failed ({err})", {})
         results.update(
@@ -725,10 +730,22 @@ class _Trainer:
         tighten (a fixed-step solve has none: tightening would replay the same failure)."""
         return any(s["method"] not in STATIC_SOLVERS for s in solver_state(self.model))
 
-    def can_retry(self, retries: int) -> bool:
-        """Whether a NaN or a failed solve, after ``retries`` retries, may be retried with 10x
-        tighter tolerances: ``nan_retries`` allows one more, and :attr:`adaptive_solve`."""
-        return retries < self.config.nan_retries and self.adaptive_solve
+    @property
+    def test_solve_tightens(self) -> bool:
+        """Whether 10x tighter flow tolerances change the solve of the validation and the test
+        figures (:func:`test_solve_changes`): it is adaptive, and ``test_solver`` does not fix
+        both tolerances (a retry would then replay the same failure)."""
+        changes = test_solve_changes(self.model, self.config)
+        methods = [changes.get("method", s["method"]) for s in solver_state(self.model)]
+        adaptive = any(m not in STATIC_SOLVERS for m in methods)
+        return adaptive and not {"atol", "rtol"} <= changes.keys()
+
+    def can_retry(self, retries: int, test: bool = False) -> bool:
+        """Whether a NaN or a failed solve (``test``: of the validation or the final evaluation),
+        after ``retries`` retries, may be retried with 10x tighter tolerances: ``nan_retries``
+        allows one more, and :attr:`adaptive_solve` (:attr:`test_solve_tightens`)."""
+        tightens = self.test_solve_tightens if test else self.adaptive_solve
+        return retries < self.config.nan_retries and tightens
 
     def _evaluation_failed(self, error: str, results: Mapping[str, Any]) -> NoReturn:
         """Mark the run failed (``results``: the figures that are finite) and stop: the
@@ -749,6 +766,12 @@ def _minutes(seconds: float) -> str:
 
 class _NonFinite(RuntimeError):
     pass
+
+
+class _TestSolveError(SolverError):
+    """A failed solve of the test figures (:func:`evaluation_solve`: ``test_solver``, or dopri5
+    after fixed-step training) in a validation or the final evaluation: a retry must tighten
+    that solve, and the advice must name it, not the training solve."""
 
 
 def train(
@@ -937,8 +960,9 @@ def _recover(trainer: _Trainer, err: Exception) -> None:
     retries = int(ckpt["progress"]["retries"])
     where = f"at step ~{trainer.state.step} (epoch {trainer.state.epoch})"
     solvers = solver_state(trainer.model)
-    adaptive = trainer.adaptive_solve
-    if trainer.can_retry(retries):
+    test = isinstance(err, _TestSolveError)  # the validation's or final evaluation's solve
+    tightens = trainer.test_solve_tightens if test else trainer.adaptive_solve
+    if trainer.can_retry(retries, test):
         trainer.restore(ckpt)
         trainer.state.retries = retries + 1
         tolerances = trainer.model.flow.tighten_solver(10.0) or {}
@@ -951,14 +975,23 @@ def _recover(trainer: _Trainer, err: Exception) -> None:
     # A resume keeps the run's settings (an exact continuation), so these are a new run's.
     hint = ("Start a new run (--out) with a lower learning rate (--lr) or clipped gradients "
             "(--set max_grad_norm=...)")
-    if adaptive:
-        hint += ", or tighten the solver tolerances (--flow-opt atol=... --flow-opt rtol=...)"
+    if test and cfg.test_solver is not None:
+        hint += (", or other test_solver settings, with which the validation and the test "
+                 "figures solve (--set test_solver='{method=\"dopri5\", atol=1e-5, rtol=1e-5}'"
+                 "; test_solver={} solves them as the training does; nan_retries tightens the "
+                 "flow's tolerances, not those that test_solver sets)")
+    if tightens:
+        which = "the solver tolerances"
+        if test and not trainer.adaptive_solve:
+            which = ("the flow's tolerances, which the adaptive solve of the validation and the "
+                     "test figures uses after fixed-step training")
+        hint += f", or tighten {which} (--flow-opt atol=... --flow-opt rtol=...)"
         if cfg.nan_retries == 0:
             hint += " or retry automatically with them 10x tighter (--set nan_retries=1)"
         else:
             retries_word = "retry is" if cfg.nan_retries == 1 else f"{cfg.nan_retries} retries are"
             hint += f" (the automatic {retries_word} used up)"
-    elif solvers:
+    elif solvers and not test:
         hint += (", or take smaller solver steps (--flow-opt solver_options={step_size=...}; "
                  "a fixed-step solver has no tolerances for nan_retries to tighten)")
     hint += "."

@@ -82,7 +82,9 @@ class TrainConfig:
     PNGs (sweeps, benchmarks and tests, where each run's pictures cost seconds: ``vaeflow eval
     RUN`` draws them later),
     ``checkpoint_every`` steps between mid-epoch checkpoints (0: epoch ends only),
-    ``nan_retries`` restarts from the last checkpoint with 10x tighter FFJORD tolerances.
+    ``nan_retries`` restarts from the last checkpoint with 10x tighter FFJORD tolerances (a
+    failed validation or final evaluation solve too, unless ``test_solver`` sets both of its
+    tolerances, which the retry does not change).
 
     RNODE regularization of FFJORD's dynamics (Finlay et al. 2020): ``kinetic_weight`` times the
     integrated ``||f||^2`` plus ``jacobian_weight`` times the integrated (estimated)
