@@ -385,25 +385,41 @@ def test_nan_retry_tightens_ffjord_tolerances(
     assert results["steps"] == 20
 
 
-@pytest.mark.parametrize("retries", [0, 1])
-def test_solver_failure_in_the_final_evaluation(
-    tiny_data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, retries: int
-) -> None:
-    real = train_mod.evaluate
+def fail_once(monkeypatch: pytest.MonkeyPatch, name: str) -> dict[str, int]:
+    """Make ``vaeflow.train.<name>`` raise a simulated underflow on its first call only;
+    the returned ``{"n": calls}`` counts the calls."""
+    real = getattr(train_mod, name)
     calls = {"n": 0}
 
-    def fails_once(*args: Any, **kwargs: Any) -> dict[str, Any]:
+    def fails_once(*args: Any, **kwargs: Any) -> Any:
         calls["n"] += 1
         if calls["n"] == 1:
             raise SolverError("step size underflow (simulated)")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(train_mod, "evaluate", fails_once)
+    monkeypatch.setattr(train_mod, name, fails_once)
+    return calls
+
+
+# rk4 training, evaluated with dopri5 at the flow's tolerances: a retry tightens those
+RK4 = {"hidden_dims": [16], "rank": 2, "method": "rk4", "solver_options": {"step_size": 0.5},
+       "atol": 1e-4, "rtol": 1e-4}
+
+
+@pytest.mark.parametrize(("retries", "fixed_step"), [(0, False), (1, False), (1, True)])
+def test_solver_failure_in_the_final_evaluation(
+    tiny_data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, retries: int,
+    fixed_step: bool,
+) -> None:
+    calls = fail_once(monkeypatch, "evaluate")
     run = tmp_path / "run"
-    config = tiny_config(tiny_data_dir, "ffjord", max_epochs=1, nan_retries=retries)
+    config = tiny_config(tiny_data_dir, "ffjord", max_epochs=1, nan_retries=retries,
+                         **({"flow_kwargs": RK4, "is_samples": 0} if fixed_step else {}))
     if retries:
         results = train(config, run, progress=False)
-        assert results["solver"][0]["atol"] == 1e-5  # evaluated again at 10x tighter tolerance
+        # evaluated again at 10x tighter tolerance (after rk4 training: dopri5's)
+        assert results["solver"][0]["atol"] == 1e-5
+        assert results["solver"][0]["method"] == "dopri5"
     else:
         with pytest.raises(TrainingError, match="underflow"):
             train(config, run, progress=False)
@@ -421,19 +437,8 @@ def test_a_failed_validation_solve_after_fixed_step_training(
     """After rk4 training the validation solves with dopri5 at the flow's tolerances: its
     failure is that solve's (no step-size advice), and a retry tightens those tolerances,
     though the training solve has none."""
-    real = train_mod.dataset_nelbo  # the validation's; the final evaluation has its own
-    calls = {"n": 0}
-
-    def fails_once(*args: Any, **kwargs: Any) -> torch.Tensor:
-        calls["n"] += 1
-        if calls["n"] == 1:
-            raise SolverError("step size underflow (simulated)")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(train_mod, "dataset_nelbo", fails_once)
-    rk4 = {"hidden_dims": [16], "rank": 2, "method": "rk4", "solver_options": {"step_size": 0.5},
-           "atol": 1e-4, "rtol": 1e-4}
-    config = tiny_config(tiny_data_dir, "ffjord", flow_kwargs=rk4, max_epochs=1, is_samples=0,
+    calls = fail_once(monkeypatch, "dataset_nelbo")  # the validation's (evaluate has its own)
+    config = tiny_config(tiny_data_dir, "ffjord", flow_kwargs=RK4, max_epochs=1, is_samples=0,
                          nan_retries=retries)
     if retries:
         results = train(config, tmp_path / "run", progress=False)
