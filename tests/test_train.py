@@ -435,23 +435,35 @@ def test_a_failed_validation_solve_after_fixed_step_training(
     tiny_data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, retries: int
 ) -> None:
     """After rk4 training the validation solves with dopri5 at the flow's tolerances: its
-    failure is that solve's (no step-size advice), and a retry tightens those tolerances,
-    though the training solve has none."""
+    failure is that solve's (no step-size advice), a retry tightens those tolerances, though
+    the training solve has none, and the epoch's steps are kept, not trained again."""
     calls = fail_once(monkeypatch, "dataset_nelbo")  # the validation's (evaluate has its own)
+    steps = {"n": 0}
+    real_step = train_mod.train_step
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        steps["n"] += 1
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "train_step", counted)
     config = tiny_config(tiny_data_dir, "ffjord", flow_kwargs=RK4, max_epochs=1, is_samples=0,
                          nan_retries=retries)
+    run = tmp_path / "run"
     if retries:
-        results = train(config, tmp_path / "run", progress=False)
+        results = train(config, run, progress=False)
         assert results["solver"][0]["method"] == "dopri5" and results["solver"][0]["atol"] == 1e-5
-        assert results["steps"] == 10 and calls["n"] == 2  # the epoch trained again from step 0
     else:
         with pytest.raises(TrainingError) as info:
-            train(config, tmp_path / "run", progress=False)
+            train(config, run, progress=False)
         message = str(info.value)
         assert "the validation's step size underflow" in message
+        assert "last good checkpoint (step 10)" in message  # the epoch's steps
         assert "the flow's tolerances, which the adaptive solve of the validation" in message
         assert "nan_retries=1" in message
         assert "step_size" not in message and "test_solver" not in message
+        results = train(resume=run, progress=False)  # validates (this time it succeeds)
+    assert results["steps"] == 10 and results["epochs"] == 1 and calls["n"] == 2
+    assert steps["n"] == 10  # the epoch was trained once
 
 
 def test_max_steps_makes_a_smoke_run(tiny_data_dir: Path, tmp_path: Path) -> None:

@@ -612,7 +612,16 @@ class _Trainer:
     def end_of_epoch(self) -> None:
         cfg, st = self.config, self.state
         tick = time.perf_counter()
-        valid = self.validate()
+        try:
+            valid = self.validate()
+        except _TestSolveError:
+            # The epoch's steps are good, only their validation failed: keep them, so that a
+            # retry or a resume validates again instead of training the epoch again. (Not
+            # under torchrun, where the save's collective would meet the other ranks' in
+            # their validation; not after a time-out inside the epoch, whose state is done.)
+            if not (self.world.distributed or st.done or self.loader.in_epoch):
+                self.save()
+            raise
         st.seconds = self.world.main_value(st.seconds + time.perf_counter() - tick)
         if not math.isfinite(valid):
             raise _NonFinite(f"the validation NELBO became {valid}")
