@@ -88,6 +88,8 @@ class MADE(nn.Module):
                     f"hidden_dim={hidden_dim}, dim={dim}; masks='cycled' takes any width"
                 )
             degrees_hidden = torch.arange(hidden_dim) // (hidden_dim // dim) + 1
+        # not saved: a function of (dim, reverse), which the constructor gets again
+        self.register_buffer("degrees", degrees_in, persistent=False)
         layers: list[nn.Module] = []
         previous = degrees_in
         for i in range(num_hidden_layers):
@@ -184,12 +186,15 @@ class IAF(Flow):
         logdet = zK.new_zeros(zK.shape[0])
         for made in reversed(self.steps):
             target = z
-            # Output i depends on inputs before i only, so each pass fixes one more coordinate:
-            # D passes recover the input exactly.
-            for _ in range(self.dim):
+            # The outputs of degree k depend on the inputs of lower degree only, so pass k
+            # finds the coordinate of degree k exactly: D passes recover the input. The others
+            # stay 0 until their pass: iterated, they can overflow where sigma is small, and a
+            # masked weight's 0 times an infinite input is NaN, in the exact coordinates too.
+            z = torch.zeros_like(target)
+            for k in range(1, self.dim + 1):
                 m, s = self._gate(made, z, c)
                 sigma = torch.sigmoid(s)
-                z = (target - (1.0 - sigma) * m) / sigma
+                z = torch.where(made.degrees == k, (target - (1.0 - sigma) * m) / sigma, z)
             m, s = self._gate(made, z, c)
             logdet = logdet + F.logsigmoid(s).sum(-1)
         return z, logdet
