@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 
 from .base import ContextHead, Flow, Identity, Sequential, use_solver
+from .check import FlowCheckError, check_flow
 from .ffjord import FFJORD
 from .iaf import IAF
 from .jacobian import jacobian_logdet
@@ -83,6 +84,8 @@ __all__ = [
     "FLOWS",
     "register_flow",
     "jacobian_logdet",
+    "check_flow",
+    "FlowCheckError",
     "make_flow",
     "flow_hyperparameters",
     "check_hyperparameters",

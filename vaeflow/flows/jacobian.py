@@ -1,6 +1,6 @@
 """The log-determinant of a flow from its autograd Jacobian: the reference that every flow's own
-``logdet`` is tested against (``tests/test_flows.py``), and the check for a flow of one's own
-(README, "Adding a flow")."""
+``logdet`` is tested against (``tests/test_flows.py``, :func:`~vaeflow.flows.check_flow`), and
+the check for a flow of one's own (README, "Adding a flow")."""
 
 from __future__ import annotations
 
@@ -9,7 +9,20 @@ from torch import Tensor
 
 from .base import Flow
 
-__all__ = ["jacobian_logdet"]
+__all__ = ["jacobian_logdet", "batch_jacobian", "block_logdet"]
+
+
+def batch_jacobian(flow: Flow, z0: Tensor, h: Tensor) -> Tensor:
+    """``d zK / d z0`` ``[B, D, B, D]`` of the whole batch map of ``flow`` at ``z0 [B, D]``
+    given ``h [B, H]`` (D backward passes per row: for checks, not training). A flow maps each
+    row on its own, so only the diagonal blocks ``[i, :, i, :]`` may be nonzero."""
+    return torch.autograd.functional.jacobian(lambda z: flow(z, h)[0], z0)
+
+
+def block_logdet(jac: Tensor) -> Tensor:
+    """``log |det|`` ``[B]`` of the diagonal blocks of a :func:`batch_jacobian` ``[B, D, B, D]``."""
+    rows = torch.arange(jac.shape[0])
+    return torch.linalg.slogdet(jac[rows, :, rows, :])[1]  # blocks [B, D, D] -> [B]
 
 
 def jacobian_logdet(flow: Flow, z0: Tensor, h: Tensor) -> Tensor:
@@ -20,6 +33,4 @@ def jacobian_logdet(flow: Flow, z0: Tensor, h: Tensor) -> Tensor:
     Use float64 and a map that is not nearly singular at ``z0``: ``slogdet`` loses accuracy with
     the Jacobian's conditioning (e.g. the IAF at the papers' initialisation on random inputs).
     """
-    jac = torch.autograd.functional.jacobian(lambda z: flow(z, h)[0], z0)  # [B, D, B, D]
-    rows = torch.arange(z0.shape[0])
-    return torch.linalg.slogdet(jac[rows, :, rows, :])[1]  # blocks [B, D, D] -> [B]
+    return block_logdet(batch_jacobian(flow, z0, h))

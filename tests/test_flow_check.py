@@ -1,0 +1,102 @@
+"""``check_flow``: every built-in flow passes it, and each broken flow below fails it with the
+rule it breaks named (so the check cannot pass a flow that is wrong in these ways)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from vaeflow.flows import FLOWS, ContextHead, Flow, FlowCheckError, check_flow
+
+SMALL = {"ffjord": dict(hidden_dims=(16, 16), rank=2, num_blocks=2, atol=1e-8, rtol=1e-8)}
+
+
+@pytest.mark.parametrize("name", list(FLOWS))
+def test_every_built_in_flow_passes(name: str) -> None:
+    torch.manual_seed(0)
+    flow = FLOWS[name](dim=4, context_dim=3, **SMALL.get(name, {}))
+    before = {k: v.clone() for k, v in flow.state_dict().items() if isinstance(v, Tensor)}
+    flow.train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the inverse is checked on the seed's rows
+        check_flow(flow)
+    # a copy was checked: the flow keeps its parameters, dtype and mode
+    assert flow.training
+    after = {k: v for k, v in flow.state_dict().items() if isinstance(v, Tensor)}
+    assert after.keys() == before.keys()
+    for key, value in after.items():
+        assert value.dtype == before[key].dtype and torch.equal(value, before[key]), key
+
+
+class Affine(Flow):
+    """``zK = z0 * exp(a(h)) + b(h)``, ``logdet = sum a``, with switches that break it."""
+
+    has_inverse = True
+
+    def __init__(self, dim: int, context_dim: int, broken: str = "", zero: bool = False) -> None:
+        super().__init__(dim, context_dim)
+        self.broken = broken
+        self.head = ContextHead(context_dim, {"a": (dim,), "b": (dim,)})
+        if zero:  # the identity at initialisation, as many flows start
+            nn.init.zeros_(self.head.linear.weight)
+            nn.init.zeros_(self.head.linear.bias)
+        if broken == "dead":
+            self.unused = nn.Parameter(torch.zeros(3))
+
+    def _params(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        p = self.head(torch.zeros_like(h) if self.broken == "unamortized" else h)
+        return p["a"], p["b"]
+
+    def _forward(self, z0: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+        a, b = self._params(h)
+        zK = z0 * a.exp() + b
+        if self.broken == "mixing":  # batch statistics: a row depends on the others
+            zK = zK + 0.1 * z0.mean(0)
+        logdet = a.sum(-1)
+        if self.broken == "logdet":
+            logdet = 2 * logdet
+        if self.broken == "shape":
+            logdet = logdet.unsqueeze(-1)
+        if self.broken == "nan":
+            zK = zK / (z0 - z0)
+        return zK, logdet
+
+    def _inverse(self, zK: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+        a, b = self._params(h)
+        shift = 0.0 if self.broken == "inverse" else b
+        return (zK - shift) * (-a).exp(), a.sum(-1)
+
+
+def test_a_correct_flow_of_ones_own_passes() -> None:
+    torch.manual_seed(0)
+    check_flow(Affine(4, 3))
+    check_flow(Affine(4, 3, zero=True))
+
+
+@pytest.mark.parametrize(("broken", "words"), [
+    ("logdet", "eval-mode logdet is not log|det dzK/dz0|"),
+    ("mixing", "mixes the rows of a batch"),
+    ("unamortized", "ignores the context h"),
+    ("dead", "no gradient reaches the parameter(s) unused"),
+    ("inverse", "inverse does not undo forward: z0"),
+    ("shape", "logdet (5, 1); expected (5, 4) and (5,)"),
+    ("nan", "non-finite values"),
+])
+def test_a_broken_flow_fails_with_the_rule_named(broken: str, words: str) -> None:
+    torch.manual_seed(0)
+    with pytest.raises(FlowCheckError) as info:
+        check_flow(Affine(4, 3, broken=broken))
+    assert words in str(info.value)
+
+
+def test_perturb_finds_a_wrong_logdet_behind_an_identity_start() -> None:
+    """Zero heads: the flow starts as the identity, where a doubled logdet is still 0 = 0
+    (unperturbed, only the unused context is seen)."""
+    torch.manual_seed(0)
+    with pytest.raises(FlowCheckError, match="ignores the context h"):
+        check_flow(Affine(4, 3, broken="logdet", zero=True), perturb=0.0)
+    with pytest.raises(FlowCheckError, match="logdet is not"):
+        check_flow(Affine(4, 3, broken="logdet", zero=True))
