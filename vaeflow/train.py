@@ -749,12 +749,17 @@ class _Trainer:
         adaptive = any(m not in STATIC_SOLVERS for m in methods)
         return adaptive and not {"atol", "rtol"} <= changes.keys()
 
+    def tightens(self, test: bool) -> bool:
+        """Whether 10x tighter tolerances change the failed solve: :attr:`test_solve_tightens`
+        for that of the validation or the final evaluation (``test``), else
+        :attr:`adaptive_solve`."""
+        return self.test_solve_tightens if test else self.adaptive_solve
+
     def can_retry(self, retries: int, test: bool = False) -> bool:
         """Whether a NaN or a failed solve (``test``: of the validation or the final evaluation),
         after ``retries`` retries, may be retried with 10x tighter tolerances: ``nan_retries``
-        allows one more, and :attr:`adaptive_solve` (:attr:`test_solve_tightens`)."""
-        tightens = self.test_solve_tightens if test else self.adaptive_solve
-        return retries < self.config.nan_retries and tightens
+        allows one more, and :meth:`tightens`."""
+        return retries < self.config.nan_retries and self.tightens(test)
 
     def _evaluation_failed(self, error: str, results: Mapping[str, Any]) -> NoReturn:
         """Mark the run failed (``results``: the figures that are finite) and stop: the
@@ -970,7 +975,6 @@ def _recover(trainer: _Trainer, err: Exception) -> None:
     where = f"at step ~{trainer.state.step} (epoch {trainer.state.epoch})"
     solvers = solver_state(trainer.model)
     test = isinstance(err, _TestSolveError)  # the validation's or final evaluation's solve
-    tightens = trainer.test_solve_tightens if test else trainer.adaptive_solve
     if trainer.can_retry(retries, test):
         trainer.restore(ckpt)
         trainer.state.retries = retries + 1
@@ -989,7 +993,7 @@ def _recover(trainer: _Trainer, err: Exception) -> None:
                  "figures solve (--set test_solver='{method=\"dopri5\", atol=1e-5, rtol=1e-5}'"
                  "; test_solver={} solves them as the training does; nan_retries tightens the "
                  "flow's tolerances, not those that test_solver sets)")
-    if tightens:
+    if trainer.tightens(test):
         which = "the solver tolerances"
         if test and not trainer.adaptive_solve:
             which = ("the flow's tolerances, which the adaptive solve of the validation and the "

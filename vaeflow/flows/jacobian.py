@@ -9,7 +9,7 @@ from torch import Tensor
 
 from .base import Flow
 
-__all__ = ["jacobian_logdet", "batch_jacobian", "block_logdet"]
+__all__ = ["jacobian_logdet", "batch_jacobian", "diagonal_blocks", "block_logdet"]
 
 
 def batch_jacobian(flow: Flow, z0: Tensor, h: Tensor) -> Tensor:
@@ -19,10 +19,15 @@ def batch_jacobian(flow: Flow, z0: Tensor, h: Tensor) -> Tensor:
     return torch.autograd.functional.jacobian(lambda z: flow(z, h)[0], z0)
 
 
+def diagonal_blocks(jac: Tensor) -> Tensor:
+    """Each row's own Jacobian ``[B, D, D]`` in a :func:`batch_jacobian` ``[B, D, B, D]``."""
+    rows = torch.arange(jac.shape[0])
+    return jac[rows, :, rows, :]
+
+
 def block_logdet(jac: Tensor) -> Tensor:
     """``log |det|`` ``[B]`` of the diagonal blocks of a :func:`batch_jacobian` ``[B, D, B, D]``."""
-    rows = torch.arange(jac.shape[0])
-    return torch.linalg.slogdet(jac[rows, :, rows, :])[1]  # blocks [B, D, D] -> [B]
+    return torch.linalg.slogdet(diagonal_blocks(jac))[1]
 
 
 def jacobian_logdet(flow: Flow, z0: Tensor, h: Tensor) -> Tensor:
