@@ -213,6 +213,19 @@ def test_nfe_counts_reset_per_solve() -> None:
     assert flow.nfe_forward == 4 * 4  # 4 steps x 4 stages
 
 
+def test_an_empty_batch_leaves_no_statistics_of_the_previous_call() -> None:
+    # a loss that reads last_regularization after an empty batch must not add the last one's
+    flow = make(regularize=True)
+    z0, h = data()
+    flow(z0, h)
+    assert flow.nfe_forward > 0 and flow.last_regularization["kinetic"].shape == (4,)
+    zk, logdet = flow(z0[:0], h[:0])
+    assert zk.shape == (0, D) and logdet.shape == (0,)
+    assert flow.statistics() == {"nfe_forward": 0, "nfe_backward": 0}
+    assert {k: v.shape for k, v in flow.last_regularization.items()} == {
+        "kinetic": (0,), "jacobian_frobenius": (0,)}
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
@@ -225,6 +238,9 @@ def test_nfe_counts_reset_per_solve() -> None:
         (dict(nonlinearity="relu6"), "unknown nonlinearity"),
         (dict(end_time=0.0), "end_time must be positive"),
         (dict(atol=0.0), "atol must be positive"),
+        # a string would pass the eager fixed-step loop and break torchdiffeq's (the adjoint)
+        (dict(method="rk4", solver_options={"step_size": "0.25"}), "step_size must be positive"),
+        (dict(method="euler", solver_options={"step_size": True}), "step_size must be positive"),
         (dict(rank=0), "rank must be a positive integer"),
     ],
 )

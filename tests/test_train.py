@@ -719,3 +719,26 @@ def test_a_model_trained_elsewhere_becomes_a_run(tiny_data_dir: Path, tmp_path: 
     assert not pngs & {p.name for p in (tmp_path / "quiet").iterdir()}
     save_run(tmp_path / "drawn", model, dataclasses.replace(config, pictures=True))
     assert pngs <= {p.name for p in (tmp_path / "drawn").iterdir()}
+
+
+def test_the_is_figure_does_not_move_with_the_nelbos_test_points(
+    tiny_data_dir: Path, tmp_path: Path
+) -> None:
+    """Each test estimate draws from its own seeded stream: ``vaeflow eval RUN --eval-points N``
+    gives the run's own IS NLL (same ``is_points``, ``is_samples``) whatever N."""
+    config = tiny_config(tiny_data_dir, "ffjord", max_epochs=1, is_samples=3, is_points=5,
+                         eval_points=40)
+    results = train(config, tmp_path / "run", progress=False)
+    fewer = evaluate_run(tmp_path / "run", eval_points=7, pictures=False)
+    assert fewer["test_points"] == 7 and fewer["test_nelbo"] != results["test_nelbo"]
+    assert fewer["test_nll_is"] == results["test_nll_is"]
+
+
+def test_a_flow_trained_with_the_exact_trace_reports_it(
+    tiny_data_dir: Path, tmp_path: Path
+) -> None:
+    # trace="exact" is exact everywhere, whatever exact_in_eval says of the eval mode
+    config = tiny_config(tiny_data_dir, "ffjord", max_epochs=1, is_samples=0, eval_points=10)
+    config = dataclasses.replace(
+        config, flow_kwargs={**config.flow_kwargs, "trace": "exact", "exact_in_eval": False})
+    assert train(config, tmp_path / "run", progress=False)["trace"] == "exact"

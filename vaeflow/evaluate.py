@@ -211,22 +211,25 @@ def evaluate(
     num_dims = math.prod(data.input_shape)
     # exact=None below: each flow's own eval setting, so that FFJORD's exact_in_eval=False (a
     # departure the README lists) keeps the training estimator for the test figures too.
-    trace = "exact" if all(f.exact_in_eval for f in model.modules() if isinstance(f, FFJORD)) \
-        else "Hutchinson"
-    # A fixed seed makes the evaluation a deterministic function of the parameters.
-    with evaluation_solve(model, config, solver), fork_rng(data.test.device, config.seed + 1):
-        # Each flow call's function evaluations (host counters, no device read).
-        nfes: list[int] = []
-        hook = model.flow.register_forward_hook(
-            lambda flow, args, output: nfes.append(flow.statistics().get("nfe_forward", 0))
-        )
-        try:
-            nelbo = float(
-                dataset_nelbo(model, test, config.batch_size, config.eval_samples,
-                              exact=None, progress=progress, world=world)
+    flows = [f for f in model.modules() if isinstance(f, FFJORD)]
+    trace = "exact" if all(f.trace == "exact" or f.exact_in_eval for f in flows) else "Hutchinson"
+    dev = data.test.device
+    with evaluation_solve(model, config, solver):
+        # A fixed seed per estimate makes each a deterministic function of the parameters and
+        # of its own counts: the IS figure must not move with the NELBO's eval_points.
+        with fork_rng(dev, config.seed + 1):
+            # Each flow call's function evaluations (host counters, no device read).
+            nfes: list[int] = []
+            hook = model.flow.register_forward_hook(
+                lambda flow, args, output: nfes.append(flow.statistics().get("nfe_forward", 0))
             )
-        finally:
-            hook.remove()
+            try:
+                nelbo = float(
+                    dataset_nelbo(model, test, config.batch_size, config.eval_samples,
+                                  exact=None, progress=progress, world=world)
+                )
+            finally:
+                hook.remove()
         out: dict[str, Any] = {
             "test_nelbo": nelbo,
             "test_nelbo_bpd": bits_per_dim(nelbo, num_dims),
@@ -240,10 +243,12 @@ def evaluate(
             out["test_nfe_forward"] = sum(nfes) / len(nfes)
         if is_samples > 0:
             xs = subset(data.test, is_points)
-            ll = float(dataset_log_likelihood(
-                model, xs, is_samples, config.eval_batch_rows, progress=progress, world=world,
-                exact=None,
-            ))
+            # seed + 2 draws the pictures; validations use seed + 3 + epoch, epochs from 1
+            with fork_rng(dev, config.seed + 3):
+                ll = float(dataset_log_likelihood(
+                    model, xs, is_samples, config.eval_batch_rows, progress=progress,
+                    world=world, exact=None,
+                ))
             out.update(
                 test_nll_is=-ll,
                 test_nll_is_bpd=bits_per_dim(-ll, num_dims),

@@ -22,6 +22,8 @@ from torch import Tensor
 from torchdiffeq import odeint, odeint_adjoint
 from torchdiffeq._impl.odeint import SOLVERS
 
+from vaeflow.checks import check_number
+
 __all__ = [
     "SOLVERS",
     "ADAPTIVE_SOLVERS",
@@ -94,8 +96,8 @@ def check_solver(method: str, options: Mapping[str, Any] | None) -> dict[str, An
             f"fixed-step solver {method!r} needs a step size: solver_options={{step_size=H}} "
             "(e.g. solver_options={step_size=0.25}, four steps per solve)"
         )
-    if "step_size" in options and not float(options["step_size"]) > 0:
-        raise ValueError(f"step_size must be positive, got {options['step_size']!r}")
+    if "step_size" in options:  # a number, checked here: torchdiffeq would fail mid-solve
+        options["step_size"] = check_number("step_size", options["step_size"], positive=True)
     return options
 
 

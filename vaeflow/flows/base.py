@@ -76,8 +76,8 @@ class Flow(nn.Module):
             flow in training mode: an unbiased estimate of it).
         """
         check_inputs(self, z0, h)
-        if z0.shape[0] == 0:  # an empty batch: nothing to transform (a solver would fail on it)
-            return z0.clone(), z0.new_zeros(0)
+        if z0.shape[0] == 0:
+            return self._empty_call(z0)
         return self._forward(z0, h)
 
     def inverse(self, zK: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
@@ -96,8 +96,20 @@ class Flow(nn.Module):
                 "produced itself can be scored"
             )
         if zK.shape[0] == 0:
-            return zK.clone(), zK.new_zeros(0)
+            return self._empty_call(zK)
         return self._inverse(zK, h)
+
+    def _empty_call(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """An empty batch ``z [0, D]``: nothing to transform (a solver would fail on it), and
+        no flow inside may keep describing its previous call (its NFE, its regularization)."""
+        for module in self.modules():
+            if isinstance(module, Flow):
+                module._forget_last_call(z)
+        return z.clone(), z.new_zeros(0)
+
+    def _forget_last_call(self, z: Tensor) -> None:
+        """Reset what this flow keeps of its last call to what an empty batch ``z [0, D]``
+        gives; a flow that keeps nothing per call (the default) has nothing to reset."""
 
     def _forward(self, z0: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
         raise NotImplementedError

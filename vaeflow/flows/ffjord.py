@@ -737,6 +737,12 @@ class FFJORD(Flow):
         # Integrating backwards in s accumulates minus the forward log-determinant.
         return z, -logdet if reverse else logdet
 
+    def _forget_last_call(self, z: Tensor) -> None:
+        self._counter = NFECounter()  # no solve ran
+        if self.regularize:
+            self.last_regularization = {name: z.new_zeros(0)
+                                        for name in ("kinetic", "jacobian_frobenius")}
+
     def _forward(self, z0: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
         return self._solve(z0, h, reverse=False)
 
