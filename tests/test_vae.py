@@ -381,6 +381,9 @@ def test_vae_rejects_mismatched_parts() -> None:
     assert isinstance(model.flow, Identity) and isinstance(model.likelihood, Bernoulli)
     with pytest.raises(ValueError, match="n_samples"):
         model.importance_log_likelihood(torch.zeros(2, 1, 8, 8), n_samples=0)
+    empty = torch.zeros(0, 1, 8, 8)  # no rows: no figures, and no division by the batch
+    assert model.importance_log_likelihood(empty, n_samples=3, batch_size=10).shape == (0,)
+    assert model.nelbo(empty, n_samples=2, batch_size=10).shape == (0,)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -421,11 +424,23 @@ def test_network_errors() -> None:
         make_networks("gatedconv", (1, 28, 28), hidden_sizes=(10,))
     with pytest.raises(ValueError, match="activation"):
         make_networks("mlp", (1, 28, 28), activation="swishy")
+    for bad in (-1.0, float("nan"), "1e-6"):  # a negative floor gave a negative sigma, NaN
+        with pytest.raises(ValueError, match="min_sigma must be >= 0"):
+            make_networks("mlp", (1, 8, 8), scale="std", min_sigma=bad)
     encoder, decoder = make_networks("mlp", (1, 28, 28), latent_dim=3)
     with pytest.raises(ValueError, match=r"\[B, 1, 28, 28\]"):
         encoder(torch.rand(2, 1, 28, 20))
     with pytest.raises(ValueError, match=r"\[B, 3\]"):
         decoder(torch.rand(2, 4))
+
+
+def test_the_paper_s_variance_bounds_are_no_default_of_the_std_head() -> None:
+    # the 256-way likelihood's bounds bound a variance: scale="std" is built without them,
+    # not refused for an option the caller never gave
+    encoder, _ = make_networks("gatedconv", (1, 28, 20), likelihood="categorical256", scale="std")
+    assert encoder.variance_bounds is None and encoder.scale_kind == "std"
+    encoder, _ = make_networks("gatedconv", (1, 28, 20), likelihood="categorical256")
+    assert encoder.variance_bounds == (0.01, 7.0)
 
 
 def test_gated_layers_gate() -> None:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vaeflow.checks import check_positive_int
+from vaeflow.checks import check_number, check_positive_int
 from vaeflow.likelihoods import Likelihood, get_likelihood
 
 __all__ = [
@@ -184,7 +184,8 @@ class Encoder(nn.Module):
         self.input_shape = _check_shape(input_shape)
         self.latent_dim = latent_dim
         self.context_dim = context_dim
-        self.min_sigma = float(min_sigma)
+        # a floor below 0 would make the std head's sigma negative (the loss NaN)
+        self.min_sigma = check_number("min_sigma", min_sigma, nonnegative=True)
         if variance_bounds is not None:
             lo, hi = (float(v) for v in variance_bounds)
             if not 0 < lo < hi:
@@ -427,7 +428,8 @@ def make_networks(
         **kw: ``min_sigma``, ``variance_bounds`` and ``scale`` (encoder, both archs); for
             ``"gatedconv"`` ``head_channels`` (decoder); for ``"mlp"`` also ``hidden_sizes``
             and ``activation`` (shared by encoder and decoder). For ``"gatedconv"`` the defaults of
-            :data:`PAPER_NETS` for the likelihood apply unless given (``None`` turns one off).
+            :data:`PAPER_NETS` for the likelihood apply unless given (``None`` turns one off;
+            ``scale="std"`` takes no ``variance_bounds``, which bound a variance).
 
     Raises:
         ValueError: for an unknown arch (listing the valid ones), bad shapes or options.
@@ -452,7 +454,10 @@ def make_networks(
             f"{sorted(allowed[arch])}"
         )
     if arch == "gatedconv":
-        kw = {**PAPER_NETS.get(lik.name, {}), **kw}
+        defaults = dict(PAPER_NETS.get(lik.name, {}))
+        if kw.get("scale") == "std":  # the bounds are a variance's: the std head has none
+            defaults.pop("variance_bounds", None)
+        kw = {**defaults, **kw}
     enc_keys = ("min_sigma", "variance_bounds", "scale")
     enc_kw = {k: v for k, v in kw.items() if k in enc_keys}
     shared = {k: v for k, v in kw.items() if k not in enc_keys}

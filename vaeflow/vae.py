@@ -202,10 +202,10 @@ class VAE(nn.Module):
         self.likelihood.check_data(x)
         self.likelihood.check_values(x)
         batch = x.shape[0]
-        if batch_size is None:
-            per_chunk = n_samples
-        else:
-            per_chunk = max(1, check_positive_int("batch_size", batch_size) // batch)
+        if batch_size is not None:
+            check_positive_int("batch_size", batch_size)
+        # an empty batch takes every sample in one chunk (of no rows)
+        per_chunk = n_samples if batch_size is None or batch == 0 else max(1, batch_size // batch)
         mu, sigma, h = self.encoder(x)
         chunks = []
         for start in range(0, n_samples, per_chunk):
