@@ -212,7 +212,7 @@ def evaluate(
     # exact=None below: each flow's own eval setting, so that FFJORD's exact_in_eval=False (a
     # departure the README lists) keeps the training estimator for the test figures too.
     flows = [f for f in model.modules() if isinstance(f, FFJORD)]
-    trace = "exact" if all(f.trace == "exact" or f.exact_in_eval for f in flows) else "Hutchinson"
+    trace = "exact" if all(f.uses_exact_trace(training=False) for f in flows) else "Hutchinson"
     dev = data.test.device
     with evaluation_solve(model, config, solver):
         # A fixed seed per estimate makes each a deterministic function of the parameters and

@@ -429,7 +429,7 @@ def _solver(
     step = (config.options or {}).get("step_size")
     # Each block solves over s in [0, 1] (the time rescaled by T), and a step longer than the
     # interval is cut to it: step_size=2 would quietly be one step, not what it says.
-    if step is not None and float(step) > 1:
+    if step is not None and step > 1:  # a float: check_solver checked it
         raise InputError(
             f"step_size must be at most 1, got {step!r}: FFJORD integrates over s in [0, 1] "
             "(the time t = s T rescaled by the end time), so step_size=1/N takes N steps"
@@ -677,9 +677,11 @@ class FFJORD(Flow):
             self.solver, atol=float(state["atol"]), rtol=float(state["rtol"])
         )
 
-    def uses_exact_trace(self) -> bool:
-        """Whether the next call computes the exact trace (eval mode, or ``trace="exact"``)."""
-        return self.trace == "exact" or (not self.training and self.exact_in_eval)
+    def uses_exact_trace(self, training: bool | None = None) -> bool:
+        """Whether the next call computes the exact trace (eval mode, or ``trace="exact"``);
+        ``training`` asks it of that mode instead of the flow's own."""
+        training = self.training if training is None else training
+        return self.trace == "exact" or (not training and self.exact_in_eval)
 
     def _noise(self, z: Tensor) -> Tensor:
         if self.noise == "gaussian":
