@@ -171,6 +171,16 @@ def test_resume_refuses_what_would_change_the_run(finished: Path, capsys,
     assert snapshot(finished) == before
 
 
+@pytest.mark.parametrize("option", [["--no-dataset-config"], ["--flow-opt", "num_steps=3"],
+                                    ["--preset", "quick"]])
+def test_resume_refuses_what_picks_a_new_config(finished: Path, capsys,
+                                                option: list[str]) -> None:
+    before = snapshot(finished)
+    fails(capsys, ["train", "--resume", str(finished), *option], 2, "saved config", option[0],
+          "--out")
+    assert snapshot(finished) == before
+
+
 def test_resume_takes_the_run_s_own_values_named_again(finished: Path, capsys) -> None:
     config = json.loads((finished / "config.json").read_text())
     before = snapshot(finished)
@@ -277,6 +287,8 @@ def test_flows_read_string_booleans_and_refuse_others() -> None:
     (["--set", "max_minutes=abc"], ["max_minutes", "float"]),
     (["--set", "data_dir=5"], ["data_dir", "str"]),
     (["--set", "seed=abc"], ["seed", "int"]),
+    (["--seed", "-1"], ["seed", "0 <= n <= "]),
+    (["--seed", str(2**64)], ["seed", "0 <= n <= "]),  # torch would refuse it mid-run
     (["--set", "valid_exact_trace=maybe"], ["valid_exact_trace", "true or false"]),
 ])
 def test_wrongly_typed_values_name_the_key(option: list[str], words: list[str], capsys) -> None:

@@ -284,28 +284,77 @@ def test_resume_refuses_a_spent_budget_and_takes_restated_values(
         == steps
 
 
+def signal_at(monkeypatch: pytest.MonkeyPatch, step: int, sig: signal.Signals) -> None:
+    """Deliver ``sig`` to the loop's handler during step ``step`` (the step completes)."""
+    real = train_mod.train_step
+    count = {"n": 0}
+
+    def step_then_signal(*args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        count["n"] += 1
+        if count["n"] == step:
+            signal.raise_signal(sig)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "train_step", step_then_signal)
+
+
 def test_sigterm_writes_a_checkpoint_and_resume_matches(
     tiny_data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     config = tiny_config(tiny_data_dir, "planar")
     reference = train(config, tmp_path / "a", progress=False)
 
-    real = train_mod.train_step
-    count = {"n": 0}
-
-    def step_then_signal(*args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
-        count["n"] += 1
-        if count["n"] == 17:
-            signal.raise_signal(signal.SIGTERM)  # delivered to the loop's handler
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(train_mod, "train_step", step_then_signal)
+    signal_at(monkeypatch, 17, signal.SIGTERM)
     with pytest.raises(KeyboardInterrupt, match="SIGTERM received.*step 17.*--resume"):
         train(config, tmp_path / "b", progress=False)
     monkeypatch.undo()
     ckpt = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
     assert ckpt["progress"]["step"] == 17 and ckpt["loader"]["next_batch"] == 7
     assert train(resume=tmp_path / "b", progress=False) == reference
+
+
+@pytest.mark.parametrize("how", ["sigint-at-max-steps", "kill-in-timed-out-validation"])
+def test_a_run_saved_where_its_budget_ran_out_resumes_to_the_same_end(
+    tiny_data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    # The checkpoint is written at the step where the budget runs out, before the run stops:
+    # a resume must stop there too (not refuse the run's own budget, nor train past it).
+    if how == "sigint-at-max-steps":
+        config = tiny_config(tiny_data_dir, max_steps=13)  # inside epoch 2
+        reference = train(config, tmp_path / "a", progress=False)
+        signal_at(monkeypatch, 13, signal.SIGINT)
+        with pytest.raises(KeyboardInterrupt, match="SIGINT received.*step 13"):
+            train(config, tmp_path / "b", progress=False)
+    else:
+        config = tiny_config(tiny_data_dir, max_minutes=1e-6, max_epochs=50, checkpoint_every=1)
+        reference = train(config, tmp_path / "a", progress=False)
+        assert reference["stop_reason"].startswith("time budget") and reference["steps"] == 1
+
+        def killed(self: Any) -> float:
+            raise Crash
+
+        monkeypatch.setattr(train_mod._Trainer, "validate", killed)
+        with pytest.raises(Crash):
+            train(config, tmp_path / "b", progress=False)
+    monkeypatch.undo()
+    saved = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["progress"]
+    assert saved["step"] == reference["steps"] and not saved["done"]
+    assert train(resume=tmp_path / "b", progress=False) == reference
+    assert_same_params(params(tmp_path / "a"), params(tmp_path / "b"))
+    assert_same_params(params(tmp_path / "a", "best.pt"), params(tmp_path / "b", "best.pt"))
+
+
+def test_a_run_stopped_by_its_time_budget_resumes_to_evaluate_again(
+    tiny_data_dir: Path, tmp_path: Path
+) -> None:
+    # A time stop ends a little past max_minutes; its own budget is no smaller budget to
+    # refuse when, say, a Ctrl-C in the final evaluation left no results.json.
+    config = tiny_config(tiny_data_dir, max_minutes=1e-6, max_epochs=50)
+    reference = train(config, tmp_path / "run", progress=False)
+    (tmp_path / "run" / "results.json").unlink()
+    assert train(resume=tmp_path / "run", progress=False) == reference
+    same = {"max_minutes": config.max_minutes}  # named again: no change
+    assert train(resume=tmp_path / "run", changes=same, progress=False) == reference
 
 
 @pytest.mark.parametrize(("key", "first", "then"), [("max_epochs", 2, 3), ("max_steps", 13, 25)])

@@ -49,12 +49,17 @@ def input_errors(prefix: str = "") -> Iterator[None]:
         raise InputError(f"{prefix}{err}") from err
 
 
-def check_int(name: str, value: Any, minimum: int | None = None) -> int:
-    """An ``int`` (not a bool) that is at least ``minimum``."""
+def check_int(
+    name: str, value: Any, minimum: int | None = None, maximum: int | None = None
+) -> int:
+    """An ``int`` (not a bool) that is at least ``minimum`` and at most ``maximum``."""
     if isinstance(value, bool) or not isinstance(value, int) or (
         minimum is not None and value < minimum
-    ):
-        if minimum == 1:
+    ) or (maximum is not None and value > maximum):
+        if maximum is not None:
+            low = "" if minimum is None else f"{minimum} <= "
+            kind = f"an integer {low}n <= {maximum}"
+        elif minimum == 1:
             kind = "a positive integer"
         elif minimum is None:
             kind = "an integer"

@@ -147,10 +147,12 @@ def cmd_train(args: argparse.Namespace) -> int:
                 args.dataset = None
             if args.flow == saved.flow:
                 args.flow = None
-        if args.dataset or args.flow or args.config or args.flow_opt or args.preset:
+        if (args.dataset or args.flow or args.config or args.flow_opt or args.preset
+                or args.no_dataset_config):
             raise CLIError(
                 "--resume continues a run with its saved config; drop --dataset/--flow/"
-                "--preset/--config/--flow-opt (start a new run with --out to change them)"
+                "--preset/--config/--flow-opt/--no-dataset-config (start a new run with --out "
+                "to change them)"
             )
         if args.out or args.overwrite or args.print_config:
             raise CLIError("--resume writes into RUN_DIR itself; drop --out/--overwrite/"

@@ -42,7 +42,7 @@ import os
 import shutil
 import signal
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
@@ -420,19 +420,26 @@ class _Trainer:
             return f"max_steps={cfg.max_steps} reached"
         return None
 
-    def check_budget(self) -> None:
-        """Refuse to resume an unfinished run with a step, epoch or time budget it has already
-        passed: it would stop after one more step (or epoch) and say that budget was reached at a
-        count it had long passed. A finished run is refused a budget below what it trained:
-        nothing would change but its config.json, which would then no longer describe it."""
+    def check_budget(self, changed: Collection[str]) -> None:
+        """Refuse to resume an unfinished run with a step, epoch or time budget (among the keys
+        ``changed`` on this resume) that it has already passed: it would stop after one more
+        step (or epoch) and say that budget was reached at a count it had long passed. A
+        finished run is refused a budget below what it trained: nothing would change but its
+        config.json, which would then no longer describe it. The run's own budgets are not
+        checked: a finished run stopped by its time budget has trained a little past it, and an
+        unfinished one at its own budget (saved at the step the budget ran out) stops at once,
+        as it did when it ran (:meth:`_budget_stop`)."""
         cfg, st = self.config, self.state
         if st.done:
             below = []
-            if cfg.max_steps is not None and cfg.max_steps < st.step:
+            if "max_steps" in changed and cfg.max_steps is not None and cfg.max_steps < st.step:
                 below.append(f"max_steps={cfg.max_steps} (it trained {st.step} steps)")
-            if cfg.max_epochs < st.epoch - 1:  # a finish leaves the epoch after the last
+            # a finish leaves the epoch after the last
+            if "max_epochs" in changed and cfg.max_epochs < st.epoch - 1:
                 below.append(f"max_epochs={cfg.max_epochs} (it trained {st.epoch - 1} epochs)")
-            if cfg.max_minutes is not None and 60 * cfg.max_minutes < st.seconds:
+            if "max_minutes" in changed and cfg.max_minutes is not None and (
+                60 * cfg.max_minutes < st.seconds
+            ):
                 below.append(f"max_minutes={cfg.max_minutes} (it trained {_minutes(st.seconds)})")
             if below:
                 raise RunError(
@@ -443,11 +450,13 @@ class _Trainer:
                 )
             return
         passed = []
-        if cfg.max_steps is not None and cfg.max_steps <= st.step:
+        if "max_steps" in changed and cfg.max_steps is not None and cfg.max_steps <= st.step:
             passed.append(f"max_steps={cfg.max_steps} (it is at step {st.step})")
-        if cfg.max_epochs < st.epoch:
+        if "max_epochs" in changed and cfg.max_epochs < st.epoch:
             passed.append(f"max_epochs={cfg.max_epochs} (it is in epoch {st.epoch})")
-        if cfg.max_minutes is not None and 60 * cfg.max_minutes <= st.seconds:
+        if "max_minutes" in changed and cfg.max_minutes is not None and (
+            60 * cfg.max_minutes <= st.seconds
+        ):
             passed.append(f"max_minutes={cfg.max_minutes} (it has trained {_minutes(st.seconds)})")
         if passed:
             raise RunError(
@@ -483,6 +492,8 @@ class _Trainer:
         nfe: list[tuple[int, int]] = []
         tick = time.perf_counter()
         self.model.train()
+        if st.epoch_steps > 0 and self._budget_stop({}):
+            return  # saved at the step where the budget ran out (a signal, or a kill after it)
         if st.epoch_steps > 0 and not self.loader.in_epoch:
             # killed between the epoch's last step (checkpointed) and its validation
             self.end_of_epoch()
@@ -514,25 +525,36 @@ class _Trainer:
                 tick = now
                 window, nfe = [], []
                 interrupted = signals.received is not None  # under torchrun: agreed just now
-            out_of_time = cfg.max_minutes is not None and st.seconds >= 60 * cfg.max_minutes
             if interrupted or ckpt_due:
                 self._fold(sums)
                 self.save()
                 sums = {}
-            if interrupted:
-                return
-            if hit_max:
-                self._fold(sums)
-                self._stop(f"max_steps={cfg.max_steps} reached")
-                self.end_of_training()
-                return
-            if out_of_time and self.loader.in_epoch:
-                self._fold(sums)
-                self._stop(f"time budget of {cfg.max_minutes} minutes used")
-                self.end_of_epoch()  # validates the model of this partial epoch
+            if interrupted or self._budget_stop(sums):
                 return
         self._fold(sums)
         self.end_of_epoch()
+
+    def _budget_stop(self, sums: Mapping[str, Tensor]) -> bool:
+        """Stop if the step budget, or the time budget inside an epoch, has run out at this
+        step: the final evaluation follows max_steps, a validation of the partial epoch the
+        time budget (the end of an epoch stops in :meth:`end_of_epoch`). True if it stopped.
+
+        The loop asks after every step; a resume asks first, so that a run saved at that step
+        (by a signal, or by ``checkpoint_every`` before a kill in the validation) stops there
+        as it did when it ran, instead of training a step past its budget."""
+        cfg, st = self.config, self.state
+        if cfg.max_steps is not None and st.step >= cfg.max_steps:
+            self._fold(sums)
+            self._stop(f"max_steps={cfg.max_steps} reached")
+            self.end_of_training()
+            return True
+        out_of_time = cfg.max_minutes is not None and st.seconds >= 60 * cfg.max_minutes
+        if out_of_time and self.loader.in_epoch:
+            self._fold(sums)
+            self._stop(f"time budget of {cfg.max_minutes} minutes used")
+            self.end_of_epoch()  # validates the model of this partial epoch
+            return True
+        return False
 
     def _flush(
         self,
@@ -823,7 +845,7 @@ def train(
     """
     start = time.time()
     with distributed.session() as world:  # joins a torchrun job; SINGLE for a plain process
-        cfg, directory, created = world.from_main(
+        cfg, directory, created, changes = world.from_main(
             lambda: _claim(config, run_dir, resume, changes, overwrite)
         )
         created = created and world.is_main  # only rank 0 touches the run directory
@@ -838,7 +860,7 @@ def train(
                     assert trainer is not None
                     if resume is not None:
                         trainer.restore(trainer.load_checkpoint())
-                        trainer.check_budget()  # before the new budget is written down
+                        trainer.check_budget(changes)  # before it is written down
                     trainer.replicate()
                 except BaseException:
                     if created:  # a start that failed leaves nothing behind
@@ -901,9 +923,9 @@ def _claim(
     resume: str | os.PathLike[str] | None,
     changes: Mapping[str, Any] | None,
     overwrite: bool,
-) -> tuple[TrainConfig, Path, bool]:
+) -> tuple[TrainConfig, Path, bool, dict[str, Any]]:
     """The run's config (a resumed run's own) and directory, checked and created (rank 0's
-    work); whether the directory was created."""
+    work); whether the directory was created; the changes that change the run."""
     if resume is not None:
         directory = Path(resume)
         config = read_config(directory)
@@ -929,7 +951,7 @@ def _claim(
         check_new_run_dir(directory, overwrite)
     created = not directory.exists()
     directory.mkdir(parents=True, exist_ok=True)
-    return config, directory, created
+    return config, directory, created, dict(changes or {})
 
 
 def _run(trainer: _Trainer) -> None:

@@ -39,6 +39,8 @@ from vaeflow.nets import (
 __all__ = ["TrainConfig", "OPTIMIZERS"]
 
 OPTIMIZERS = ("adamax", "adam")
+# The largest seed a run takes (see TrainConfig.validate).
+MAX_SEED = 2**63 - 1
 
 # The classes that take ``net_kwargs`` (through make_networks): their annotations say how a
 # value from a command line or a file is read (the word none, a list).
@@ -193,6 +195,9 @@ class TrainConfig:
         zero_or_more += ("checkpoint_every", "nan_retries")
         for name in zero_or_more:
             check_int(name, getattr(self, name), minimum=0)
+        # The run draws its streams from seed + small offsets (seed + 3 + epoch for a
+        # validation), and torch takes seeds below 2**64: half that range leaves them room.
+        check_int("seed", self.seed, minimum=0, maximum=MAX_SEED)
         for name in ("max_steps", "eval_points", "is_points", "valid_points"):
             if getattr(self, name) is not None:
                 check_int(name, getattr(self, name), minimum=1)
