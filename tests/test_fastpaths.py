@@ -108,6 +108,20 @@ def test_fused_field_matches_autograd_for_every_nonlinearity(nonlinearity: str) 
     )
 
 
+@pytest.mark.parametrize("nonlinearity", list(NONLINEARITIES))
+def test_fused_derivative_is_finite_where_the_activation_is(nonlinearity: str) -> None:
+    """Far from 0 on both sides (ELU's exp(x) of the branch not taken overflowed for x > 88,
+    and torch.where's gradient turned its inf into a NaN)."""
+    act, grad = NONLINEARITIES[nonlinearity], ffjord_module.NONLINEARITY_GRADS[nonlinearity]
+    x = torch.tensor([-200.0, -30.0, -1.0, 0.5, 30.0, 200.0], requires_grad=True)
+    y = act(x)
+    (expected,) = torch.autograd.grad(y.sum(), x, retain_graph=True)
+    d = grad(x, y)
+    assert torch.isfinite(d).all() and torch.allclose(d, expected)
+    (second,) = torch.autograd.grad(d.sum(), x)  # the fused trace backpropagates through it
+    assert torch.isfinite(second).all()
+
+
 def test_fused_field_vjp_is_the_jacobian() -> None:
     """``forward_and_vjp`` returns ``probes^T df/dz`` for K probes at once (here the identity:
     the full Jacobian), checked against ``torch.autograd.functional.jacobian``."""

@@ -242,6 +242,8 @@ def test_an_empty_batch_leaves_no_statistics_of_the_previous_call() -> None:
         (dict(method="rk4", solver_options={"step_size": "0.25"}), "step_size must be positive"),
         (dict(method="euler", solver_options={"step_size": True}), "step_size must be positive"),
         (dict(rank=0), "rank must be a positive integer"),
+        # numpy's solve: no gradients, so training would quietly leave the flow untrained
+        (dict(method="scipy_solver"), "scipy_solver' gives no gradients.*adjoint=True"),
     ],
 )
 def test_bad_options_fail_before_any_work(kwargs: dict, message: str) -> None:

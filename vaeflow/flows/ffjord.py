@@ -53,7 +53,8 @@ NONLINEARITIES = {
 NONLINEARITY_GRADS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
     "softplus": lambda x, y: torch.where(x > 20.0, 1.0, torch.sigmoid(x)),
     "tanh": lambda x, y: 1.0 - y * y,
-    "elu": lambda x, y: torch.where(x > 0, 1.0, torch.exp(x)),
+    # the branch not taken is computed too: exp of a large x would be inf, and 0 * inf a NaN
+    "elu": lambda x, y: torch.where(x > 0, 1.0, torch.exp(x.clamp(max=0.0))),
     "silu": lambda x, y: torch.sigmoid(x) * (1.0 + x * (1.0 - torch.sigmoid(x))),
     "sigmoid": lambda x, y: y * (1.0 - y),
 }
@@ -547,6 +548,14 @@ class FFJORD(Flow):
         elif not isinstance(compile, bool):
             raise ValueError(f"compile must be a bool or one of {COMPILE_MODES}, got {compile!r}")
         self.solver = _solver(method, atol, rtol, solver_options, adjoint)
+        if method == "scipy_solver" and not self.solver.adjoint:
+            # Its solve runs in numpy: the state it returns has no autograd graph, so training
+            # would leave the flow (and the encoder's mean) without gradients and say nothing.
+            # (As an evaluation solve, test_solver or --solver, which needs none, it is fine.)
+            raise InputError(
+                "method 'scipy_solver' gives no gradients through its solve: train with "
+                "adjoint=True or another method (it may still be the test_solver)"
+            )
         self.trace = trace
         self.exact_in_eval = exact_in_eval
         self.noise = noise
