@@ -52,6 +52,26 @@ class MaskedLinear(nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x, self.weight * self.mask, self.bias)
 
+    def _load_from_state_dict(  # type: ignore[no-untyped-def]
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+        error_msgs,
+    ) -> None:
+        # The mask is saved, the MADE's degrees (which its inverse reads) are not: masks of
+        # another layout (``masks=``) or order would load, and the forward would follow them
+        # while the inverse followed this model's own. Refused, by name, instead.
+        saved = state_dict.get(prefix + "mask")
+        if saved is not None and (
+            saved.shape != self.mask.shape or not torch.equal(saved.to(self.mask), self.mask)
+        ):
+            error_msgs.append(
+                f"{prefix}mask differs from this model's: the parameters were trained with other "
+                "IAF masks (the masks= option, 'cycled' or 'reference'); build the IAF as it was "
+                "trained"
+            )
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
 
 class MADE(nn.Module):
     """An autoregressive network ``z [B, D], c [B, W] -> (m [B, D], s [B, D])`` where output
