@@ -242,6 +242,12 @@ def test_an_empty_batch_leaves_no_statistics_of_the_previous_call() -> None:
         (dict(method="rk4", solver_options={"step_size": "0.25"}), "step_size must be positive"),
         (dict(method="euler", solver_options={"step_size": True}), "step_size must be positive"),
         (dict(rank=0), "rank must be a positive integer"),
+        # each option's value too: torchdiffeq reads them only inside the first solve
+        (dict(solver_options={"max_num_steps": "10"}), "max_num_steps must be a positive int"),
+        (dict(solver_options={"norm": "seminorm"}), "norm must be a function"),
+        (dict(solver_options={"first_step": -0.1}), "first_step must be positive"),
+        (dict(method="rk4", solver_options={"step_size": 0.25, "interp": "spline"}),
+         "unknown interp 'spline'; valid values are 'linear', 'cubic'"),
         # numpy's solve: no gradients, so training would quietly leave the flow untrained
         (dict(method="scipy_solver"), "scipy_solver' gives no gradients.*adjoint=True"),
     ],

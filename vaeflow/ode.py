@@ -22,7 +22,7 @@ from torch import Tensor
 from torchdiffeq import odeint, odeint_adjoint
 from torchdiffeq._impl.odeint import SOLVERS
 
-from vaeflow.checks import check_number
+from vaeflow.checks import InputError, check_bool, check_choice, check_int, check_number
 
 __all__ = [
     "SOLVERS",
@@ -63,6 +63,35 @@ ADAPTIVE_SOLVERS = frozenset(
 STATIC_SOLVERS = frozenset({"euler", "midpoint", "rk4"})
 
 
+def _function(name: str, value: Any) -> Any:
+    if not callable(value):
+        raise InputError(f"{name} must be a function, got {value!r}")
+    return value
+
+
+# How each option's value is checked on entry; torchdiffeq reads them only inside the solve,
+# where a string step count or a norm that is no function fails as a TypeError in its code.
+# (step_t and jump_t, tensors of times, are left to torchdiffeq.)
+_OPTION_CHECKS: dict[str, Callable[[str, Any], Any]] = {
+    "step_size": lambda n, v: check_number(n, v, positive=True),
+    "first_step": lambda n, v: check_number(n, v, positive=True),
+    "safety": lambda n, v: check_number(n, v, positive=True),
+    "ifactor": lambda n, v: check_number(n, v, positive=True),
+    "dfactor": lambda n, v: check_number(n, v, positive=True),
+    "max_step": lambda n, v: check_number(n, v, positive=True, finite=False),
+    "min_step": lambda n, v: check_number(n, v, nonnegative=True),
+    "max_num_steps": lambda n, v: check_int(n, v, minimum=1),
+    "max_iters": lambda n, v: check_int(n, v, minimum=1),
+    "max_order": lambda n, v: check_int(n, v, minimum=1),
+    "perturb": check_bool,
+    "implicit": check_bool,
+    "interp": lambda n, v: check_choice(n, v, ("linear", "cubic")),
+    "solver": lambda n, v: check_choice(n, v, ("RK45", "RK23", "DOP853", "Radau", "BDF", "LSODA")),
+    "norm": _function,
+    "grid_constructor": _function,
+}
+
+
 class SolverError(RuntimeError):
     """An ODE solve failed (step size underflow, too many steps, non-finite state)."""
 
@@ -96,8 +125,9 @@ def check_solver(method: str, options: Mapping[str, Any] | None) -> dict[str, An
             f"fixed-step solver {method!r} needs a step size: solver_options={{step_size=H}} "
             "(e.g. solver_options={step_size=0.25}, four steps per solve)"
         )
-    if "step_size" in options:  # a number, checked here: torchdiffeq would fail mid-solve
-        options["step_size"] = check_number("step_size", options["step_size"], positive=True)
+    for name, value in options.items():
+        if name in _OPTION_CHECKS:
+            options[name] = _OPTION_CHECKS[name](name, value)
     return options
 
 
