@@ -242,6 +242,9 @@ def test_an_empty_batch_leaves_no_statistics_of_the_previous_call() -> None:
         (dict(method="rk4", solver_options={"step_size": "0.25"}), "step_size must be positive"),
         (dict(method="euler", solver_options={"step_size": True}), "step_size must be positive"),
         (dict(rank=0), "rank must be a positive integer"),
+        # checked whichever dynamics reads it (it was accepted, and ignored, with the other)
+        (dict(dynamics="concat", rank=-7), "rank must be a positive integer"),
+        (dict(dynamics="lowrank", context_proj_dim=-5), "context_proj_dim must be a positive"),
         # each option's value too: torchdiffeq reads them only inside the first solve
         (dict(solver_options={"max_num_steps": "10"}), "max_num_steps must be a positive int"),
         (dict(solver_options={"norm": "seminorm"}), "norm must be a function"),

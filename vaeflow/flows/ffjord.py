@@ -577,15 +577,17 @@ class FFJORD(Flow):
             end_time=end_time,
             train_end_time=train_end_time,
         )
+        # Both checked whichever dynamics reads them: a sweep of rank=-7 with concat dynamics
+        # must not pass for a model that silently ignores it.
+        check_positive_int("rank", rank)
+        check_positive_int("context_proj_dim", context_proj_dim)
         if dynamics == "lowrank":
-            check_positive_int("rank", rank)
 
             def make() -> _Dynamics:
                 return LowRankDynamics(
                     dim, context_dim, hidden_dims, rank, nonlinearity, lowrank_init
                 )
         else:
-            check_positive_int("context_proj_dim", context_proj_dim)
 
             def make() -> _Dynamics:
                 return ConcatDynamics(dim, context_dim, hidden_dims, nonlinearity, context_proj_dim)
