@@ -122,6 +122,18 @@ def test_fused_derivative_is_finite_where_the_activation_is(nonlinearity: str) -
     assert torch.isfinite(second).all()
 
 
+def test_inference_mode_is_refused_where_the_trace_needs_autograd() -> None:
+    x, h = torch.randn(3, 2), torch.randn(3, 3)
+    fused = FFJORD(2, 3, hidden_dims=(4,), fused=True).eval()
+    with torch.inference_mode():
+        assert torch.isfinite(fused(x, h)[1]).all()  # the fused field needs no autograd
+    flow = FFJORD(2, 3, hidden_dims=(4,), fused=False).eval()
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="use torch.no_grad"):
+        flow(x, h)
+    with torch.no_grad():
+        assert torch.isfinite(flow(x, h)[1]).all()
+
+
 def test_fused_field_vjp_is_the_jacobian() -> None:
     """``forward_and_vjp`` returns ``probes^T df/dz`` for K probes at once (here the identity:
     the full Jacobian), checked against ``torch.autograd.functional.jacobian``."""

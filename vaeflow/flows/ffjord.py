@@ -722,6 +722,15 @@ class FFJORD(Flow):
         reg = [z.new_zeros(z.shape[0]), z.new_zeros(z.shape[0])]
         for b in reversed(order) if reverse else order:
             dynamics = self.blocks[b]
+            field = self._fused_field(dynamics, exact)
+            if field is None and torch.is_inference_mode_enabled():
+                # the trace's vector-Jacobian product needs autograd, which inference mode
+                # cannot turn back on (torch would say only "does not require grad")
+                raise RuntimeError(
+                    "FFJORD's trace here needs autograd, which torch.inference_mode() turns off"
+                    ": use torch.no_grad() instead, or build the flow with fused=True (whose "
+                    "field computes its own products)"
+                )
             amortized = dynamics.amortize(h)
             func = _BlockODE(
                 dynamics,
@@ -730,7 +739,7 @@ class FFJORD(Flow):
                 None if exact else self._noise(z),
                 self.regularize,
                 counter,
-                self._fused_field(dynamics, exact),
+                field,
             )
             state = (z, z.new_zeros(z.shape[0]))
             if self.regularize:
