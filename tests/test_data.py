@@ -339,6 +339,38 @@ def test_loader_state_after_last_batch_starts_new_epoch() -> None:
     assert all(torch.equal(a, b) for a, b in zip(list(loader), expected[1], strict=True))
 
 
+def test_loader_state_from_another_kind_of_device_goes_on(caplog) -> None:
+    # A CUDA generator's state (16 bytes) cannot set a CPU generator: a run resumed with
+    # another --device failed there. The epoch goes on in its saved order; later draws come
+    # from a generator seeded from the saved state, the same on every such resume.
+    x = _grey(12)
+
+    def make() -> DeviceLoader:
+        return DeviceLoader(x, batch_size=4, shuffle=True, seed=1)
+
+    loader = make()
+    it = iter(loader)
+    next(it)
+    state = loader.state_dict()
+    assert state["generator_device"] == "cpu"
+    rest = list(it)
+    cuda_like = {**state, "generator_device": "cuda",
+                 "generator": torch.arange(16, dtype=torch.uint8)}
+    later = []
+    for _ in range(2):
+        other = make()
+        with caplog.at_level("WARNING", logger="vaeflow.data.loader"):
+            other.load_state_dict(cuda_like)
+        assert "saved on cuda" in caplog.text
+        resumed = list(other)
+        assert len(resumed) == 2 and all(map(torch.equal, resumed, rest))  # the saved order
+        later.append(torch.cat(list(other)))
+    assert torch.equal(later[0], later[1])  # deterministic
+    assert torch.equal(later[0].flatten().sort().values, x.flatten().sort().values)
+    old = {k: v for k, v in cuda_like.items() if k != "generator_device"}  # older checkpoint
+    make().load_state_dict(old)
+
+
 def test_loader_refuses_foreign_state() -> None:
     state = DeviceLoader(_grey(10), batch_size=3, shuffle=True).state_dict()
     with pytest.raises(ValueError, match="batch_size"):

@@ -5,6 +5,8 @@ saves its position inside an epoch so that a resumed run sees the same batches.
 
 from __future__ import annotations
 
+import hashlib
+import logging
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -14,6 +16,8 @@ from torch import Tensor
 from vaeflow.checks import check_positive_int
 
 __all__ = ["DeviceLoader"]
+
+logger = logging.getLogger(__name__)
 
 
 class DeviceLoader:
@@ -29,6 +33,11 @@ class DeviceLoader:
     the same data, ``iter()`` continues with the remaining batches of the interrupted epoch and
     then draws further epochs exactly as the uninterrupted loader would. Take the state after
     the step on a batch is done: the position already counts the batch last yielded.
+
+    A state taken on another kind of device (a run resumed with another ``--device``) goes on
+    with the interrupted epoch in its saved order, but a CPU generator's state means nothing to
+    a CUDA one: the draws after it (later shuffles, binarizations) come from a generator
+    seeded from the saved state, deterministically, not the stream the other device had.
 
     One iteration at a time: the position is shared by all iterators of one loader.
     """
@@ -115,6 +124,7 @@ class DeviceLoader:
         """
         return {
             "generator": self.generator.get_state(),
+            "generator_device": self.generator.device.type,
             "perm": None if self._perm is None else self._perm.detach().to("cpu", copy=True),
             "next_batch": self._next,
             "active": self._active,
@@ -146,7 +156,26 @@ class DeviceLoader:
             raise ValueError(
                 f"DeviceLoader state has next_batch={next_batch}, not in [0, {len(self)}]"
             )
-        self.generator.set_state(state["generator"])
+        self._set_generator(state)
         self._perm = perm
         self._next = next_batch
         self._active = bool(state["active"])
+
+    def _set_generator(self, state: Mapping[str, Any]) -> None:
+        saved, here = state.get("generator_device"), self.generator.device.type
+        if saved == here:
+            self.generator.set_state(state["generator"])
+            return
+        if saved is None:  # a state from before the device was recorded: try it
+            try:
+                self.generator.set_state(state["generator"])
+                return
+            except RuntimeError:  # the size of another device's generator state
+                saved = "another device"
+        digest = hashlib.sha256(state["generator"].cpu().numpy().tobytes()).digest()
+        self.generator.manual_seed(int.from_bytes(digest[:8], "little"))
+        logger.warning(
+            "the data loader's state was saved on %s and is loaded on %s: the epoch goes on in "
+            "its saved order, and later shuffles and binarizations draw from a new stream",
+            saved, here,
+        )
