@@ -522,6 +522,17 @@ def test_max_steps_makes_a_smoke_run(tiny_data_dir: Path, tmp_path: Path) -> Non
     assert results["test_points"] == 50  # the whole (tiny) test set: smoke eval caps at 500
 
 
+def test_max_steps_at_an_epochs_end_validates_that_epoch(
+    tiny_data_dir: Path, tmp_path: Path
+) -> None:
+    # 200 points in batches of 20: step 10 ends epoch 1, which is whole and must count
+    results = train(tiny_config(tiny_data_dir, max_steps=10), tmp_path / "run", progress=False)
+    assert results["steps"] == 10 and results["stop_reason"] == "max_steps=10 reached"
+    assert results["epochs"] == 1 and results["best_epoch"] == 1
+    history = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert [(r["epoch"], r["step"]) for r in history] == [(1, 10)]
+
+
 def test_time_budget_stops_and_keeps_the_partial_epoch(tiny_data_dir: Path, tmp_path: Path) -> None:
     config = tiny_config(tiny_data_dir, "planar", max_minutes=1e-6, max_epochs=50)
     results = train(config, tmp_path / "run", progress=False)

@@ -535,15 +535,17 @@ class _Trainer:
         self.end_of_epoch()
 
     def _budget_stop(self, sums: Mapping[str, Tensor]) -> bool:
-        """Stop if the step budget, or the time budget inside an epoch, has run out at this
-        step: the final evaluation follows max_steps, a validation of the partial epoch the
-        time budget (the end of an epoch stops in :meth:`end_of_epoch`). True if it stopped.
+        """Stop if the step or the time budget has run out at this step inside an epoch: the
+        final evaluation follows max_steps (a smoke-run limit), a validation of the partial
+        epoch the time budget. At an epoch's last step both leave the stop to
+        :meth:`end_of_epoch`, so that a whole epoch is always validated and counted. True if it
+        stopped.
 
         The loop asks after every step; a resume asks first, so that a run saved at that step
         (by a signal, or by ``checkpoint_every`` before a kill in the validation) stops there
         as it did when it ran, instead of training a step past its budget."""
         cfg, st = self.config, self.state
-        if cfg.max_steps is not None and st.step >= cfg.max_steps:
+        if cfg.max_steps is not None and st.step >= cfg.max_steps and self.loader.in_epoch:
             self._fold(sums)
             self._stop(f"max_steps={cfg.max_steps} reached")
             self.end_of_training()
