@@ -29,6 +29,7 @@ from vaeflow.runs import (
     BEST,
     Run,
     RunError,
+    RunLock,
     atomic_save,
     check_new_run_dir,
     clear_run_files,
@@ -359,7 +360,10 @@ def save_run(
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in build_model(config).state_dict().items()
                     if isinstance(v, torch.Tensor)}
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    # A continuous flow's solver settings are a dict in the state_dict (``_extra_state``), not
+    # a tensor: they are saved as they are, so that the run is evaluated at those tolerances.
+    state = {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v
+             for k, v in model.state_dict().items()}
     given = {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
     wrong = sorted(k for k in expected.keys() & given.keys() if expected[k] != given[k])
     missing, extra = sorted(expected.keys() - given.keys()), sorted(given.keys() - expected.keys())
@@ -371,15 +375,18 @@ def save_run(
                        "(build it with vaeflow.model.build_model(config))")
     check_new_run_dir(directory, overwrite)
     directory.mkdir(parents=True, exist_ok=True)
-    if overwrite:
-        clear_run_files(directory)
-    run = Run(directory)
-    run.write_config(config)
-    atomic_save(state, directory / BEST)
-    if not evaluate:
-        return None
-    # the closing pictures as `vaeflow train` draws them: none with pictures=False (a sweep)
-    results = evaluate_run(directory, progress=progress, pictures=config.pictures)
-    results.update(status="finished", stop_reason="saved with save_run, trained elsewhere")
-    run.write_results(results)
+    # The folder's lock, as `vaeflow train` takes it: overwrite must not delete the files of a
+    # run that a live process is training there (check_new_run_dir passes any folder then).
+    with RunLock(directory):
+        if overwrite:
+            clear_run_files(directory)
+        run = Run(directory)
+        run.write_config(config)
+        atomic_save(state, directory / BEST)
+        if not evaluate:
+            return None
+        # the closing pictures as `vaeflow train` draws them: none with pictures=False (a sweep)
+        results = evaluate_run(directory, progress=progress, pictures=config.pictures)
+        results.update(status="finished", stop_reason="saved with save_run, trained elsewhere")
+        run.write_results(results)
     return results

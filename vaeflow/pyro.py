@@ -51,9 +51,9 @@ class FlowTransform(Transform):
     parameters belong to the flow, which the conditional transform holds and registers.
 
     The last forward or inverse call is remembered as ``(z0, zK, logdet)``, keyed by tensor
-    identity, whatever ``cache_size`` is: ``inverse(zK)`` and ``log_abs_det_jacobian(z0, zK)`` of
-    that pair are answered from memory. ``cache_size=1`` also lets torch's :class:`Transform`
-    skip a repeated forward call on the same tensor.
+    identity, whatever ``cache_size`` is: a forward call on ``z0`` again, ``inverse(zK)`` and
+    ``log_abs_det_jacobian(z0, zK)`` of that pair are answered from memory. ``cache_size=1``
+    also keeps torch's own cache of the last call.
 
     Args:
         flow: the flow, ``flow(z0 [N, D], h [N, H]) -> (zK [N, D], logdet [N])``.
@@ -103,6 +103,13 @@ class FlowTransform(Transform):
         return z.reshape(-1, z.shape[-1]), h.reshape(-1, h.shape[-1])
 
     def _call(self, z0: Tensor) -> Tensor:
+        last = self._last
+        if last is not None and z0 is last[0]:
+            # Torch's ComposeTransform recomputes each part's image to take its log-determinant:
+            # with cache_size=0 that ran every flow again (FFJORD: another solve, and a new
+            # Hutchinson estimate that no longer matched the sample's), and the next part then
+            # missed its own memory too.
+            return last[1]
         flat, h = self._flat(z0)
         zK, logdet = self.flow(flat, h)
         zK = zK.reshape(z0.shape)

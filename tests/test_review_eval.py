@@ -1,0 +1,82 @@
+"""Evaluation and run-directory edge cases found in review: a model with a continuous flow saved
+as a run (:func:`vaeflow.evaluate.save_run`), a run directory in use, and the Pyro transform's
+memory of its own sample whatever its ``cache_size``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.distributions.conditional import ConditionalComposeTransformModule
+from test_train import assert_same_params, tiny_config
+
+from vaeflow.evaluate import save_run
+from vaeflow.flows import make_flow
+from vaeflow.model import build_model
+from vaeflow.pyro import ConditionalFlowTransform
+from vaeflow.runs import BEST, CONFIG, RunError, RunLock, load_model, solver_state
+
+
+def test_save_run_takes_a_model_with_a_continuous_flow(tiny_data_dir: Path,
+                                                       tmp_path: Path) -> None:
+    """FFJORD's state_dict holds its solver settings (a dict, not a tensor) beside the
+    parameters: save_run stores them as they are, and the saved run loads to the same model."""
+    config = tiny_config(tiny_data_dir, "ffjord")
+    model = build_model(config)
+    model.flow.tighten_solver(10.0)  # as a NaN retry does: the saved run keeps it
+    assert save_run(tmp_path / "mine", model, config, evaluate=False) is None
+    loaded, _ = load_model(tmp_path / "mine")
+    assert_same_params(loaded.state_dict(), model.state_dict())
+    assert solver_state(loaded) == solver_state(model)
+    assert solver_state(loaded)[0]["atol"] == pytest.approx(1e-5)
+
+
+def test_save_run_does_not_overwrite_a_run_in_use(tiny_data_dir: Path, tmp_path: Path) -> None:
+    """``overwrite`` replaces a run's files, but not those of a run that a live process is
+    training (it holds the folder's lock): that is refused, as ``vaeflow train --overwrite``
+    refuses it, and its files are left alone."""
+    config = tiny_config(tiny_data_dir, "planar")
+    model = build_model(config)
+    directory = tmp_path / "busy"
+    save_run(directory, model, config, evaluate=False)
+    before = {p.name: p.read_bytes() for p in directory.iterdir() if p.name in (BEST, CONFIG)}
+    with RunLock(directory), pytest.raises(RunError, match="in use by another vaeflow process"):
+        save_run(directory, model, config, evaluate=False, overwrite=True)
+    assert {p.name: p.read_bytes() for p in directory.iterdir() if p.name in before} == before
+    save_run(directory, model, config, evaluate=False, overwrite=True)  # free again: replaced
+
+
+@pytest.mark.parametrize("cache_size", [0, 1])
+def test_composed_transforms_score_their_sample_without_running_the_flows_again(
+    cache_size: int,
+) -> None:
+    """Torch's ComposeTransform recomputes each part's image to take its log-determinant. The
+    transform remembers its last call whatever ``cache_size`` is: scoring the sample runs no
+    flow again (for FFJORD: no second solve, and the Hutchinson estimate of the sample)."""
+    torch.manual_seed(0)
+    d, h_dim = 2, 4
+    flows = [make_flow("ffjord", d, h_dim, hidden_dims=(8,), atol=1e-4, rtol=1e-4).double(),
+             make_flow("planar", d, h_dim, num_steps=2).double()]
+    calls = [0, 0]
+    for i, flow in enumerate(flows):
+        flow.register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+    stack = ConditionalComposeTransformModule(
+        [ConditionalFlowTransform(flow, cache_size) for flow in flows]
+    )
+    mu = torch.zeros(3, d, dtype=torch.float64)
+    h = torch.randn(3, h_dim, dtype=torch.float64)
+    q = dist.TransformedDistribution(dist.Normal(mu, torch.ones_like(mu)), [stack.condition(h)])
+    torch.manual_seed(1)
+    zK = q.rsample()
+    assert calls == [1, 1]
+    log_q = q.log_prob(zK)
+    assert calls == [1, 1]
+
+    torch.manual_seed(1)  # the same base noise, then the same Hutchinson noise, by hand
+    z0 = dist.Normal(mu, torch.ones_like(mu)).rsample()
+    z1, logdet1 = flows[0](z0, h)
+    _, logdet2 = flows[1](z1, h)
+    expected = dist.Normal(mu, torch.ones_like(mu)).log_prob(z0).sum(-1) - logdet1 - logdet2
+    torch.testing.assert_close(log_q, expected)
