@@ -288,3 +288,23 @@ def test_the_summary_says_which_model_a_max_steps_run_tested(tiny_data_dir: Path
                     progress=False)
     assert "tested:" not in report.summary(finished, results)
     assert "trace" not in results  # planar solves no ODE: no trace to name
+
+
+def test_compare_counts_no_epochs_for_a_model_trained_elsewhere(
+    tiny_data_dir: Path, tmp_path: Path
+) -> None:
+    """A run made by save_run has figures but no training of vaeflow's: its epochs are
+    unknown ("-", None in JSON), not 0, which reads as a model that was never trained."""
+    from vaeflow.evaluate import save_run
+    from vaeflow.model import build_model
+
+    config = tiny_config(tiny_data_dir, "planar", eval_points=5, is_samples=0)
+    save_run(tmp_path / "mine", build_model(config), config)
+    row = report.compare_rows([Run(tmp_path / "mine")])[0]
+    assert row["status"] == "finished" and row["epochs"] is None
+    table = report.compare_table([Run(tmp_path / "mine")]).splitlines()
+    epochs = table[0].index("epochs")
+    assert table[2][epochs:].split()[0] == "-"
+    # a run that is training and has validated no epoch yet has trained 0 of them
+    started = _fake_run(tmp_path / "started", tiny_data_dir, history=[])
+    assert report.compare_rows([started])[0]["epochs"] == 0

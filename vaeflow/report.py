@@ -282,7 +282,8 @@ def compare_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
                for key, value in (("test NELBO", nelbo), ("IS NLL", is_nll),
                                   ("valid NELBO", valid))},
             "unit": spec.unit,
-            "epochs": finished.get("epochs", len(history)),
+            # a model saved by save_run has figures but no epochs of vaeflow's: unknown, not 0
+            "epochs": finished.get("epochs", len(history) if history or results is None else None),
             "wall-clock seconds": seconds,
             "train NFE": finished.get("train_nfe_forward_mean"),
             "test points": finished.get("test_points"),
