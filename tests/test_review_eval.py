@@ -80,3 +80,17 @@ def test_composed_transforms_score_their_sample_without_running_the_flows_again(
     _, logdet2 = flows[1](z1, h)
     expected = dist.Normal(mu, torch.ones_like(mu)).log_prob(z0).sum(-1) - logdet1 - logdet2
     torch.testing.assert_close(log_q, expected)
+
+
+def test_a_checkpoint_of_a_newer_vaeflow_is_not_to_be_overwritten(tmp_path: Path) -> None:
+    """A run written by a newer vaeflow is not an older one's: the advice is to use that
+    version, not --overwrite (which would delete the run)."""
+    from vaeflow.runs import CHECKPOINT_FORMAT, check_checkpoint_format
+
+    source = tmp_path / "checkpoint.pt"
+    with pytest.raises(RunError, match="newer vaeflow") as err:
+        check_checkpoint_format({"format": CHECKPOINT_FORMAT + 1}, source)
+    assert "--overwrite" not in str(err.value)
+    with pytest.raises(RunError, match="older vaeflow.*--overwrite"):
+        check_checkpoint_format({}, source)  # format 1: older, afresh is the way
+    check_checkpoint_format({"format": CHECKPOINT_FORMAT}, source)

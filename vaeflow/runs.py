@@ -186,6 +186,14 @@ def load_state(model: torch.nn.Module, state: Mapping[str, Any], source: str | P
 def check_checkpoint_format(ckpt: Mapping[str, Any], source: str | Path) -> None:
     """Refuse a checkpoint written by a vaeflow whose checkpoints this one cannot resume."""
     found = ckpt.get("format", 1) if isinstance(ckpt, Mapping) else None
+    if isinstance(found, int) and found > CHECKPOINT_FORMAT:
+        # Not "start afresh with --overwrite": that would delete a run that the newer vaeflow
+        # which wrote it resumes and evaluates.
+        raise RunError(
+            f"{source} was written by a newer vaeflow (checkpoint format {found}, this version "
+            f"reads up to {CHECKPOINT_FORMAT}); resume or evaluate it with that version "
+            "(update vaeflow)"
+        )
     if found != CHECKPOINT_FORMAT:
         raise RunError(
             f"{source} was written by an older vaeflow (checkpoint format {found}, this version "
