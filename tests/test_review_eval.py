@@ -94,3 +94,24 @@ def test_a_checkpoint_of_a_newer_vaeflow_is_not_to_be_overwritten(tmp_path: Path
     with pytest.raises(RunError, match="older vaeflow.*--overwrite"):
         check_checkpoint_format({}, source)  # format 1: older, afresh is the way
     check_checkpoint_format({"format": CHECKPOINT_FORMAT}, source)
+
+
+def test_without_a_cache_a_fixed_input_follows_the_flows_parameters() -> None:
+    """cache_size=0 asks for no cache: the same z0 tensor pushed through again after the
+    parameters changed (an optimizer step; a fixed grid of points drawn each epoch) gets the
+    new image, not the remembered one of its last call."""
+    torch.manual_seed(0)
+    flow = make_flow("planar", 2, 4, num_steps=2).double()
+    t = ConditionalFlowTransform(flow, cache_size=0).condition(
+        torch.randn(3, 4, dtype=torch.float64))
+    z0 = torch.randn(3, 2, dtype=torch.float64)
+    first = t(z0).detach().clone()
+    assert torch.equal(t(z0), first)  # unchanged parameters: the memory may answer
+    with torch.no_grad():
+        for p in flow.parameters():
+            p.add_(0.1)
+    moved = t(z0)
+    expected, logdet = flow(z0, t.context.expand(3, -1))
+    torch.testing.assert_close(moved, expected)
+    assert not torch.equal(moved, first)
+    torch.testing.assert_close(t.log_abs_det_jacobian(z0, moved), logdet)

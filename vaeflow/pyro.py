@@ -51,9 +51,10 @@ class FlowTransform(Transform):
     parameters belong to the flow, which the conditional transform holds and registers.
 
     The last forward or inverse call is remembered as ``(z0, zK, logdet)``, keyed by tensor
-    identity, whatever ``cache_size`` is: a forward call on ``z0`` again, ``inverse(zK)`` and
-    ``log_abs_det_jacobian(z0, zK)`` of that pair are answered from memory. ``cache_size=1``
-    also keeps torch's own cache of the last call.
+    identity, whatever ``cache_size`` is: ``inverse(zK)`` and ``log_abs_det_jacobian(z0, zK)``
+    of that pair are answered from memory, and so is a forward call on ``z0`` again while the
+    flow's parameters are unchanged. ``cache_size=1`` also keeps torch's own cache of the last
+    call (which does not look at the parameters).
 
     Args:
         flow: the flow, ``flow(z0 [N, D], h [N, H]) -> (zK [N, D], logdet [N])``.
@@ -79,6 +80,7 @@ class FlowTransform(Transform):
         self.flow = flow
         self.context = context
         self._last: tuple[Tensor, Tensor, Tensor] | None = None  # (z0, zK, logdet)
+        self._last_stamp: tuple[int, ...] = ()  # the parameters' versions at the last forward
 
     def with_cache(self, cache_size: int = 1) -> FlowTransform:
         if self._cache_size == cache_size:
@@ -103,18 +105,24 @@ class FlowTransform(Transform):
         return z.reshape(-1, z.shape[-1]), h.reshape(-1, h.shape[-1])
 
     def _call(self, z0: Tensor) -> Tensor:
-        last = self._last
-        if last is not None and z0 is last[0]:
+        last, stamp = self._last, self._stamp()
+        if last is not None and z0 is last[0] and stamp == self._last_stamp:
             # Torch's ComposeTransform recomputes each part's image to take its log-determinant:
             # with cache_size=0 that ran every flow again (FFJORD: another solve, and a new
             # Hutchinson estimate that no longer matched the sample's), and the next part then
-            # missed its own memory too.
+            # missed its own memory too. Only while the parameters are those of that call: a
+            # fixed z0 pushed through again after an optimizer step gets its new image.
             return last[1]
         flat, h = self._flat(z0)
         zK, logdet = self.flow(flat, h)
         zK = zK.reshape(z0.shape)
         self._last = (z0, zK, logdet.reshape(z0.shape[:-1]))
+        self._last_stamp = stamp
         return zK
+
+    def _stamp(self) -> tuple[int, ...]:
+        """The flow's parameters' versions (each in-place update bumps its tensor's)."""
+        return tuple(p._version for p in self.flow.parameters())
 
     def _inverse(self, zK: Tensor) -> Tensor:
         last = self._last
@@ -129,6 +137,7 @@ class FlowTransform(Transform):
             raise NotImplementedError(self._no_inverse_message()) from err
         z0 = z0.reshape(zK.shape)
         self._last = (z0, zK, logdet.reshape(zK.shape[:-1]))
+        self._last_stamp = self._stamp()
         return z0
 
     def _no_inverse_message(self) -> str:
