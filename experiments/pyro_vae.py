@@ -46,6 +46,7 @@ from vaeflow.data import DataFileError, DataNotFoundError, Dataset, load_dataset
 from vaeflow.flows import FLOWS, make_flow
 from vaeflow.nets import make_networks
 from vaeflow.pyro import ConditionalFlowTransform
+from vaeflow.vae import evaluating
 
 # A small FFJORD that trains at a few steps per second on a CPU.
 FLOW_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -168,15 +169,11 @@ def eval_subset(x: Tensor, size: int) -> Tensor:
 def evaluate_nelbo(vae: PyroVAE, x: Tensor, batch_size: int) -> float:
     """The negative ELBO per data point (nats) on ``x [N, 1, 28, 28]``, one posterior sample
     per point, the flow in eval mode (FFJORD: the exact trace)."""
-    was_training = vae.training
-    vae.eval()
     elbo = Trace_ELBO()
     total = 0.0
-    try:
+    with evaluating(vae):
         for start in range(0, len(x), batch_size):
             total += elbo.loss(vae.model, vae.guide, x[start : start + batch_size])
-    finally:
-        vae.train(was_training)
     return total / len(x)
 
 

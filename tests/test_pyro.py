@@ -466,3 +466,15 @@ def test_experiment_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
         with pytest.raises(SystemExit):
             experiment.parse_args(argv)
     assert experiment.parse_args(["--out", str(tmp_path / "run"), "--overwrite"]).out
+
+
+def test_experiment_evaluation_gives_each_module_its_own_mode_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    experiment = load_experiment(monkeypatch)
+    config = experiment.parse_args(["--flow", "planar", "--latent-dim", "4"])
+    vae = experiment.build(config, (1, 28, 28)).train()
+    vae.encoder.eval()  # frozen by the user
+    x = torch.bernoulli(torch.full((6, 1, 28, 28), 0.3), generator=torch.Generator().manual_seed(0))
+    assert math.isfinite(experiment.evaluate_nelbo(vae, x, batch_size=4))
+    assert vae.training and not any(m.training for m in vae.encoder.modules())

@@ -28,7 +28,7 @@ from vaeflow.nets import (
     GatedConvTranspose2d,
     make_networks,
 )
-from vaeflow.vae import VAE, bits_per_dim
+from vaeflow.vae import VAE, bits_per_dim, eval_mode, evaluating
 
 F64 = torch.float64
 SHAPE = (1, 2, 3)  # images of the toy model: Dx = 6
@@ -621,3 +621,21 @@ def test_likelihood_registry_and_checks() -> None:
         Bernoulli().log_prob(torch.zeros(2, 2, 4, 4), torch.zeros(2, 1, 4, 4))
     with pytest.raises(ValueError, match="params must have shape"):
         DiscretizedLogistic().log_prob(torch.zeros(2, 1, 4, 4), torch.zeros(2, 1, 4, 4))
+
+
+def test_eval_mode_gives_each_module_its_own_mode_back() -> None:
+    """A frozen (eval-mode) encoder inside a training model stays frozen after an evaluation;
+    ``model.train(True)`` on the way out would have set it training again."""
+    encoder, decoder = make_networks("mlp", (1, 28, 20), 5, 16, "bernoulli")
+    model = VAE(encoder, decoder, "bernoulli").train()
+    model.encoder.eval()
+    with eval_mode(model):
+        assert not any(m.training for m in model.modules())
+    assert model.training and model.decoder.training
+    assert not any(m.training for m in model.encoder.modules())
+    # also when the body raises, and for a plain module
+    net = nn.Sequential(nn.Linear(2, 2), nn.Dropout()).train()
+    net[1].eval()
+    with pytest.raises(ValueError), evaluating(net):
+        raise ValueError
+    assert [m.training for m in net.modules()] == [True, True, False]

@@ -27,7 +27,7 @@ from vaeflow.checks import check_positive_int
 from vaeflow.flows.base import Flow, Identity
 from vaeflow.likelihoods import Likelihood, get_likelihood
 
-__all__ = ["VAE", "bits_per_dim", "eval_mode", "log_standard_normal"]
+__all__ = ["VAE", "bits_per_dim", "eval_mode", "evaluating", "log_standard_normal"]
 
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 
@@ -296,11 +296,23 @@ class VAE(nn.Module):
 def eval_mode(model: VAE, exact: bool | None = True) -> Iterator[None]:
     """Eval mode, with the flow's exact log-determinant (a continuous flow's exact trace)
     unless ``exact`` is False (or None: as the flow was built, :meth:`Flow.evaluation_trace`);
-    the previous mode after."""
-    was_training = model.training
-    model.eval()
+    each module's previous mode after (:func:`evaluating`)."""
+    with evaluating(model), model.flow.evaluation_trace(exact):
+        yield
+
+
+@contextlib.contextmanager
+def evaluating(module: nn.Module) -> Iterator[None]:
+    """``module`` and all its submodules in eval mode; each one's own mode back after.
+
+    ``module.train(was_training)`` would not do: it sets every submodule to the parent's mode,
+    so a submodule that the caller had put in eval mode (a frozen encoder) would come back
+    training.
+    """
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
     try:
-        with model.flow.evaluation_trace(exact):
-            yield
+        yield
     finally:
-        model.train(was_training)
+        for m, training in modes:
+            m.training = training
