@@ -404,6 +404,34 @@ def test_a_broken_config_json_is_named(finished: Path, capsys) -> None:
     fails(capsys, ["eval", str(finished)], 2, "config.json", "damaged")
 
 
+@pytest.mark.parametrize(("name", "content"), [
+    ("results.json", "[1, 2]"), ("timing.json", "3"), ("history.json", '{"epoch": 1}'),
+])
+def test_a_run_file_of_the_wrong_json_shape_is_named(finished: Path, capsys, name: str,
+                                                     content: str) -> None:
+    """Valid JSON of the wrong kind (a list for an object, an object for a list) is a damaged
+    file, named, as invalid JSON is; it was an AttributeError deep in ``compare``."""
+    (finished / name).write_text(content)
+    fails(capsys, ["compare", str(finished), "--plot", "none"], 2, name, "damaged")
+
+
+def test_an_old_run_s_damaged_checkpoint_is_named_by_compare(finished: Path, capsys) -> None:
+    """A run of an older vaeflow keeps its history inside checkpoint.pt: when that file is
+    damaged, or holds no history, compare names it instead of a traceback."""
+    (finished / "history.json").unlink()
+    ckpt = finished / "checkpoint.pt"
+    state = torch.load(ckpt, weights_only=True)
+    # its history is read from the checkpoint
+    assert main(["compare", str(finished), "--plot", "none"]) == 0
+    capsys.readouterr()
+    del state["progress"]
+    torch.save(state, ckpt)
+    fails(capsys, ["compare", str(finished), "--plot", "none"], 2, "checkpoint.pt", "damaged",
+          "no training history")
+    ckpt.write_bytes(b"not a checkpoint\n" * 10)
+    fails(capsys, ["compare", str(finished), "--plot", "none"], 2, "checkpoint.pt", "damaged")
+
+
 def test_out_below_a_regular_file(tiny_data_dir: Path, tmp_path: Path, capsys) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("x")

@@ -133,23 +133,32 @@ def _config_from(values: Mapping[str, Any], path: Path) -> TrainConfig:
         raise RunError(f"{path} does not hold a valid config: {err}") from err
 
 
-def _read_json(path: Path) -> Any:
+def _read_json(path: Path, expect: type = dict) -> Any:
+    """The JSON value in ``path`` (an ``expect``: a dict or a list), ``None`` where there is no
+    such file; a sentence naming the file where it is damaged."""
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
+        value = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise RunError(f"{path} is damaged (not valid JSON: {err})") from err
+    if not isinstance(value, expect):
+        what = "a JSON object" if expect is dict else "a JSON list"
+        raise RunError(f"{path} is damaged (not {what})")
+    return value
 
 
-def load_checkpoint(path: str | os.PathLike[str], device: torch.device | str = "cpu") -> Any:
+def load_checkpoint(
+    path: str | os.PathLike[str], device: torch.device | str = "cpu", *, mmap: bool = False
+) -> Any:
     """``torch.load(path, weights_only=True)`` with a sentence, not a traceback, for a file that
-    is missing, truncated or not a checkpoint."""
+    is missing, truncated or not a checkpoint; ``mmap`` maps the file rather than reading it
+    (for a glance at a small part of a large checkpoint)."""
     path = Path(path)
     if not path.is_file():
         raise RunError(f"{path} does not exist")
     try:
-        return torch.load(path, map_location=device, weights_only=True)
+        return torch.load(path, map_location=device, weights_only=True, mmap=mmap)
     except Exception as err:  # noqa: BLE001 - random bytes raise anything from the unpickler
         if isinstance(err, OSError) and not isinstance(err, zipfile.BadZipFile) and (
             err.errno is not None
@@ -385,14 +394,17 @@ class Run:
         inside ``checkpoint.pt``, which is read then."""
         if not self.is_run:
             raise _not_a_run(self.path)
-        history = _read_json(self.path / HISTORY)
+        history = _read_json(self.path / HISTORY, list)
         if history is not None:
-            return list(history)
+            return history
         path = self.path / CHECKPOINT
         if not path.is_file():
             return []
-        return list(torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-                    ["progress"]["history"])
+        try:
+            return list(load_checkpoint(path, mmap=True)["progress"]["history"])
+        except (KeyError, TypeError) as err:
+            raise RunError(f"{path} is damaged or not a vaeflow checkpoint (it holds no "
+                           f"training history: {type(err).__name__}: {err})") from err
 
     def write_history(self, history: list[dict[str, Any]]) -> None:
         atomic_write_json(history, self.path / HISTORY)
