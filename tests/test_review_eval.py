@@ -115,3 +115,24 @@ def test_without_a_cache_a_fixed_input_follows_the_flows_parameters() -> None:
     torch.testing.assert_close(moved, expected)
     assert not torch.equal(moved, first)
     torch.testing.assert_close(t.log_abs_det_jacobian(z0, moved), logdet)
+
+
+def test_save_run_of_a_model_with_non_finite_figures_marks_the_run_failed(
+    tiny_data_dir: Path, tmp_path: Path
+) -> None:
+    """A model whose test NELBO is NaN is saved, but its run is marked failed (as `vaeflow
+    train` marks one), with the reason, and save_run says so: not a finished run of NaNs."""
+    from vaeflow.report import compare_rows
+    from vaeflow.runs import Run
+
+    config = tiny_config(tiny_data_dir, "planar")
+    model = build_model(config)
+    with torch.no_grad():
+        next(model.decoder.parameters()).fill_(float("nan"))
+    with pytest.raises(RunError, match="non-finite figures .*test_nelbo.*vaeflow eval"):
+        save_run(tmp_path / "nan", model, config)
+    run = Run(tmp_path / "nan")
+    assert run.results is None and "test_nelbo" in (run.failure or "")
+    assert (tmp_path / "nan" / BEST).is_file()
+    row = compare_rows([run])[0]
+    assert row["status"] == "failed" and row["test NELBO"] is None

@@ -47,11 +47,24 @@ __all__ = [
     "evaluate",
     "fork_rng",
     "evaluate_run",
+    "failed_figures",
     "run_pictures",
     "save_run",
     "smoke_eval_counts",
     "test_solve_changes",
 ]
+
+
+def failed_figures(results: Mapping[str, Any]) -> tuple[str, dict[str, Any]] | None:
+    """``None`` where every figure of ``results`` is finite; else why the evaluation failed
+    (naming the non-finite figures) and the results to keep (those figures as ``None``), as
+    ``results.json`` of a failed run holds them."""
+    bad = {k: v for k, v in results.items() if isinstance(v, float) and not math.isfinite(v)}
+    if not bad:
+        return None
+    error = (f"the final evaluation gave non-finite figures ({', '.join(map(str, bad))}: "
+             f"{', '.join(map(str, bad.values()))})")
+    return error, {k: (None if k in bad else v) for k, v in results.items()}
 
 
 def subset(x: Tensor, points: int | None, seed: int = 0) -> Tensor:
@@ -349,8 +362,9 @@ def save_run(
     ``checkpoint.pt``: it cannot be resumed, and ``vaeflow compare`` shows no epochs or steps.
 
     Raises:
-        RunError: ``run_dir`` holds files (``overwrite`` replaces the run files in it), or the
-            model does not fit the config.
+        RunError: ``run_dir`` holds files (``overwrite`` replaces the run files in it), the
+            model does not fit the config, or its test figures are not finite (the run is
+            saved and marked failed, as ``vaeflow train`` marks one).
     """
     if not isinstance(model, VAE) or not isinstance(config, TrainConfig):
         raise TypeError("save_run(run_dir, model, config) takes a VAE and its TrainConfig, got "
@@ -387,6 +401,15 @@ def save_run(
             return None
         # the closing pictures as `vaeflow train` draws them: none with pictures=False (a sweep)
         results = evaluate_run(directory, progress=progress, pictures=config.pictures)
-        results.update(status="finished", stop_reason="saved with save_run, trained elsewhere")
+        results.update(stop_reason="saved with save_run, trained elsewhere")
+        failed = failed_figures(results)
+        if failed is not None:
+            # as `vaeflow train` marks it: compare shows the run failed, not NaN figures
+            error, kept = failed
+            run.write_results({**kept, "status": "failed", "error": error})
+            raise RunError(f"{error}. The model is saved in {directory}: evaluate it again with "
+                           f"`vaeflow eval {directory}`, with other solver settings (e.g. "
+                           "--solver atol=1e-6 --solver rtol=1e-6)")
+        results["status"] = "finished"
         run.write_results(results)
     return results

@@ -60,6 +60,7 @@ from vaeflow.evaluate import (
     evaluate,
     evaluate_run,
     evaluation_solve,
+    failed_figures,
     run_dataset,
     run_pictures,
     smoke_eval_counts,
@@ -736,14 +737,10 @@ class _Trainer:
             num_parameters=sum(p.numel() for p in self.model.parameters() if p.requires_grad),
             world_size=self.world.size,
         )
-        bad = {k: v for k, v in results.items() if isinstance(v, float) and not math.isfinite(v)}
-        if bad:
+        failed = failed_figures(results)
+        if failed is not None:
             self.model.load_state_dict(final_state)
-            self._evaluation_failed(
-                f"the final evaluation gave non-finite figures ({', '.join(map(str, bad))}: "
-                f"{', '.join(map(str, bad.values()))})",
-                {k: (None if k in bad else v) for k, v in results.items()},
-            )
+            self._evaluation_failed(*failed)
         results["status"] = "finished"
         if self.world.is_main:
             Run(self.run_dir).write_results(results)
