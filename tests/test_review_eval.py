@@ -117,6 +117,27 @@ def test_without_a_cache_a_fixed_input_follows_the_flows_parameters() -> None:
     torch.testing.assert_close(t.log_abs_det_jacobian(z0, moved), logdet)
 
 
+def test_after_a_parameter_change_the_inverse_and_logdet_are_not_remembered() -> None:
+    """The memory of the last call answers the inverse of its zK and the log-determinant of
+    its pair only while the parameters are unchanged: after an optimizer step the same zK
+    inverts under the new flow, and the pair's logdet is the new flow's at z0."""
+    torch.manual_seed(0)
+    flow = make_flow("iaf", 2, 4, num_steps=2, hidden_dim=8).double()
+    t = ConditionalFlowTransform(flow, cache_size=0).condition(
+        torch.randn(3, 4, dtype=torch.float64))
+    h = t.context.expand(3, -1)
+    z0 = torch.randn(3, 2, dtype=torch.float64)
+    zK = t(z0)
+    assert t.inv(zK) is z0  # unchanged parameters: answered from memory
+    with torch.no_grad():
+        for p in flow.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    torch.testing.assert_close(t.log_abs_det_jacobian(z0, zK), flow(z0, h)[1])
+    back = t.inv(zK)
+    assert not torch.allclose(back, z0)
+    torch.testing.assert_close(flow(back, h)[0], zK)
+
+
 def test_save_run_of_a_model_with_non_finite_figures_marks_the_run_failed(
     tiny_data_dir: Path, tmp_path: Path
 ) -> None:

@@ -104,9 +104,14 @@ class FlowTransform(Transform):
             ) from err
         return z.reshape(-1, z.shape[-1]), h.reshape(-1, h.shape[-1])
 
+    def _remembered(self) -> tuple[Tensor, Tensor, Tensor] | None:
+        """The last call's ``(z0, zK, logdet)`` while the flow's parameters are those of that
+        call, else ``None``: after an optimizer step it no longer describes the flow."""
+        return self._last if self._last is not None and self._stamp() == self._last_stamp else None
+
     def _call(self, z0: Tensor) -> Tensor:
-        last, stamp = self._last, self._stamp()
-        if last is not None and z0 is last[0] and stamp == self._last_stamp:
+        last = self._remembered()
+        if last is not None and z0 is last[0]:
             # Torch's ComposeTransform recomputes each part's image to take its log-determinant:
             # with cache_size=0 that ran every flow again (FFJORD: another solve, and a new
             # Hutchinson estimate that no longer matched the sample's), and the next part then
@@ -117,7 +122,7 @@ class FlowTransform(Transform):
         zK, logdet = self.flow(flat, h)
         zK = zK.reshape(z0.shape)
         self._last = (z0, zK, logdet.reshape(z0.shape[:-1]))
-        self._last_stamp = stamp
+        self._last_stamp = self._stamp()
         return zK
 
     def _stamp(self) -> tuple[int, ...]:
@@ -125,7 +130,7 @@ class FlowTransform(Transform):
         return tuple(p._version for p in self.flow.parameters())
 
     def _inverse(self, zK: Tensor) -> Tensor:
-        last = self._last
+        last = self._remembered()
         if last is not None and zK is last[1]:
             return last[0]
         if not self.flow.has_inverse:
@@ -153,10 +158,11 @@ class FlowTransform(Transform):
         """``log |det d y / d x|`` per vector: ``x, y [..., B, D]`` -> ``[..., B]``.
 
         The pair of the last forward or inverse call is answered from memory (for FFJORD: the
-        trace estimate that call computed). Any other pair runs the flow forward from ``x``,
+        trace estimate that call computed) while the flow's parameters are unchanged since. Any
+        other pair runs the flow forward from ``x``,
         taking ``y`` to be its image, as torch's transforms do.
         """
-        last = self._last
+        last = self._remembered()
         if last is not None and x is last[0] and y is last[1]:
             return last[2]
         flat, h = self._flat(x)
