@@ -249,6 +249,8 @@ def test_an_empty_batch_leaves_no_statistics_of_the_previous_call() -> None:
         (dict(solver_options={"max_num_steps": "10"}), "max_num_steps must be a positive int"),
         (dict(solver_options={"norm": "seminorm"}), "norm must be a function"),
         (dict(solver_options={"first_step": -0.1}), "first_step must be positive"),
+        (dict(solver_options={"step_t": "0.5"}), "step_t must be a list of times"),
+        (dict(solver_options={"jump_t": [0.5, float("nan")]}), "each time of jump_t must be"),
         (dict(method="rk4", solver_options={"step_size": 0.25, "interp": "spline"}),
          "unknown interp 'spline'; valid values are 'linear', 'cubic'"),
         # numpy's solve: no gradients, so training would quietly leave the flow untrained
@@ -266,6 +268,11 @@ def test_check_solver_accepts_real_options() -> None:
         "max_num_steps": 100,
     }
     assert check_solver("rk4", {"step_size": 0.1}) == {"step_size": 0.1}
+    # times as plain values (config.json and checkpoints hold them): from a number, a tuple
+    # or a tensor
+    assert check_solver("dopri5", {"step_t": 0.5, "jump_t": (0.25, 1)}) == {
+        "step_t": [0.5], "jump_t": [0.25, 1.0]}
+    assert check_solver("dopri5", {"step_t": torch.tensor([0.5])}) == {"step_t": [0.5]}
 
 
 def test_solver_failure_is_a_clear_error() -> None:

@@ -69,9 +69,20 @@ def _function(name: str, value: Any) -> Any:
     return value
 
 
+def _times(name: str, value: Any) -> list[float]:
+    """A list of finite times from a sequence (or a 0-D/1-D tensor) of numbers: the plain
+    values that config.json and a checkpoint hold, which torchdiffeq turns into a tensor."""
+    if isinstance(value, Tensor) and value.dim() <= 1 and value.is_floating_point():
+        value = value.reshape(-1).tolist()
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        value = [value]
+    if not isinstance(value, Sequence) or isinstance(value, str):
+        raise InputError(f"{name} must be a list of times (numbers), e.g. [0.5], got {value!r}")
+    return [check_number(f"each time of {name}", t) for t in value]
+
+
 # How each option's value is checked on entry; torchdiffeq reads them only inside the solve,
 # where a string step count or a norm that is no function fails as a TypeError in its code.
-# (step_t and jump_t, tensors of times, are left to torchdiffeq.)
 _OPTION_CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "step_size": lambda n, v: check_number(n, v, positive=True),
     "first_step": lambda n, v: check_number(n, v, positive=True),
@@ -89,6 +100,8 @@ _OPTION_CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "solver": lambda n, v: check_choice(n, v, ("RK45", "RK23", "DOP853", "Radau", "BDF", "LSODA")),
     "norm": _function,
     "grid_constructor": _function,
+    "step_t": _times,
+    "jump_t": _times,
 }
 
 
