@@ -137,6 +137,17 @@ def _environment(device: str) -> dict[str, Any]:
     return env
 
 
+def _resolve_device(requested: str, smoke: bool) -> str:
+    """``--device``, with ``auto`` made ``cuda`` when there is one (``cpu`` in a smoke run)."""
+    if requested != "auto":
+        return requested
+    if smoke:
+        return "cpu"
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def _items(items: Sequence[str], name: str, valid: Sequence[str]) -> dict[str, str]:
     out = {}
     for item in items:
@@ -288,11 +299,10 @@ class GpuRun:
             raise FileNotFoundError(f"{source} is missing (see results/gpu/README.md)")
 
     def run(self) -> int:
-        self.device = "cpu" if self.smoke and self.args.device == "auto" else self.args.device
+        # Resolved before the environment is recorded: that stage asks torch about the device,
+        # and torch knows no device "auto" (it failed, and the run went on on the CPU).
+        self.device = _resolve_device(self.args.device, self.smoke)
         guarded(self.stages, "environment", self.environment)
-        if self.args.device == "auto" and not self.smoke:
-            cuda = self.summary.get("environment", {}).get("cuda_available")
-            self.device = "cuda" if cuda else "cpu"
         has_data = guarded(self.stages, "data", self.data) is not None or hasattr(self, "npz")
         for name in STAGES:
             if name not in self.args.stages:

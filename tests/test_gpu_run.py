@@ -183,3 +183,39 @@ def test_line_worker_times_out_and_reports_death(tmp_path) -> None:
     with pytest.raises(RuntimeError, match="status 3"):
         dead.answer(timeout=20)
     assert Deadline(5).sub(100).left() <= 5
+
+
+def test_device_auto_is_resolved_before_the_environment_is_recorded(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The prepared GPU call passes no --device: "auto" went to torch.device() in the
+    # environment stage, which failed, and the run then fell back to the CPU.
+    import gpu_run
+    import torch
+
+    def run(monkeypatch_cuda: bool, name: str) -> tuple[gpu_run.GpuRun, list[str]]:
+        argv = [str(tmp_path / name / "out"), "--stages", "bench", "--minutes", "1",
+                "--work", str(tmp_path / name / "work"), "--data-dir", str(tmp_path / "none")]
+        benched: list[str] = []
+        monkeypatch.setattr(gpu_run.GpuRun, "bench", lambda self: benched.append(self.device))
+        monkeypatch.setattr(gpu_run.GpuRun, "plot", lambda self: None)
+        if monkeypatch_cuda:
+            monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        runner = gpu_run.GpuRun(gpu_run._parser().parse_args(argv), argv)
+        assert runner.run() == 0
+        return runner, benched
+
+    runner, benched = run(False, "here")
+    assert runner.stages["environment"]["status"] == "ok", runner.stages["environment"]
+    assert runner.summary["environment"]["cuda_available"] is torch.cuda.is_available()
+    assert benched == ["cuda" if torch.cuda.is_available() else "cpu"]
+
+    seen: list[str] = []
+
+    def environment(device: str) -> dict:
+        seen.append(device)
+        return {"cuda_available": True, "gpu": "a GPU"}
+
+    monkeypatch.setattr(gpu_run, "_environment", environment)
+    runner, benched = run(True, "gpu")  # as on the GPU machine
+    assert seen == ["cuda"] and benched == ["cuda"] and runner.summary["device"] == "a GPU"
