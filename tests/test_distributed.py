@@ -23,6 +23,7 @@ from conftest import TINY_SPLITS
 
 import vaeflow.train as train_mod
 from vaeflow import distributed
+from vaeflow.checks import InputError
 from vaeflow.cli import main
 from vaeflow.data import load_dataset
 from vaeflow.distributed import SINGLE, World, shard_bounds
@@ -90,6 +91,35 @@ def test_shards_cover_the_batch_and_weights_average_to_one() -> None:
     x, weight = World(3, 4).shard(torch.arange(2.0)[:, None])
     assert weight == 0.0 and x.tolist() == [[0.0]]  # a stand-in row that does not count
     assert SINGLE.shard(x) == (x, 1.0)
+
+
+def test_a_timeout_torch_cannot_take_is_refused_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    """inf and 1e20 passed the check and overflowed in datetime.timedelta, a traceback at
+    start; with 1e10 s the store of torch.distributed timed out at once."""
+    for text in ("inf", "1e20", "1e10", "nan", "0", "-3", "1e-4", "soon"):
+        monkeypatch.setenv(distributed.TIMEOUT_ENV, text)
+        with pytest.raises(InputError, match=rf"VAEFLOW_DIST_TIMEOUT must be .*'{text}'"):
+            distributed.timeout_seconds()
+    for text, value in (("4", 4.0), ("0.5", 0.5), ("1e9", 1e9)):
+        monkeypatch.setenv(distributed.TIMEOUT_ENV, text)
+        assert distributed.timeout_seconds() == value
+    monkeypatch.delenv(distributed.TIMEOUT_ENV)
+    assert distributed.timeout_seconds() == distributed.DEFAULT_TIMEOUT
+
+
+def test_more_ranks_than_gpus_is_refused_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torchrun --nproc_per_node=2 on a machine that shows one GPU: rank 1 failed in
+    torch.cuda.set_device (invalid device ordinal, a traceback); now a sentence says what to
+    do. Checked before torch.cuda is touched, so it runs on a CPU-only machine too."""
+    chosen: list[int] = []
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    with pytest.raises(InputError, match=r"LOCAL_RANK 1, but this machine shows 1 GPU.*"
+                                         r"--nproc_per_node"):
+        World(1, 2, 1).device(torch.device("cuda"))
+    assert chosen == []
+    assert World(0, 2, 0).device(torch.device("cuda")) == torch.device("cuda", 0)
+    assert chosen == [0]
 
 
 # --------------------------------------------------------------------------------------------

@@ -66,6 +66,10 @@ __all__ = [
 
 TIMEOUT_ENV = "VAEFLOW_DIST_TIMEOUT"
 DEFAULT_TIMEOUT = 300.0  # seconds: long enough for a slow evaluation on rank 0's side
+# The range torch can take: its c10d store counts the timeout in nanoseconds (int64, about 9.2e9
+# s: with 1e10 s the store timed out at once, with 1e13 s it read a negative time-out), and
+# below a millisecond it is zero.
+TIMEOUT_RANGE = (1e-3, 1e9)
 T = TypeVar("T")
 
 
@@ -74,7 +78,12 @@ class PeerError(RuntimeError):
 
 
 def timeout_seconds() -> float:
-    """The collective timeout: ``$VAEFLOW_DIST_TIMEOUT`` seconds, else 300."""
+    """The collective timeout: ``$VAEFLOW_DIST_TIMEOUT`` seconds, else 300.
+
+    Raises:
+        InputError: the value is not a number of seconds in :data:`TIMEOUT_RANGE` (``inf`` or
+            ``1e20`` overflowed inside ``datetime.timedelta`` or torch's store).
+    """
     text = os.environ.get(TIMEOUT_ENV, "")
     if not text:
         return DEFAULT_TIMEOUT
@@ -82,8 +91,10 @@ def timeout_seconds() -> float:
         value = float(text)
     except ValueError:
         value = float("nan")
-    if not value > 0:
-        raise InputError(f"{TIMEOUT_ENV} must be a positive number of seconds, got {text!r}")
+    low, high = TIMEOUT_RANGE
+    if not low <= value <= high:  # NaN fails both
+        raise InputError(f"{TIMEOUT_ENV} must be a number of seconds from {low:g} to {high:g}, "
+                         f"got {text!r}")
     return value
 
 
@@ -149,6 +160,14 @@ class World:
                 f"under torchrun each rank trains on cuda:LOCAL_RANK; --device {device} names "
                 "one GPU: pass --device cuda (or auto), and choose the GPUs with "
                 "CUDA_VISIBLE_DEVICES"
+            )
+        visible = torch.cuda.device_count()
+        if self.local_rank >= visible:
+            # else torch.cuda.set_device's "invalid device ordinal", a traceback per rank
+            raise InputError(
+                f"rank {self.rank} has LOCAL_RANK {self.local_rank}, but this machine shows "
+                f"{visible} GPU(s) to it: start at most {visible} process(es) per machine "
+                "(torchrun --nproc_per_node), or make more GPUs visible (CUDA_VISIBLE_DEVICES)"
             )
         torch.cuda.set_device(self.local_rank)
         return torch.device("cuda", self.local_rank)
