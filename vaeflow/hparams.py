@@ -34,7 +34,26 @@ def log_settings(writer: Any, config: TrainConfig) -> None:
     # table's columns from every run's settings, where one run's summary would hide the
     # hyperparameters of the other flows.
     _, start, _ = hparams(settings, {})
+    _keep_booleans(start, settings)
     writer.file_writer.add_summary(start)
+
+
+def _keep_booleans(start: Any, settings: dict[str, Any]) -> None:
+    """Store the boolean settings of the session-start summary ``start`` as booleans.
+
+    torch's ``hparams`` tests ``isinstance(v, (int, float))`` before ``bool``, so a boolean
+    became the number 0 or 1 (``ffjord.adjoint = 0``), a numeric column with a range filter.
+    """
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    flags = {k: v for k, v in settings.items() if isinstance(v, bool)}
+    if not flags:
+        return
+    (value,) = start.value
+    data = plugin_data_pb2.HParamsPluginData.FromString(value.metadata.plugin_data.content)
+    for key, flag in flags.items():
+        data.session_start_info.hparams[key].bool_value = flag
+    value.metadata.plugin_data.content = data.SerializeToString()
 
 
 def log_finished(writer: Any) -> None:
