@@ -124,7 +124,8 @@ def _learning_curve(run: Run, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     for ax, xs, xlabel in ((axes[0], steps, "optimizer steps"),
                            (axes[1], minutes, "wall-clock minutes (training and validation)")):
-        ax.plot(xs, train, "--", label="train (epoch mean)", alpha=0.7)
+        # a mark per epoch, as the validation's: a dashed line of one point draws nothing
+        ax.plot(xs, train, "--x", markersize=3, label="train (epoch mean)", alpha=0.7)
         ax.plot(xs, valid, "-o", markersize=3, label="validation")
         if test is not None:
             ax.scatter([xs[-1]], [test], marker="*", s=90, zorder=3, color="k",
@@ -201,7 +202,8 @@ def plot_learning_curves(
         values += valid
         # a dot per epoch, so that a run of one epoch shows too
         (line,) = ax.plot(minutes, valid, "-o", markersize=2.5, label=f"{_label(run)} valid")
-        ax.plot(minutes, train, linestyle="--", color=line.get_color(), alpha=0.6)
+        ax.plot(minutes, train, linestyle="--", marker="x", markersize=2.5,
+                color=line.get_color(), alpha=0.6)
         if test is not None:
             ax.scatter([minutes[-1]], [test], color=line.get_color(), marker="*", s=80,
                        zorder=3, label=f"test {figure_text(test, unit)}")
