@@ -117,3 +117,40 @@ def test_a_failed_capture_leaves_the_model_ready_for_eager_steps(
     monkeypatch.setattr(torch.cuda, "synchronize", broken)
     with pytest.raises(RuntimeError, match="left the device unusable.*cuda_graph=false"):
         graphs.capture(lambda x, b: {}, model, optimizer, torch.zeros(8, 4))
+
+
+def test_a_failed_warm_up_puts_the_weights_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The warm-up steps move the weights; one that raises (out of memory, say) sends the run
+    # on eagerly, which must go on from the run's own weights and optimizer state.
+    import contextlib
+
+    from vaeflow import graphs
+
+    class Stream:
+        def wait_stream(self, other: object) -> None:
+            pass
+
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    model, optimizer = _model_and_optimizer()
+    _step(model, optimizer, 0)
+    before = copy.deepcopy(model.state_dict())
+    state = copy.deepcopy(optimizer.state_dict()["state"])
+    calls = []
+
+    def step(x: torch.Tensor, beta: torch.Tensor) -> dict[str, torch.Tensor]:
+        calls.append(1)
+        if len(calls) == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        _step(model, optimizer, len(calls))
+        return {}
+
+    graphed, why = graphs.capture(step, model, optimizer, torch.zeros(8, 4))
+    assert graphed is None and why.startswith("CUDA out of memory") and len(calls) == 2
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    for p, s in optimizer.state_dict()["state"].items():
+        for key, value in s.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(state[p][key])), key

@@ -106,14 +106,18 @@ class GraphedStep:
         self.x = x.clone()
         self.beta = torch.ones((), device=x.device)
         snapshot = _Snapshot(model, optimizer)
-        with fork_rng(x.device, int(torch.initial_seed()) % 2**31):
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(3):  # warm up the allocator and autograd off the capture stream
-                    step(self.x, self.beta)
-            torch.cuda.current_stream().wait_stream(side)
-        snapshot.restore()
+        try:
+            with fork_rng(x.device, int(torch.initial_seed()) % 2**31):
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    for _ in range(3):  # warm up the allocator and autograd off the capture stream
+                        step(self.x, self.beta)
+                torch.cuda.current_stream().wait_stream(side)
+        finally:
+            # Also when a warm-up step raised (out of memory, say): :func:`capture` then goes on
+            # eagerly, and must do so from the run's own weights, not from a warm-up's.
+            snapshot.restore()
         optimizer.zero_grad(set_to_none=True)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
