@@ -86,3 +86,32 @@ def test_a_run_of_one_epoch_shows_its_training_figure(
     train = [line for line in lines if list(line.get_ydata()) == [101.0]]
     assert len(train) == 3  # two panels of the run's figure, one in compare's
     assert all(_visible(line) for line in lines)
+
+
+def test_split_sizes_are_blamed_only_for_a_number_of_rows(tmp_path: Path) -> None:
+    """With split_sizes given, every ValueError of the file got "split_sizes=... was asked for:
+    it does not take a subset" appended, a wrong dtype or values outside [0, 1] too, as if the
+    sizes were the trouble; now only a number of rows that the sizes do not fit."""
+    import numpy as np
+
+    from vaeflow.data import load_dataset
+
+    rng = np.random.default_rng(0)
+    path = tmp_path / "mnist.npz"
+    grey = rng.integers(0, 256, (8, 28, 28), dtype=np.uint8)
+    np.savez(path, x_train=grey.astype(np.float32), x_test=grey[:4])
+    with pytest.raises(ValueError, match="has dtype float32, expected uint8") as info:
+        load_dataset("mnist", tmp_path, split_sizes=(5, 3, 4))
+    assert "asked for" not in str(info.value)
+    np.savez(path, x_train=grey[:, :, :20], x_test=grey[:4])  # 28x20 images: wrong at any size
+    with pytest.raises(ValueError, match=r"has shape \(8, 28, 20\)") as info:
+        load_dataset("mnist", tmp_path, split_sizes=(5, 3, 4))
+    assert "asked for" not in str(info.value)
+    np.savez(tmp_path / "omniglot.npz", x_train=grey.astype(np.float32), x_test=grey[:4] / 255)
+    with pytest.raises(ValueError, match=r"'x_train' has values outside \[0, 1\]") as info:
+        load_dataset("omniglot", tmp_path, split_sizes=(5, 3, 4))
+    assert "asked for" not in str(info.value)
+    np.savez(path, x_train=grey, x_test=grey[:4])  # 8 rows, 9 asked for: the sizes are named
+    with pytest.raises(ValueError, match=r"has shape \(8, 28, 28\), expected shape \(9, 28, "
+                                         r"28\); split_sizes=\(6, 3, 4\) was asked for"):
+        load_dataset("mnist", tmp_path, split_sizes=(6, 3, 4))

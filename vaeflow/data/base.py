@@ -13,6 +13,7 @@ __all__ = [
     "ChecksumError",
     "DataFileError",
     "DataNotFoundError",
+    "SplitSizeError",
     "SplitSizes",
 ]
 
@@ -37,3 +38,9 @@ class DataFileError(ValueError):
     The message names the file and how to get it again. A file that reads fine but holds the
     wrong keys, shapes or values raises a plain ``ValueError`` instead.
     """
+
+
+class SplitSizeError(ValueError):
+    """A data file's array does not have the shape that the split sizes asked for call for (a
+    file of other split sizes, or split sizes that it does not hold); other wrong contents
+    (a dtype, a missing key, values out of range) raise a plain ``ValueError``."""

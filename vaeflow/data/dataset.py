@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from vaeflow.data.base import SPLITS, DataFileError, DataNotFoundError, SplitSizes
+from vaeflow.data.base import SPLITS, DataNotFoundError, SplitSizeError, SplitSizes
 from vaeflow.data.download import _download_dataset, _missing_message
 from vaeflow.data.loader import DeviceLoader
 from vaeflow.data.paths import _resolve_with_origin
@@ -128,12 +128,11 @@ def load_dataset(
         warnings.warn(spec.warning, UserWarning, stacklevel=2)
     try:
         arrays = _read_npz(spec, path, sizes)
-    except DataFileError:
-        raise
-    except ValueError as err:
+    except SplitSizeError as err:
         if sizes == spec.split_sizes:
             raise
-        # a wrong shape would otherwise read as a bad file, when the sizes asked for are wrong
+        # a wrong number of rows would otherwise read as a bad file, when the sizes asked for
+        # are wrong; a wrong dtype, key or value is the file's, whatever the sizes
         raise ValueError(
             f"{err}; split_sizes={sizes} was asked for: it gives the sizes of the splits that "
             f"the file holds (a smaller file built the same way), it does not take a subset; "

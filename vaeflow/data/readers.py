@@ -16,7 +16,7 @@ from zipfile import ZipFile
 
 import numpy as np
 
-from vaeflow.data.base import SPLITS, Arrays, DataFileError, SplitSizes
+from vaeflow.data.base import SPLITS, Arrays, DataFileError, SplitSizeError, SplitSizes
 
 __all__ = [
     "FREY_SPLIT_SEED",
@@ -167,7 +167,10 @@ def _require(
             f"{filename}: key {key!r} has dtype {a.dtype.name}, expected {' or '.join(dtypes)}"
         )
     if a.shape != shape:
-        raise ValueError(
+        # only the number of rows follows the split sizes: an image of the wrong size is wrong
+        # whatever the sizes were
+        kind = SplitSizeError if a.shape[1:] == shape[1:] and a.ndim > 0 else ValueError
+        raise kind(
             f"{filename}: key {key!r} has shape {a.shape}, expected shape {shape}{described}"
         )
     return a
@@ -204,7 +207,7 @@ def _read_packed(arrays: Arrays, filename: str, sizes: SplitSizes) -> list[np.nd
         )
         stated = _require(arrays, filename, f"shape_{split}", _INT_DTYPES, (2,))
         if tuple(int(v) for v in stated) != (n, 784):
-            raise ValueError(
+            raise (SplitSizeError if int(stated[1]) == 784 else ValueError)(
                 f"{filename}: key 'shape_{split}' holds {stated.tolist()}, expected [{n}, 784] "
                 f"(rows of 784 = 28x28 pixels)"
             )
