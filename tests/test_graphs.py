@@ -119,6 +119,28 @@ def test_a_failed_capture_leaves_the_model_ready_for_eager_steps(
         graphs.capture(lambda x, b: {}, model, optimizer, torch.zeros(8, 4))
 
 
+def test_a_failed_capture_names_the_error_inside_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    # On a GPU an error inside torch.cuda.graph is raised again by its capture_end, as
+    # "operation failed due to a previous error during capture": the first is the reason.
+    from vaeflow import graphs
+
+    model, optimizer = _model_and_optimizer()
+
+    def capture_fails(*args: object) -> None:
+        try:
+            raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+        finally:
+            raise RuntimeError("CUDA error: operation failed due to a previous error during "
+                               "capture\nCUDA kernel errors might be asynchronously reported")
+
+    monkeypatch.setattr(graphs, "GraphedStep", capture_fails)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    graphed, why = graphs.capture(lambda x, b: {}, model, optimizer, torch.zeros(8, 4))
+    assert graphed is None
+    assert why == ("CUDA error: operation not permitted when stream is capturing (then: CUDA "
+                   "error: operation failed due to a previous error during capture)")
+
+
 def test_a_failed_warm_up_puts_the_weights_back(monkeypatch: pytest.MonkeyPatch) -> None:
     # The warm-up steps move the weights; one that raises (out of memory, say) sends the run
     # on eagerly, which must go on from the run's own weights and optimizer state.

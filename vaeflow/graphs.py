@@ -149,11 +149,17 @@ def capture(
         RuntimeError: when the failed capture left the device unusable (then the run must
             start again without ``cuda_graph``).
     """
+    stream = torch.cuda.current_stream(x.device) if x.device.type == "cuda" else None
     try:
         return GraphedStep(step, model, optimizer, x), None
     except RuntimeError as err:
-        text = str(err).strip()
-        why = text.splitlines()[0] if text else type(err).__name__
+        why = _why(err)
+    if stream is not None:
+        # Only a GPU shows this: when capture_end raises (as it does after any error inside the
+        # capture), torch.cuda.graph's __exit__ never leaves its capture stream, which stays
+        # current and whose allocations still go to the failed graph's pool; the eager steps
+        # go back to the stream they ran on.
+        torch.cuda.set_stream(stream)
     # Nothing captured ran: the parameters and the optimizer state are those the warm-up
     # restored; only the gradients the capture allocated are dropped.
     optimizer.zero_grad(set_to_none=True)
@@ -166,3 +172,18 @@ def capture(
             f"unusable ({err}); train again with --set cuda_graph=false"
         ) from err
     return None, why
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _why(err: BaseException) -> str:
+    """The first line of the error that made the capture fail: an error inside the capture
+    (a host read, say) makes ``torch.cuda.graph``'s ``capture_end`` raise again ("operation
+    failed due to a previous error during capture"), with the first as its ``__context__``."""
+    first = err.__context__
+    if not isinstance(first, Exception):
+        return _first_line(err)
+    return f"{_first_line(first)} (then: {_first_line(err)})"
