@@ -115,3 +115,26 @@ def test_split_sizes_are_blamed_only_for_a_number_of_rows(tmp_path: Path) -> Non
     with pytest.raises(ValueError, match=r"has shape \(8, 28, 28\), expected shape \(9, 28, "
                                          r"28\); split_sizes=\(6, 3, 4\) was asked for"):
         load_dataset("mnist", tmp_path, split_sizes=(6, 3, 4))
+
+
+def test_a_wrong_file_is_named_by_its_path(tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file of the wrong dtype, key or shape was named by its bare file name ("mnist.npz:
+    key 'x_train' has dtype ..."), with no word of the folder, which $VAEFLOW_DATA or the
+    per-user cache may have chosen; a damaged file was already named by its path."""
+    import numpy as np
+
+    from vaeflow.data import load_dataset
+
+    folder = tmp_path / "from-the-environment"
+    folder.mkdir()
+    monkeypatch.setenv("VAEFLOW_DATA", str(folder))
+    grey = np.zeros((8, 28, 28), np.uint8)
+    np.savez(folder / "mnist.npz", x_train=grey.astype(np.int16), x_test=grey[:4])
+    with pytest.raises(ValueError, match="has dtype int16") as info:
+        load_dataset("mnist", split_sizes=(5, 3, 4), download=False)
+    assert str(info.value).startswith(f"{folder / 'mnist.npz'}: key 'x_train'")
+    np.savez(folder / "mnist.npz", x_test=grey[:4])
+    with pytest.raises(ValueError, match="missing key 'x_train'") as info:
+        load_dataset("mnist", split_sizes=(5, 3, 4), download=False)
+    assert str(folder / "mnist.npz") in str(info.value)

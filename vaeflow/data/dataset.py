@@ -82,9 +82,11 @@ class Dataset:
 
 
 def _read_npz(spec: DatasetSpec, path: Path, sizes: SplitSizes) -> list[np.ndarray]:
-    """The splits of ``spec``'s file at ``path``; a damaged file raises ``DataFileError``."""
+    """The splits of ``spec``'s file at ``path``; a damaged file raises ``DataFileError``, a
+    wrong one a ``ValueError`` that names it by its path (it may be in a folder the user did
+    not choose: ``$VAEFLOW_DATA``, the per-user cache)."""
     with open_npz(path, downloadable=bool(spec.sources) and spec.convert is not None) as arrays:
-        return spec.read(arrays, spec.filename, sizes)
+        return spec.read(arrays, str(path), sizes)
 
 
 def load_dataset(
