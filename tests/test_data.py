@@ -423,6 +423,19 @@ def test_a_data_directory_that_is_a_file_says_so(
     assert no_network == [] and path.read_bytes() == b"not a folder"
 
 
+def test_a_folder_in_the_data_file_s_place_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_network: list[str]
+) -> None:
+    """A folder named binarized_mnist.npz (an archive unpacked in place) is named as such, not
+    taken for a missing file to download over it."""
+    (tmp_path / "binarized_mnist.npz").mkdir()
+    monkeypatch.setenv("VAEFLOW_DATA", str(tmp_path))
+    with pytest.raises(DataNotFoundError, match=r"binarized_mnist.npz is a folder, not the data "
+                                                r"file.*chosen by \$VAEFLOW"):
+        load_dataset("static_mnist")
+    assert no_network == []
+
+
 def test_download_false_does_not_fetch(tmp_path: Path, no_network: list[str]) -> None:
     with pytest.raises(DataNotFoundError, match="download=False") as info:
         load_dataset("mnist", tmp_path, download=False)

@@ -118,6 +118,12 @@ def load_dataset(
             f"holds {spec.filename}. That path was chosen by {origin}."
         )
     path = directory / spec.filename
+    if path.is_dir():
+        # else a download would be tried (and fail to write over the folder) where the cause
+        # is a folder of the file's name: one made by hand, or an archive unpacked in place
+        raise DataNotFoundError(f"{path} is a folder, not the data file {spec.filename}: move "
+                                f"it away and put the file there. That folder was chosen by "
+                                f"{origin}.")
     if not path.is_file():
         if not download:
             raise DataNotFoundError(
