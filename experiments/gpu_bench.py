@@ -100,6 +100,25 @@ def run_bench(
     return records
 
 
+def _device_unfit(torch: Any) -> bool:
+    """After a variant raised: whether this worker's CUDA state is unfit for the next one (the
+    parent then starts a new worker). Only a GPU shows these: a broken context fails to
+    synchronise or to draw; and a failed CUDA-graph capture (``GraphedStep`` in the benchmark
+    has no eager fallback) leaves the capture stream current, since ``torch.cuda.graph``'s
+    ``__exit__`` skips leaving it when ``capture_end`` raises, with its allocations still routed
+    to the failed graph's pool: every later variant would run there."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        if torch.cuda.current_stream() != torch.cuda.default_stream():
+            return True
+        torch.randn(1, device="cuda")
+        torch.cuda.synchronize()
+    except Exception:  # the context is broken
+        return True
+    return False
+
+
 def _serve() -> int:
     """The worker: answer each request line with the variant's result."""
     import torch
@@ -120,12 +139,7 @@ def _serve() -> int:
                 time.sleep(10**6)
             result = bench_variant(name, **message)
         except Exception as err:  # recorded by the parent; the next variant still runs
-            restart = False
-            if torch.cuda.is_available():
-                try:
-                    torch.cuda.synchronize()
-                except Exception:  # the context is broken: the parent starts a new worker
-                    restart = True
+            restart = _device_unfit(torch)
             send({"status": "failed", "error": error_text(err), "restart": restart,
                   "traceback": traceback.format_exc()[-2000:]})  # fmt: skip
             continue

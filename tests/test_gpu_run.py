@@ -219,3 +219,38 @@ def test_device_auto_is_resolved_before_the_environment_is_recorded(
     monkeypatch.setattr(gpu_run, "_environment", environment)
     runner, benched = run(True, "gpu")  # as on the GPU machine
     assert seen == ["cuda"] and benched == ["cuda"] and runner.summary["device"] == "a GPU"
+
+
+def test_a_bench_worker_restarts_after_a_capture_left_its_stream_current(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # On a GPU a failed capture in a cudagraph variant leaves torch.cuda.graph's capture stream
+    # current: the worker must be replaced, though the device still synchronises.
+    import io
+
+    import bench_timing
+    import gpu_bench
+    import torch
+
+    def fails(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
+
+    sent: list[dict] = []
+    streams = {"current": "capture stream", "default": "default stream"}
+    monkeypatch.setattr(bench_timing, "bench_variant", fails)
+    monkeypatch.setattr(gpu_bench, "send", sent.append)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: streams["current"])
+    monkeypatch.setattr(torch.cuda, "default_stream", lambda device=None: streams["default"])
+    real_randn = torch.randn
+    monkeypatch.setattr(torch, "randn", lambda *a, device=None, **k: real_randn(*a, **k))
+    request = json.dumps({"variant": "none-cudagraph", "size": "small"}) + "\n"
+    monkeypatch.setattr(sys, "stdin", io.StringIO(request))
+    assert gpu_bench._serve() == 0
+    assert sent[0] == {"ready": True}
+    assert sent[1]["status"] == "failed" and sent[1]["restart"] is True
+    streams["current"] = "default stream"  # the same failure, the stream put back: no restart
+    sent.clear()
+    monkeypatch.setattr(sys, "stdin", io.StringIO(request))
+    assert gpu_bench._serve() == 0 and sent[1]["restart"] is False
