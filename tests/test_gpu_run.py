@@ -254,3 +254,45 @@ def test_a_bench_worker_restarts_after_a_capture_left_its_stream_current(
     sent.clear()
     monkeypatch.setattr(sys, "stdin", io.StringIO(request))
     assert gpu_bench._serve() == 0 and sent[1]["restart"] is False
+
+
+def test_the_table_row_comes_before_the_graph_check_and_gets_the_larger_share(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The targets rest on the speed ratios and a whole table row: in the prepared
+    # 8-minute call the table runs before the graph check, and the graph check, given too
+    # little time for its two runs, says so (and how to run it alone) instead of starting them.
+    import gpu_run
+
+    got: dict[str, float] = {}
+
+    def stage(name: str):
+        def use_its_time(self: gpu_run.GpuRun) -> None:
+            seconds = self.stage_deadline(name).left()
+            got[name] = seconds
+            self.deadline.end -= seconds  # as if the stage had used all of its share
+
+        return use_its_time
+
+    for name in ("bench", "reference", "table"):
+        monkeypatch.setattr(gpu_run.GpuRun, name, stage(name))
+    real_graph = gpu_run.GpuRun.graph
+
+    def graph(self: gpu_run.GpuRun) -> None:
+        got["graph"] = self.deadline.left()
+        real_graph(self)
+
+    monkeypatch.setattr(gpu_run.GpuRun, "graph", graph)
+    monkeypatch.setattr(gpu_run.GpuRun, "data", lambda self: setattr(self, "npz", tmp_path))
+    monkeypatch.setattr(gpu_run.GpuRun, "plot", lambda self: None)
+    monkeypatch.setattr(gpu_run, "_environment", lambda device: {"cuda_available": True})
+    monkeypatch.setattr(gpu_run, "missing_dependencies", lambda: [])
+    argv = [str(tmp_path / "out"), "--minutes", "8", "--device", "cpu",
+            "--work", str(tmp_path / "work")]
+    runner = gpu_run.GpuRun(gpu_run._parser().parse_args(argv), argv)
+    assert runner.run() == 0
+    assert list(got) == ["bench", "reference", "table", "graph"]
+    assert got["table"] > max(got["bench"], got["reference"]) and got["table"] > 180
+    graph = runner.stages["graph"]
+    assert graph["status"] == "failed" and "--stages graph" in graph["error"]
+    assert not (tmp_path / "work" / "graph").exists()  # no run was started
