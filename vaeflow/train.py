@@ -682,9 +682,11 @@ class _Trainer:
 
     def end_of_training(self) -> None:
         """Keep the best model (or the last one when no epoch ended), evaluate it, write files."""
-        best = self.run_dir / BEST
-        if self.world.is_main and not best.is_file():  # stopped inside its first epoch
-            atomic_save(self.model.state_dict(), best)
+        # Stopped inside its first epoch (no validation yet): the last model is the best. Not
+        # "no best.pt yet": a finished smoke run (max_steps) resumed with a larger step budget
+        # that still ends inside that epoch holds the best.pt of its earlier, shorter end.
+        if self.world.is_main and self.state.best_epoch == 0:
+            atomic_save(self.model.state_dict(), self.run_dir / BEST)
         self.save()  # the final state, with done=True, so a resume only re-evaluates
         self.bar.close()  # its time and rate are the training's, not the evaluation's
         self.finish()
