@@ -334,7 +334,17 @@ class _Trainer:
         check_same_run(self.config, ckpt, path)
         distributed.check_world_size(ckpt.get("world_size", 1), self.world, path)
         load_state(self.model, ckpt["model"], path)  # the solver tolerances come with it
-        self.optimizer.load_state_dict(ckpt["optimizer"])  # new state tensors: capture again
+        # The checkpoint gives the optimizer's state, not this session's policy: a run whose
+        # step was captured (capturable=True, on a GPU) may resume on a CPU, where a capturable
+        # Adamax refuses to step, or on a GPU that captures where the saved run could not.
+        # Its loading casts the step counters for the policy of this optimizer, kept here.
+        optimizer = dict(ckpt["optimizer"])
+        capturable = [g["capturable"] for g in self.optimizer.param_groups]
+        optimizer["param_groups"] = [
+            {**g, "capturable": c} if "capturable" in g else g
+            for g, c in zip(optimizer["param_groups"], capturable, strict=False)
+        ]
+        self.optimizer.load_state_dict(optimizer)  # new state tensors: capture again
         self.graphed = None
         self.loader.load_state_dict(ckpt["loader"])
         rng = ckpt["rng_ranks"][self.world.rank] if self.world.distributed else ckpt["rng"]
