@@ -203,6 +203,44 @@ def test_unknown_choice_names_the_valid_ones(capsys: pytest.CaptureFixture[str])
     assert "choose from 'none', 'planar', 'iaf'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("args", "hint"),
+    [
+        (["train", "--dataset", "static_mnist", "--flow", "none", "--epochs", "3"],
+         "--epochs: did you mean --max-epochs or --warmup-epochs?"),
+        (["eval", "runs/x", "--points=3"], "--points: did you mean --is-points or --eval-points?"),
+        (["compare", "runs/x", "--fast"], None),
+    ],
+)
+def test_an_unknown_option_is_refused_by_its_command(
+    args: list[str], hint: str | None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An option the command does not know was refused by the top-level parser, whose usage
+    (``vaeflow [-h] [--version] COMMAND ...``) names none of the command's options."""
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    command = args[0]
+    assert f"usage: vaeflow {command} [-h]" in err, err  # the usage that names its options
+    unknown = next(word for word in args if word.startswith(("--epochs", "--points", "--fast")))
+    assert f"vaeflow {command}: error: unrecognized arguments: {unknown}" in err, err
+    assert f"`vaeflow {command} --help`" in err and "Traceback" not in err
+    if hint is not None:
+        assert hint in err, err
+
+
+def test_an_unknown_option_before_the_command_is_the_top_level_s(
+    capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["--fast", "flows"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage: vaeflow [-h] [--version] COMMAND" in err
+    assert "vaeflow: error: unrecognized arguments: --fast" in err
+
+
 def test_missing_data_offline_says_where(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     args = ["train", "--dataset", "caltech", "--flow", "none", "--data-dir", str(tmp_path / "x")]
     from vaeflow.data import download

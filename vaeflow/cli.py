@@ -421,6 +421,31 @@ def _enable_faulthandler() -> None:
         pass
 
 
+def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """``parser.parse_args(argv)``, but an option the command does not know is refused by the
+    command's own parser (``vaeflow train: error: ...``, with train's usage, which names its
+    options) and with the nearest option named: argparse leaves such words to the top-level
+    parser, whose usage names only ``COMMAND``."""
+    import difflib
+
+    args, extra = parser.parse_known_args(argv)
+    after = argv[argv.index(args.command) + 1:] if args.command in argv else []
+    if not extra or not all(word in after for word in extra):
+        return parser.parse_args(argv)  # before the command: the top-level parser's own error
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    command = commands.choices[args.command]
+    known = [o for a in command._actions for o in a.option_strings if o.startswith("--")]
+    hints = []
+    for word in extra:
+        if word.startswith("-"):
+            near = difflib.get_close_matches(word.split("=", 1)[0], known, n=2)
+            if near:
+                hints.append(f"{word.split('=', 1)[0]}: did you mean {' or '.join(near)}?")
+    hint = f" ({'; '.join(hints)})" if hints else ""
+    command.error(f"unrecognized arguments: {' '.join(extra)}{hint}; `vaeflow {args.command} "
+                  "--help` describes every option")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``vaeflow`` console script; returns the exit status."""
     if argv is None:
@@ -430,7 +455,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # Known failures become one line; anything else is a bug and shows its traceback.
     try:
-        args = build_parser().parse_args(argv)
+        args = _parse(build_parser(), argv)
         status = int(args.func(args))
         sys.stdout.flush()  # here, not at exit, so that a reader gone away is caught below
         return status
