@@ -148,6 +148,7 @@ def test_the_summary_of_a_torchrun_run_resumes_it_under_torchrun(
 ) -> None:
     results = {"test_nelbo": 100.0, "unit": "nats", "world_size": 4}
     run = _fake_run(tmp_path / "run", tiny_data_dir, results=results)
+    (run.path / "checkpoint.pt").write_bytes(b"")  # a run that trained has one
     text = report.summary(run.path, results)
     assert (f"torchrun --standalone --nproc_per_node=4 --no-python vaeflow train --resume "
             f"{run.path}") in text
@@ -308,3 +309,26 @@ def test_compare_counts_no_epochs_for_a_model_trained_elsewhere(
     # a run that is training and has validated no epoch yet has trained 0 of them
     started = _fake_run(tmp_path / "started", tiny_data_dir, history=[])
     assert report.compare_rows([started])[0]["epochs"] == 0
+
+
+def test_the_summary_offers_only_what_a_run_has(tiny_data_dir: Path, tmp_path: Path) -> None:
+    """A model saved by save_run has no checkpoint and no TensorBoard events: the summary of
+    its `vaeflow eval` listed "TensorBoard events" among its files and offered `tensorboard`
+    and `vaeflow train --resume`, which refuses it ("it holds no checkpoint.pt")."""
+    from vaeflow.evaluate import save_run
+    from vaeflow.model import build_model
+
+    config = tiny_config(tiny_data_dir, "planar")
+    save_run(tmp_path / "mine", build_model(config), config, evaluate=False)
+    text = report.summary(tmp_path / "mine", {"test_nelbo": 100.0, "unit": "nats"})
+    files = next(line for line in text.splitlines() if "files in" in line)
+    assert "config.json" in files and "best.pt" in files and "TensorBoard" not in files
+    assert "--resume" not in text and "tensorboard --logdir" not in text
+    assert f"vaeflow eval {tmp_path / 'mine'}" in text and "vaeflow compare" in text
+    # a run that trained keeps them all
+    trained = _fake_run(tmp_path / "trained", tiny_data_dir, results={"test_nelbo": 100.0})
+    (trained.path / "checkpoint.pt").write_bytes(b"")
+    (trained.path / "events.out.tfevents.1.host.1.0").write_bytes(b"")
+    text = report.summary(trained.path, {"test_nelbo": 100.0, "unit": "nats"})
+    assert "TensorBoard events" in text and f"tensorboard --logdir {trained.path}" in text
+    assert f"vaeflow train --resume {trained.path}" in text

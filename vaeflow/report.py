@@ -106,31 +106,35 @@ def _tested_model(run: Run, results: Mapping[str, Any]) -> list[str]:
             "not in it (--max-epochs or max_minutes validate where they stop)"]
 
 
-def next_commands(run_dir: str | os.PathLike[str], flow: str, world_size: int = 1) -> list[str]:
+def next_commands(run_dir: str | os.PathLike[str], flow: str, world_size: int = 1, *,
+                  resumable: bool = True, events: bool = True) -> list[str]:
     """What the closing summary suggests doing next with the run of ``flow`` in ``run_dir``,
     trained by ``world_size`` processes: shell commands, and for a flow of one's own the calls
-    from a script that registers it (the shell's ``vaeflow`` cannot build its model)."""
+    from a script that registers it (the shell's ``vaeflow`` cannot build its model). A run
+    without a checkpoint (``save_run``'s) is not offered ``--resume``, which refuses it, nor
+    one without TensorBoard events TensorBoard."""
     path = str(run_dir)
     where = shlex.quote(path)
     again = "    # continue (e.g. after a kill)"
     # A checkpoint resumes only at the world size that wrote it (its ranks' random states).
     torchrun = f"torchrun --standalone --nproc_per_node={world_size}"
-    tensorboard, compare = f"tensorboard --logdir {where}", f"vaeflow compare {where} OTHER_RUN..."
+    tensorboard = [f"tensorboard --logdir {where}"] if events else []
+    compare = f"vaeflow compare {where} OTHER_RUN..."
     if _built_in(flow):
         resume = f"vaeflow train --resume {where}{again}"
         if world_size > 1:
             resume = f"{torchrun} --no-python {resume} with the same {world_size} processes"
-        return [tensorboard, f"vaeflow eval {where}", resume, compare]
+        return [*tensorboard, f"vaeflow eval {where}", *([resume] if resumable else []), compare]
     resume = f"vaeflow.cli.main({['train', '--resume', path]!r}){again}"
     if world_size > 1:
         resume += f", in the script run by {torchrun}"
     return [
-        tensorboard,
+        *tensorboard,
         compare,
         f"# flow {flow!r} is your own: from a Python script that registers it again "
         "(vaeflow.flows.register_flow)",
         f"vaeflow.cli.main({['eval', path]!r})",
-        resume,
+        *([resume] if resumable else []),
     ]
 
 
@@ -165,11 +169,16 @@ def summary(run_dir: str | os.PathLike[str], results: Mapping[str, Any]) -> str:
     files = [CONFIG, RESULTS, HISTORY, TIMING, BEST, CHECKPOINT, SAMPLES, RECONSTRUCTIONS,
              LEARNING_CURVE]
     present = [name for name in files if (run.path / name).is_file()]
+    events = any(run.path.glob("events.out.tfevents.*"))
+    if events:
+        present.append("TensorBoard events")
     world_size = int(results.get("world_size", timing.get("world_size", 1)))
+    commands = next_commands(run.path, config.flow, world_size, events=events,
+                             resumable=(run.path / CHECKPOINT).is_file())
     lines += [
-        f"   files in {run.path}: {', '.join(present)}, TensorBoard events",
+        f"   files in {run.path}: {', '.join(present)}",
         "   next:",
-        *(f"     {command}" for command in next_commands(run.path, config.flow, world_size)),
+        *(f"     {command}" for command in commands),
     ]
     return "\n".join(lines)
 
