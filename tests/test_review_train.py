@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from test_train import Crash, assert_same_params, crash_at, params, tiny_config
 
+import vaeflow.train as train_mod
 from vaeflow.train import train
 
 
@@ -32,3 +35,36 @@ def test_a_checkpoint_of_a_captured_step_resumes_on_a_cpu(
     assert_same_params(params(tmp_path / "a"), params(tmp_path / "b"))
     saved = torch.load(path, weights_only=True)["optimizer"]["param_groups"]
     assert not any(group["capturable"] for group in saved)
+
+
+def test_a_signal_in_the_last_validation_stops_before_the_final_evaluation(
+    tiny_data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Ctrl-C during the validation of the last epoch: the training is saved, done, and the
+    # run stops there, as in the evaluation itself; it must not go through the whole final
+    # evaluation (minutes for FFJORD) and exit as if no signal had come.
+    config = tiny_config(tiny_data_dir)  # 3 epochs
+    reference = train(config, tmp_path / "a", progress=False)
+    validate, evaluate = train_mod._Trainer.validate, train_mod.evaluate
+    calls = {"validate": 0, "evaluate": 0}
+
+    def validate_with_signal(self: Any) -> float:
+        calls["validate"] += 1
+        if calls["validate"] == 3:
+            signal.raise_signal(signal.SIGINT)
+        return validate(self)
+
+    def counted(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        calls["evaluate"] += 1
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod._Trainer, "validate", validate_with_signal)
+    monkeypatch.setattr(train_mod, "evaluate", counted)
+    with pytest.raises(KeyboardInterrupt, match="SIGINT received before the final evaluation"):
+        train(config, tmp_path / "b", progress=False)
+    assert calls["evaluate"] == 0
+    assert not (tmp_path / "b" / "results.json").exists()
+    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["progress"]["done"]
+    monkeypatch.undo()
+    assert train(resume=tmp_path / "b", progress=False) == reference  # only evaluates
+    assert_same_params(params(tmp_path / "a", "best.pt"), params(tmp_path / "b", "best.pt"))

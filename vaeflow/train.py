@@ -710,6 +710,12 @@ class _Trainer:
                 f"`vaeflow train --resume {self.run_dir}` (it only evaluates) or "
                 f"`vaeflow eval {self.run_dir}`"
             )
+            if self.signals.received is not None:
+                # It came in the last validation (or the save after it), which a signal does
+                # not cut short: the training is saved, done, so stop before the evaluation
+                # as a signal in it would, rather than ignore it for the evaluation's minutes.
+                name = signal.Signals(self.signals.received).name
+                raise KeyboardInterrupt(f"{name} received before {self.signals.message}")
         final_state = self.model.state_dict()
         best = self.run_dir / BEST
         best_state = self.load(BEST)
