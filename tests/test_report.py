@@ -332,3 +332,19 @@ def test_the_summary_offers_only_what_a_run_has(tiny_data_dir: Path, tmp_path: P
     text = report.summary(trained.path, {"test_nelbo": 100.0, "unit": "nats"})
     assert "TensorBoard events" in text and f"tensorboard --logdir {trained.path}" in text
     assert f"vaeflow train --resume {trained.path}" in text
+
+
+def test_compare_counts_the_parameters_a_results_json_does_not_name(
+    tiny_data_dir: Path, tmp_path: Path
+) -> None:
+    """A results.json written by hand (or by another tool) without ``num_parameters`` made
+    ``vaeflow compare`` end in a KeyError traceback; the count is the model's, as for a run
+    that has not finished."""
+    from vaeflow.model import count_parameters
+
+    run = _fake_run(tmp_path / "run", tiny_data_dir, history=[])
+    (run.path / "results.json").write_text(json.dumps({"status": "finished", "test_nelbo": 99.0}))
+    row = report.compare_rows([run])[0]
+    assert row["status"] == "finished" and row["test NELBO"] == 99.0
+    assert row["parameters"] == count_parameters(run.config)
+    assert "99.00" in report.compare_table([run])

@@ -266,8 +266,13 @@ def compare_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
         nelbo, is_nll = finished.get("test_nelbo"), finished.get("test_nll_is")
         valid = min((h["valid_nelbo"] for h in history), default=None)
         seconds = timing.get("train_seconds")
+        # the model is built (on the meta device) only from a flow this process knows, and
+        # only where the count is not in results.json (one written by hand may lack it)
+        parameters = (results or {}).get("num_parameters")
+        if parameters is None and config.flow in FLOWS:
+            parameters = count_parameters(config)
         if results is not None:
-            status, parameters = "finished", results["num_parameters"]
+            status = "finished"
         else:
             if run.failure:
                 status = "failed"
@@ -276,8 +281,6 @@ def compare_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
                 status = "not evaluated"
             else:
                 status = "unfinished"
-            # the model is built (on the meta device) only from a flow this process knows
-            parameters = count_parameters(config) if config.flow in FLOWS else None
             # timing.json is written when a session returns: a run killed (or still training)
             # has none, or an earlier session's; each epoch's record holds the same clock,
             # summed over resumes, so the larger of the two is the time trained so far
