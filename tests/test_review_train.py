@@ -68,3 +68,30 @@ def test_a_signal_in_the_last_validation_stops_before_the_final_evaluation(
     monkeypatch.undo()
     assert train(resume=tmp_path / "b", progress=False) == reference  # only evaluates
     assert_same_params(params(tmp_path / "a", "best.pt"), params(tmp_path / "b", "best.pt"))
+
+
+def test_a_resume_from_the_start_checkpoint_drops_the_killed_session_s_events(
+    tiny_data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Killed inside the first epoch with no mid-epoch checkpoint (checkpoint_every=0, the
+    # default), a run resumes from step 0: the events its first session logged must go, as
+    # they do for a resume from any later step, not stay beside the resumed session's.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import metadata
+
+    config = tiny_config(tiny_data_dir, max_steps=15)
+    train(config, tmp_path / "a", progress=False)
+    crash_at(monkeypatch, 8)  # after the flushes at steps 3 and 6
+    with pytest.raises(Crash):
+        train(config, tmp_path / "b", progress=False)
+    monkeypatch.undo()
+    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["progress"]["step"] == 0
+    train(resume=tmp_path / "b", progress=False)
+
+    def steps(run: Path) -> list[int]:
+        events = EventAccumulator(str(run))
+        events.Reload()
+        assert metadata.SESSION_START_INFO_TAG in events.PluginTagToContent(metadata.PLUGIN_NAME)
+        return [e.step for e in events.Scalars("train/loss")]
+
+    assert steps(tmp_path / "b") == steps(tmp_path / "a") == [3, 6, 9, 10, 13, 15]

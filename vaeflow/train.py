@@ -369,8 +369,10 @@ class _Trainer:
             return
         from torch.utils.tensorboard import SummaryWriter
 
-        # purge_step drops events a killed run logged after its last checkpoint
-        self.writer = SummaryWriter(str(self.run_dir), purge_step=self.state.step or None)
+        # purge_step drops events a killed run logged after its last checkpoint; also at step 0
+        # (a kill before the first epoch's end resumes from the start checkpoint, and its
+        # first steps' events would stay beside the resumed ones)
+        self.writer = SummaryWriter(str(self.run_dir), purge_step=self.state.step)
         if self.state.step == 0:  # a resumed run's settings are in its first event file
             log_settings(self.writer, self.config)
 
