@@ -176,3 +176,27 @@ def test_a_failed_warm_up_puts_the_weights_back(monkeypatch: pytest.MonkeyPatch)
     for p, s in optimizer.state_dict()["state"].items():
         for key, value in s.items():
             assert torch.equal(torch.as_tensor(value), torch.as_tensor(state[p][key])), key
+
+
+def test_a_failed_capture_leaves_the_random_stream_where_it_was(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The eager steps after a failed capture draw the noise an uncaptured step would: a resume
+    # captures (and fails) again at its first batch, so a draw taken by the failure would put
+    # the resumed run's noise one draw off the uninterrupted run's. (On a CPU tensor the check
+    # draws from the CPU's generator, as on a GPU from the device's.)
+    from vaeflow import graphs
+
+    model, optimizer = _model_and_optimizer()
+
+    def capture_fails(*args: object) -> None:
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(graphs, "GraphedStep", capture_fails)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    torch.manual_seed(5)
+    expected = torch.rand(4)
+    torch.manual_seed(5)
+    graphed, _ = graphs.capture(lambda x, b: {}, model, optimizer, torch.zeros(8, 4))
+    assert graphed is None
+    assert torch.equal(torch.rand(4), expected)

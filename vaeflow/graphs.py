@@ -164,7 +164,12 @@ def capture(
     # restored; only the gradients the capture allocated are dropped.
     optimizer.zero_grad(set_to_none=True)
     try:
-        torch.randn(1, device=x.device)  # the generator must have left capture mode
+        # The generator must have left capture mode; its draw is given back, or the eager
+        # steps' noise would be one draw on from a run's that captured nowhere or at another
+        # step (a resume captures again at its first batch): no exact resume.
+        cuda = [x.device] if x.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda, device_type=x.device.type):
+            torch.randn(1, device=x.device)
         torch.cuda.synchronize(x.device)
     except RuntimeError as err:
         raise RuntimeError(
