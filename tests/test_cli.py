@@ -210,6 +210,11 @@ def test_unknown_choice_names_the_valid_ones(capsys: pytest.CaptureFixture[str])
          "--epochs: did you mean --max-epochs or --warmup-epochs?"),
         (["eval", "runs/x", "--points=3"], "--points: did you mean --is-points or --eval-points?"),
         (["compare", "runs/x", "--fast"], None),
+        # a config key or a flow hyperparameter spelt as a named option
+        (["train", "--dataset", "static_mnist", "--flow", "none", "--max-minutes", "0.5"],
+         "--max-minutes: did you mean --set max_minutes=VALUE?"),
+        (["train", "--dataset", "static_mnist", "--flow", "ffjord", "--rank=3"],
+         "--rank: did you mean --flow-opt rank=VALUE?"),
     ],
 )
 def test_an_unknown_option_is_refused_by_its_command(
@@ -223,7 +228,8 @@ def test_an_unknown_option_is_refused_by_its_command(
     err = capsys.readouterr().err
     command = args[0]
     assert f"usage: vaeflow {command} [-h]" in err, err  # the usage that names its options
-    unknown = next(word for word in args if word.startswith(("--epochs", "--points", "--fast")))
+    words = ("--epochs", "--points", "--fast", "--max-minutes", "--rank")
+    unknown = next(word for word in args if word.startswith(words))
     assert f"vaeflow {command}: error: unrecognized arguments: {unknown}" in err, err
     assert f"`vaeflow {command} --help`" in err and "Traceback" not in err
     if hint is not None:

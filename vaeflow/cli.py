@@ -435,12 +435,22 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespa
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     command = commands.choices[args.command]
     known = [o for a in command._actions for o in a.option_strings if o.startswith("--")]
+    # train: a config key or a flow hyperparameter spelt as an option (--max-minutes)
+    keys = {f.name for f in dataclasses.fields(TrainConfig)} if args.command == "train" else set()
+    hyper = {k for name in FLOWS for k in flow_hyperparameters(name)} if keys else set()
     hints = []
     for word in extra:
         if word.startswith("-"):
-            near = difflib.get_close_matches(word.split("=", 1)[0], known, n=2)
+            option = word.split("=", 1)[0]
+            key = option.lstrip("-").replace("-", "_")
+            if key in keys:
+                near = [f"--set {key}=VALUE"]
+            elif key in hyper:
+                near = [f"--flow-opt {key}=VALUE"]
+            else:
+                near = difflib.get_close_matches(option, known, n=2)
             if near:
-                hints.append(f"{word.split('=', 1)[0]}: did you mean {' or '.join(near)}?")
+                hints.append(f"{option}: did you mean {' or '.join(near)}?")
     hint = f" ({'; '.join(hints)})" if hints else ""
     command.error(f"unrecognized arguments: {' '.join(extra)}{hint}; `vaeflow {args.command} "
                   "--help` describes every option")
