@@ -249,6 +249,27 @@ def test_resume_after_a_crash_is_bit_identical(
     assert_same_params(params(tmp_path / "a", "best.pt"), params(tmp_path / "b", "best.pt"))
 
 
+def test_a_resume_removes_the_temporaries_of_a_killed_write(
+    tiny_data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """kill -9 inside an atomic write leaves its temporary file (a checkpoint's size); the
+    next session, holding the run's lock, removes those of run files, and no other file."""
+    config = tiny_config(tiny_data_dir)
+    crash_at(monkeypatch, 13)
+    with pytest.raises(Crash):
+        train(config, tmp_path / "b", progress=False)
+    monkeypatch.undo()
+    run = tmp_path / "b"
+    stale = [run / ".checkpoint.pt.k3j9x_2a.tmp", run / ".best.pt.0qz81mhw.tmp",
+             run / ".samples.png.a1b2c3d4.tmp"]
+    mine = [run / ".notes.txt.tmp", run / "draft.tmp"]  # not vaeflow's: kept
+    for path in stale + mine:
+        path.write_bytes(b"partial")
+    train(resume=run, progress=False)
+    assert not any(p.exists() for p in stale)
+    assert all(p.exists() for p in mine)
+
+
 def test_resume_refuses_a_spent_budget_and_takes_restated_values(
     tiny_data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -310,6 +310,17 @@ def clear_run_files(run_dir: str | os.PathLike[str]) -> None:
         path.unlink(missing_ok=True)
 
 
+def remove_partial_writes(run_dir: str | os.PathLike[str]) -> None:
+    """Delete the temporary files of writes that a killed process left (``kill -9`` inside an
+    atomic write: ``.checkpoint.pt.XXXX.tmp``, a checkpoint's size each); call it holding the
+    run's lock, so that no live writer owns them. Only the temporaries of run files go."""
+    directory = Path(run_dir)
+    for path in directory.glob(".*.tmp"):
+        target = path.name[1:].rsplit(".", 2)[0]  # ".best.pt.k3j9.tmp" -> "best.pt"
+        if target in RUN_FILES or target.endswith(".png"):
+            path.unlink(missing_ok=True)
+
+
 def check_resume_changes(changes: Mapping[str, Any]) -> None:
     """Refuse a change that would make a resumed run another run."""
     refused = sorted(set(changes) - set(RESUMABLE))

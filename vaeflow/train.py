@@ -92,6 +92,7 @@ from vaeflow.runs import (
     load_checkpoint,
     load_state,
     read_config,
+    remove_partial_writes,
     solver_state,
 )
 from vaeflow.vae import VAE
@@ -875,6 +876,7 @@ def train(
                     with world.together():  # a failure on any rank (lock, data...) stops all
                         if world.is_main:
                             owned.enter_context(RunLock(directory))
+                            remove_partial_writes(directory)  # a killed session's
                         trainer = _Trainer(cfg, directory, progress, world)  # device, data, model
                     assert trainer is not None
                     if resume is not None:
