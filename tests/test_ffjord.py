@@ -331,7 +331,9 @@ def test_replace_solver_changes_the_solve_not_the_model() -> None:
         ({"atol": -1.0}, "atol"),
         ({"solver_options": {"stepsize": 0.1}}, "unknown option.*'stepsize'"),
         ({"method": "rk4", "solver_options": {"step_size": 0.25}, "atol": 1e-3},
-         "atol means nothing to the fixed-step solver 'rk4'"),
+         "atol means nothing to the fixed-step solver 'rk4'.*; drop it, or"),
+        ({"method": "rk4", "solver_options": {"step_size": 0.25}, "atol": 1e-3, "rtol": 1e-3},
+         "atol and rtol mean nothing to the fixed-step solver 'rk4'.*; drop them, or"),
         ({"method": "euler", "solver_options": {"step_size": 2}}, "at most 1.*s in \\[0, 1\\]"),
     ],
 )

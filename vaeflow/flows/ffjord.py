@@ -663,7 +663,8 @@ class FFJORD(Flow):
             raise InputError(
                 f"{' and '.join(given)} {'mean' if len(given) > 1 else 'means'} nothing to the "
                 f"fixed-step solver {method!r}, which "
-                "controls no error; drop them, or set its step with solver_options={step_size=H}"
+                f"controls no error; drop {'them' if len(given) > 1 else 'it'}, or set its step "
+                "with solver_options={step_size=H}"
             )
         atol, rtol = settings.get("atol", old.atol), settings.get("rtol", old.rtol)
         self.solver = _solver(method, atol, rtol, options, old.adjoint)
