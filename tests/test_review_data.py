@@ -138,3 +138,54 @@ def test_a_wrong_file_is_named_by_its_path(tmp_path: Path,
     with pytest.raises(ValueError, match="missing key 'x_train'") as info:
         load_dataset("mnist", split_sizes=(5, 3, 4), download=False)
     assert str(folder / "mnist.npz") in str(info.value)
+
+
+def test_only_what_the_user_gave_is_a_one_line_data_error(
+    tiny_data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``run_dataset`` turned every ``ValueError`` raised inside ``load_dataset`` into bad input,
+    so a bug in a reader was printed as "vaeflow: error: ..." without its traceback; and a
+    download's checksum mismatch (a ``RuntimeError``) was a traceback. Now the data package
+    raises ``InputError`` for a wrong file itself, and the CLI prints a ``ChecksumError`` as
+    one line."""
+    import numpy as np
+    from test_cli import tiny_args
+
+    import vaeflow.data.dataset as dataset
+    from vaeflow.checks import InputError
+    from vaeflow.cli import main
+    from vaeflow.data import ChecksumError, get_spec, load_dataset
+
+    def train(data_dir: Path) -> list[str]:
+        return ["train", *tiny_args(data_dir), "--flow", "planar", "--max-steps", "1",
+                "--out", str(tmp_path / f"run-{data_dir.name}")]
+
+    def one_line() -> str:  # after the line that names the run directory
+        lines = capsys.readouterr().err.splitlines()
+        assert len(lines) == 2 and lines[1].startswith("vaeflow: error: "), lines
+        return lines[1]
+
+    wrong = tmp_path / "wrong"
+    wrong.mkdir()
+    np.savez(wrong / get_spec("static_mnist").filename, images=np.zeros(3, np.uint8))
+    with pytest.raises(InputError, match="missing key"):
+        load_dataset("static_mnist", wrong, split_sizes=(5, 3, 4), download=False)
+    assert main(train(wrong)) == 2
+    assert "missing key" in one_line()
+
+    def a_bug(*args: Any, **kwargs: Any) -> None:
+        raise ValueError("a bug in a reader")
+
+    monkeypatch.setattr(dataset, "_read_npz", a_bug)
+    with pytest.raises(ValueError, match="a bug in a reader") as info:
+        main(train(tiny_data_dir))
+    assert not isinstance(info.value, InputError)
+    capsys.readouterr()
+
+    def mismatch(*args: Any, **kwargs: Any) -> None:
+        raise ChecksumError("checksum mismatch for a.gz: expected sha256 0, got 1")
+
+    monkeypatch.setattr(dataset, "_download_dataset", mismatch)
+    assert main(train(tmp_path / "empty")) == 2
+    assert "checksum mismatch" in one_line()

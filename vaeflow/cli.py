@@ -39,7 +39,7 @@ from typing import Any
 from vaeflow import report
 from vaeflow.checks import InputError, check_options, input_errors
 from vaeflow.configs import TrainConfig, presets, resolve
-from vaeflow.data import DATASETS, DataNotFoundError
+from vaeflow.data import DATASETS, ChecksumError, DataNotFoundError
 from vaeflow.flows import FFJORD, FLOWS, flow_hyperparameters
 from vaeflow.nets import ARCHITECTURES
 
@@ -469,7 +469,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         status = int(args.func(args))
         sys.stdout.flush()  # here, not at exit, so that a reader gone away is caught below
         return status
-    except (InputError, FileExistsError, DataNotFoundError) as err:
+    except (InputError, FileExistsError, DataNotFoundError, ChecksumError) as err:
         print(f"vaeflow: error: {err}", file=sys.stderr)
         return 2
     except BrokenPipeError:

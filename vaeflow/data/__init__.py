@@ -35,7 +35,10 @@ or wrong file fails loudly instead of silently changing the benchmark). ``load_d
 the tests do.
 
 A damaged file (cut short by an interrupted copy, emptied, overwritten) raises
-:class:`DataFileError`, a ``ValueError`` that names the file and how to get it again.
+:class:`DataFileError`, a ``ValueError`` that names the file and how to get it again. Every
+error about what the user gave (a name, split sizes, a file's contents) is an
+:class:`~vaeflow.checks.InputError`, which the CLI prints as one line; any other exception from
+here is a bug and keeps its traceback.
 
 The package, one concept per module (each imports only those above it)::
 

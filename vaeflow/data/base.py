@@ -6,6 +6,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from vaeflow.checks import InputError
+
 __all__ = [
     "LIKELIHOODS",
     "SPLITS",
@@ -32,15 +34,15 @@ class ChecksumError(RuntimeError):
     """A downloaded file does not have the published checksum; nothing was kept."""
 
 
-class DataFileError(ValueError):
+class DataFileError(InputError):
     """A data file is damaged (truncated, emptied, overwritten): it cannot be read as an ``.npz``.
 
     The message names the file and how to get it again. A file that reads fine but holds the
-    wrong keys, shapes or values raises a plain ``ValueError`` instead.
+    wrong keys, shapes or values raises a plain :class:`~vaeflow.checks.InputError` instead.
     """
 
 
-class SplitSizeError(ValueError):
+class SplitSizeError(InputError):
     """A data file's array does not have the shape that the split sizes asked for call for (a
     file of other split sizes, or split sizes that it does not hold); other wrong contents
-    (a dtype, a missing key, values out of range) raise a plain ``ValueError``."""
+    (a dtype, a missing key, values out of range) raise a plain ``InputError``."""

@@ -14,7 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from vaeflow.data.base import SPLITS
+from vaeflow.checks import InputError
+from vaeflow.data.base import SPLITS, DataNotFoundError
 
 __all__ = ["caltech", "freyfaces", "mnist", "omniglot", "static_mnist"]
 
@@ -24,7 +25,8 @@ def _loadmat(path: Path) -> dict[str, Any]:
     try:
         import scipy.io
     except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise RuntimeError(
+        # the file cannot be made here: as for no network, say how else to get it
+        raise DataNotFoundError(
             f"converting {path.name} needs SciPy (pip install scipy); alternatively copy a "
             f"prepared .npz into the data directory"
         ) from exc
@@ -55,11 +57,11 @@ def static_mnist(raw: Mapping[str, Path]) -> dict[str, np.ndarray]:
         digits = (text == ord("0")) | (text == ord("1"))
         blank = (text == ord(" ")) | (text == ord("\n")) | (text == ord("\r"))
         if not np.all(digits | blank):
-            raise ValueError(f"{name}: expected only 0/1 separated by spaces and newlines")
+            raise InputError(f"{name}: expected only 0/1 separated by spaces and newlines")
         bits = text[digits] - ord("0")
         n_rows = sum(1 for line in payload.split(b"\n") if line.strip())
         if n_rows == 0 or bits.size != n_rows * 784:
-            raise ValueError(f"{name}: {bits.size} digits on {n_rows} lines, not 784 per line")
+            raise InputError(f"{name}: {bits.size} digits on {n_rows} lines, not 784 per line")
         packed = _pack_rows(bits.reshape(-1, 28, 28))
         out[f"x_{split}"], out[f"shape_{split}"] = packed["x"], packed["shape"]
     return out
@@ -102,7 +104,7 @@ def freyfaces(raw: Mapping[str, Path]) -> dict[str, np.ndarray]:
     ff = np.asarray(_loadmat(raw["frey_rawface.mat"])["ff"])
     if ff.dtype != np.uint8:
         if not (np.all(ff == np.round(ff)) and ff.min() >= 0 and ff.max() <= 255):
-            raise ValueError("frey_rawface.mat: 'ff' does not hold 8-bit grey levels")
+            raise InputError("frey_rawface.mat: 'ff' does not hold 8-bit grey levels")
         ff = ff.astype(np.uint8)
     return {"x": np.ascontiguousarray(ff.T.reshape(-1, 28, 20))}
 
@@ -111,7 +113,7 @@ def _read_idx(path: Path, magic: int) -> np.ndarray:
     """A gzipped big-endian IDX file (the MNIST format) -> uint8 array."""
     data = gzip.decompress(path.read_bytes())
     if int.from_bytes(data[:4], "big") != magic:
-        raise ValueError(f"{path.name}: not an IDX file with magic number {magic}")
+        raise InputError(f"{path.name}: not an IDX file with magic number {magic}")
     ndim = data[3]
     dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims).copy()

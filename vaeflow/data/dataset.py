@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from vaeflow.checks import InputError
 from vaeflow.data.base import SPLITS, DataNotFoundError, SplitSizeError, SplitSizes
 from vaeflow.data.download import _download_dataset, _missing_message
 from vaeflow.data.loader import DeviceLoader
@@ -53,7 +54,7 @@ class Dataset:
     def split(self, split: str) -> Tensor:
         """The tensor of ``split`` ("train", "valid" or "test")."""
         if split not in SPLITS:
-            raise ValueError(f"unknown split {split!r}; valid splits are {', '.join(SPLITS)}")
+            raise InputError(f"unknown split {split!r}; valid splits are {', '.join(SPLITS)}")
         return getattr(self, split)
 
     def loader(
@@ -83,7 +84,7 @@ class Dataset:
 
 def _read_npz(spec: DatasetSpec, path: Path, sizes: SplitSizes) -> list[np.ndarray]:
     """The splits of ``spec``'s file at ``path``; a damaged file raises ``DataFileError``, a
-    wrong one a ``ValueError`` that names it by its path (it may be in a folder the user did
+    wrong one an ``InputError`` that names it by its path (it may be in a folder the user did
     not choose: ``$VAEFLOW_DATA``, the per-user cache)."""
     with open_npz(path, downloadable=bool(spec.sources) and spec.convert is not None) as arrays:
         return spec.read(arrays, str(path), sizes)
@@ -103,13 +104,14 @@ def load_dataset(
     ``download`` is true, else (or when offline) a :class:`DataNotFoundError` says where to get
     it. ``split_sizes``: ``(n_train, n_valid, n_test)``; ``None`` means the protocol sizes of
     ``DATASETS[name]``. The file must hold exactly these (a stored split) or their totals (a
-    split cut here), else a ``ValueError`` names the key and both shapes. A damaged file (cut
-    short, emptied, overwritten) raises :class:`DataFileError`, which says how to get it again.
+    split cut here), else an :class:`~vaeflow.checks.InputError` names the key and both
+    shapes. A damaged file (cut short, emptied, overwritten) raises :class:`DataFileError`,
+    which says how to get it again.
     """
     spec = get_spec(name)
     sizes = spec.split_sizes if split_sizes is None else tuple(int(n) for n in split_sizes)
     if len(sizes) != 3 or min(sizes) < 1:
-        raise ValueError(f"split_sizes must be three positive integers, got {split_sizes!r}")
+        raise InputError(f"split_sizes must be three positive integers, got {split_sizes!r}")
     directory, origin = _resolve_with_origin(data_dir)
     if directory.exists() and not directory.is_dir():
         # else the message would say the file is missing from "the directory" /some/file.npz
@@ -141,7 +143,7 @@ def load_dataset(
             raise
         # a wrong number of rows would otherwise read as a bad file, when the sizes asked for
         # are wrong; a wrong dtype, key or value is the file's, whatever the sizes
-        raise ValueError(
+        raise InputError(
             f"{err}; split_sizes={sizes} was asked for: it gives the sizes of the splits that "
             f"the file holds (a smaller file built the same way), it does not take a subset; "
             f"the protocol's file holds {spec.split_sizes}"

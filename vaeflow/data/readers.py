@@ -3,8 +3,9 @@
 :func:`open_npz` opens a data file with ``allow_pickle=False`` and turns every sign of damage
 (a truncated, emptied or overwritten file, a member that fails to decompress or its CRC check)
 into :class:`~vaeflow.data.base.DataFileError`. Then one reader per data set, named after it,
-``read(arrays, filename, sizes)``, checks keys, dtypes and shapes (a plain ``ValueError`` names
-what is wrong) and returns the three splits as float32 arrays ``[N, 1, H, W]`` in [0, 1].
+``read(arrays, filename, sizes)``, checks keys, dtypes and shapes (an
+:class:`~vaeflow.checks.InputError` names what is wrong) and returns the three splits as
+float32 arrays ``[N, 1, H, W]`` in [0, 1].
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from zipfile import ZipFile
 
 import numpy as np
 
+from vaeflow.checks import InputError
 from vaeflow.data.base import SPLITS, Arrays, DataFileError, SplitSizeError, SplitSizes
 
 __all__ = [
@@ -110,12 +112,12 @@ def open_npz(path: Path, downloadable: bool) -> Iterator[Arrays]:
     A damaged file (truncated, emptied, overwritten, a member that fails to decompress or its
     CRC check) raises :class:`DataFileError` naming ``path`` and how to get it again
     (``downloadable``: whether vaeflow can download it). A file that cannot be opened
-    (permissions) or holds a single ``.npy`` array raises a plain ``ValueError``.
+    (permissions) or holds a single ``.npy`` array raises a plain ``InputError``.
     """
     try:
         f = open(path, "rb")
     except OSError as exc:
-        raise ValueError(f"{path}: not a readable .npz file ({exc})") from exc
+        raise InputError(f"{path}: not a readable .npz file ({exc})") from exc
     with f:
         head = f.read(len(_MAGIC[-1]))
         if not head.startswith(_MAGIC):
@@ -128,7 +130,7 @@ def open_npz(path: Path, downloadable: bool) -> Iterator[Arrays]:
         except Exception as exc:
             raise _damaged(path, _failure(exc), downloadable) from exc
         if not isinstance(npz, Mapping):
-            raise ValueError(f"{path}: expected an .npz archive, found a single .npy array")
+            raise InputError(f"{path}: expected an .npz archive, found a single .npy array")
         with npz:
             yield _CheckedNpz(npz, path, downloadable)
 
@@ -146,13 +148,13 @@ def _require(
     shape: tuple[int, ...],
     what: str = "",
 ) -> np.ndarray:
-    """``arrays[key]`` after checking dtype and shape; a ``ValueError`` names what is wrong.
+    """``arrays[key]`` after checking dtype and shape; an ``InputError`` names what is wrong.
 
     A :class:`DataFileError` from reading a damaged member passes through unchanged.
     """
     described = f" ({what})" if what else ""
     if key not in arrays:
-        raise ValueError(
+        raise InputError(
             f"{filename}: missing key {key!r}{described}, expected shape {shape}; "
             f"the file has keys {sorted(arrays.keys())}"
         )
@@ -161,15 +163,15 @@ def _require(
     except DataFileError:
         raise
     except ValueError as exc:  # e.g. an object array refused because pickling is off
-        raise ValueError(f"{filename}: key {key!r} cannot be read: {exc}") from exc
+        raise InputError(f"{filename}: key {key!r} cannot be read: {exc}") from exc
     if a.dtype.name not in dtypes:
-        raise ValueError(
+        raise InputError(
             f"{filename}: key {key!r} has dtype {a.dtype.name}, expected {' or '.join(dtypes)}"
         )
     if a.shape != shape:
         # only the number of rows follows the split sizes: an image of the wrong size is wrong
         # whatever the sizes were
-        kind = SplitSizeError if a.shape[1:] == shape[1:] and a.ndim > 0 else ValueError
+        kind = SplitSizeError if a.shape[1:] == shape[1:] and a.ndim > 0 else InputError
         raise kind(
             f"{filename}: key {key!r} has shape {a.shape}, expected shape {shape}{described}"
         )
@@ -182,7 +184,7 @@ def _to_unit_float(a: np.ndarray, filename: str, key: str) -> np.ndarray:
         return a.astype(np.float32) / np.float32(255)
     a = a.astype(np.float32)
     if not np.all((a >= 0) & (a <= 1)):  # NaN fails both comparisons
-        raise ValueError(f"{filename}: key {key!r} has values outside [0, 1]")
+        raise InputError(f"{filename}: key {key!r} has values outside [0, 1]")
     return a
 
 
@@ -207,7 +209,7 @@ def _read_packed(arrays: Arrays, filename: str, sizes: SplitSizes) -> list[np.nd
         )
         stated = _require(arrays, filename, f"shape_{split}", _INT_DTYPES, (2,))
         if tuple(int(v) for v in stated) != (n, 784):
-            raise (SplitSizeError if int(stated[1]) == 784 else ValueError)(
+            raise (SplitSizeError if int(stated[1]) == 784 else InputError)(
                 f"{filename}: key 'shape_{split}' holds {stated.tolist()}, expected [{n}, 784] "
                 f"(rows of 784 = 28x28 pixels)"
             )

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vaeflow.checks import InputError
 from vaeflow.data import convert, readers
 from vaeflow.data.base import Arrays, SplitSizes
 from vaeflow.data.sources import SOURCES, Source
@@ -154,8 +155,9 @@ DATASETS: dict[str, DatasetSpec] = {
 
 
 def get_spec(name: str) -> DatasetSpec:
-    """The spec of data set ``name``; an unknown name raises a ``ValueError`` listing them."""
+    """The spec of data set ``name``; an unknown name raises an ``InputError`` (a
+    ``ValueError``) listing them."""
     if name not in DATASETS:
         valid = ", ".join(repr(n) for n in DATASETS)
-        raise ValueError(f"unknown data set {name!r}; valid names are {valid}")
+        raise InputError(f"unknown data set {name!r}; valid names are {valid}")
     return DATASETS[name]
