@@ -35,7 +35,7 @@ from vaeflow.runs import (
     clear_run_files,
     load_model,
     read_config,
-    solver_state,
+    solver_settings,
 )
 from vaeflow.vae import VAE, bits_per_dim, eval_mode
 
@@ -250,7 +250,7 @@ def evaluate(
             "test_nelbo_bpd": bits_per_dim(nelbo, num_dims),
             "test_points": len(test),
             "eval_samples": config.eval_samples,
-            "solver": solver_state(model),
+            "solver": solver_settings(model),
         }
         if out["solver"]:  # a continuous flow's log-density change: how its trace was taken
             out["trace"] = trace

@@ -75,8 +75,10 @@ def solver_text(solver: Sequence[Mapping[str, Any]]) -> str:
         options = entry.get("options") or {}
         if "step_size" in options:
             text = f"{entry['method']} (step_size {options['step_size']:g})"
-        else:
+        elif "atol" in entry:
             text = f"{entry['method']} (atol {entry['atol']:g}, rtol {entry['rtol']:g})"
+        else:  # a fixed-step method on a grid of its own (step_t), no tolerance to name
+            text = entry["method"]
         if text not in words:
             words.append(text)
     return "; ".join(words)

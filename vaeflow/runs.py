@@ -33,6 +33,7 @@ from vaeflow.checks import InputError
 from vaeflow.configs import TrainConfig
 from vaeflow.flows import FLOWS
 from vaeflow.model import build_model
+from vaeflow.ode import ADAPTIVE_SOLVERS
 from vaeflow.vae import VAE
 
 __all__ = [
@@ -53,6 +54,7 @@ __all__ = [
     "load_model",
     "load_state",
     "read_config",
+    "solver_settings",
     "solver_state",
 ]
 
@@ -441,6 +443,18 @@ def solver_state(model: torch.nn.Module) -> list[dict[str, Any]]:
     return [
         dict(v) for k, v in model.state_dict().items()
         if k.endswith("_extra_state") and isinstance(v, dict) and "atol" in v
+    ]
+
+
+def solver_settings(model: torch.nn.Module) -> list[dict[str, Any]]:
+    """The solver settings that the model's solves use, as a run's figures record them: those
+    of :func:`solver_state` less ``atol`` and ``rtol`` for a fixed-step method, which keeps
+    them for a later adaptive solve but does not use them (a record of "rk4, atol 1e-05"
+    would say that a tolerance shaped the figure)."""
+    return [
+        s if s["method"] in ADAPTIVE_SOLVERS
+        else {k: v for k, v in s.items() if k not in ("atol", "rtol")}
+        for s in solver_state(model)
     ]
 
 
