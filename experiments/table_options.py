@@ -35,6 +35,7 @@ __all__ = [
     "flow_opts_by_flow",
     "parse_items",
     "parse_seeds",
+    "seeds_argument",
     "table_command",
 ]
 
@@ -163,6 +164,16 @@ def parse_seeds(tokens: Sequence[str]) -> list[int]:
     return values
 
 
+def seeds_argument(seeds: Sequence[int]) -> str:
+    """The ``--seeds`` value that :func:`parse_seeds` reads back as ``seeds``: a count for
+    ``0 .. n-1``, else a list; one seed ``k`` is ``k,`` (a bare ``k`` is a count, seeds 0 to
+    k-1)."""
+    seeds = list(seeds)
+    if seeds == list(range(len(seeds))):
+        return str(len(seeds))
+    return ",".join(map(str, seeds)) + ("," if len(seeds) == 1 else "")
+
+
 def parse_items(items: Sequence[str], option: str) -> dict[str, Any]:
     """``KEY=VALUE`` items -> ``{KEY: VALUE}``, read exactly as ``vaeflow train`` reads them
     (:func:`vaeflow.cli.parse_pairs`), so that the table resolves a cell's config as the
@@ -233,8 +244,7 @@ def table_command(
     if list(options.flows) != list(TABLE_FLOWS):
         parts += ["--flows", *options.flows]
     seeds = options.seed_list if options.seeds is not None else inv.get("seeds", options.seed_list)
-    parts += ["--seeds", str(len(seeds)) if seeds == list(range(len(seeds))) else
-              ",".join(map(str, seeds))]
+    parts += ["--seeds", seeds_argument(seeds)]
     if minutes is not None:
         parts += ["--budget-minutes", f"{minutes:g}"]
     if epochs is not None:
