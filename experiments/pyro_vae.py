@@ -36,10 +36,12 @@ from torch.utils.tensorboard import SummaryWriter
 
 from vaeflow.checks import (
     check_choice,
+    check_device_name,
     check_int,
     check_number,
     check_options,
     check_positive_int,
+    resolve_device,
 )
 from vaeflow.cli import parse_value
 from vaeflow.data import DataFileError, DataNotFoundError, Dataset, load_dataset
@@ -85,6 +87,7 @@ class Config:
             check_int(name, getattr(self, name), minimum=0)
         check_number("lr", self.lr, positive=True)
         check_number("clip_norm", self.clip_norm, positive=True)
+        check_device_name(self.device)  # its spelling; whether it is here, when a run starts
         # read as `vaeflow train --flow-opt` reads them: `none`, lists and tables by the
         # hyperparameter's annotation
         self.flow_kw = check_options(self.flow_kw, [FLOWS[self.flow]], "--flow-opt ")
@@ -193,9 +196,7 @@ def run(config: Config, data: Dataset | None = None, verbose: bool = True) -> di
         last steps (``first_loss``, ``last_loss``, and means over the first and last
         ``log_every`` steps), ``test_nelbo``, ``eval_size``, wall times, and the config.
     """
-    device = torch.device(config.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for but torch sees no CUDA device")
+    device = resolve_device(config.device)
     if config.threads:
         torch.set_num_threads(config.threads)
     pyro.set_rng_seed(config.seed)
@@ -285,7 +286,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
     p.add_argument("--batch-size", type=int, default=defaults.batch_size)
     p.add_argument("--lr", type=float, default=defaults.lr)
     p.add_argument("--data-dir", default=None, help="default: $VAEFLOW_DATA, else the cache")
-    p.add_argument("--device", default=defaults.device, help="cpu or cuda (or cuda:N)")
+    p.add_argument("--device", default=defaults.device,
+                   help="cpu, cuda, cuda:N or auto (CUDA when there is one)")
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--eval-size", type=int, default=defaults.eval_size, help="test points")
     p.add_argument("--out", default=defaults.out, help="run directory (TensorBoard, results)")
@@ -325,6 +327,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
     overwrite = args.pop("overwrite")
     try:
         config = Config(**args)
+        resolve_device(config.device)  # a device this machine lacks is refused now too
         # the flow is built once here, on no device, so a bad hyperparameter is refused now
         with torch.device("meta"), torch.random.fork_rng(devices=[]):
             make_flow(config.flow, config.latent_dim, config.context_dim,

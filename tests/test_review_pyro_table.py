@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import shlex
 
+import pyro_vae
 import pytest
 import table
 import table_options
+import torch
 
 
 def seeds_of_command(command: str) -> list[int]:
@@ -33,3 +35,24 @@ def test_a_printed_table_command_runs_the_seeds_of_the_grid(seeds: list[int]) ->
     invocation = {"seeds": seeds, "budget_minutes": 5.0}
     command = table_options.table_command(report_only, ["caltech"], False, invocation)
     assert seeds_of_command(command) == seeds, command
+
+
+# --------------------------------------------------------------------------------------------
+# experiments/pyro_vae.py
+
+
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [("nope", "invalid device 'nope'"), ("cuda:7", "device 'cuda:7' asked for")],
+)
+def test_the_pyro_experiment_refuses_a_bad_device_on_entry(
+    device: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # It ended in a RuntimeError traceback from torch.device (or from run(), for CUDA on a
+    # machine without it) after parsing; now an argparse error, as for every other option.
+    if device.startswith("cuda") and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+    with pytest.raises(SystemExit) as exit_info:
+        pyro_vae.parse_args(["--device", device, "--out", "unused"])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
