@@ -34,6 +34,9 @@ vectorize_particles=True)``) work: ``h [B, H]`` is broadcast against ``z [..., B
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Callable
+
 import pyro.distributions as dist
 from pyro.distributions.conditional import ConditionalTransformModule
 from torch import Tensor
@@ -52,9 +55,11 @@ class FlowTransform(Transform):
 
     The last forward or inverse call is remembered as ``(z0, zK, logdet)``, keyed by tensor
     identity, whatever ``cache_size`` is: ``inverse(zK)`` and ``log_abs_det_jacobian(z0, zK)``
-    of that pair are answered from memory, and so is a forward call on ``z0`` again while the
-    flow's parameters are unchanged. ``cache_size=1`` also keeps torch's own cache of the last
-    call (which does not look at the parameters).
+    of that pair are answered from memory, and so is a forward call on ``z0`` again, until the
+    flow's parameters change or a backward pass goes through that call (an optimizer step
+    may follow it). ``cache_size=1`` also keeps torch's own cache of the last call, which the
+    backward pass ends too. So a transform built once and scored on the same data every step
+    computes afresh each step.
 
     Args:
         flow: the flow, ``flow(z0 [N, D], h [N, H]) -> (zK [N, D], logdet [N])``.
@@ -121,9 +126,35 @@ class FlowTransform(Transform):
         flat, h = self._flat(z0)
         zK, logdet = self.flow(flat, h)
         zK = zK.reshape(z0.shape)
-        self._last = (z0, zK, logdet.reshape(z0.shape[:-1]))
-        self._last_stamp = self._stamp()
+        self._remember(z0, zK, logdet.reshape(z0.shape[:-1]), output=zK)
         return zK
+
+    def _remember(self, z0: Tensor, zK: Tensor, logdet: Tensor, output: Tensor) -> None:
+        """Keep one call, ``z0, zK [..., B, D]`` and ``logdet [..., B]``, until the flow's
+        parameters change or a backward pass goes through the call (through ``logdet`` or
+        ``output``, the call's image: ``zK`` forward, ``z0`` inverse; not through the value
+        the caller gave).
+
+        The parameters' versions do not see every update: ``pyro.optim.ClippedAdam`` writes
+        ``p.data``, which bumps no version counter, and torch's cache looks at no parameter. The
+        backward pass that must come before any step does: it ends both memories, so that a
+        value scored again after the step is not answered with the old parameters' figures (and
+        their freed graph).
+        """
+        self._last = entry = (z0, zK, logdet)
+        self._last_stamp = self._stamp()
+        forget = _forgetter(weakref.ref(self), entry)
+        for tensor in (output, logdet):
+            if tensor.requires_grad:
+                tensor.register_hook(forget)
+
+    def _forget(self, entry: tuple[Tensor, Tensor, Tensor]) -> None:
+        """Drop the remembered call ``entry`` and torch's cache of it, unless a later call has
+        taken its place."""
+        if self._last is entry:
+            self._last = None
+            if self._cache_size:
+                self._cached_x_y = None, None
 
     def _stamp(self) -> tuple[int, ...]:
         """The flow's parameters' versions (each in-place update bumps its tensor's)."""
@@ -141,8 +172,7 @@ class FlowTransform(Transform):
         except NotImplementedError as err:
             raise NotImplementedError(self._no_inverse_message()) from err
         z0 = z0.reshape(zK.shape)
-        self._last = (z0, zK, logdet.reshape(zK.shape[:-1]))
-        self._last_stamp = self._stamp()
+        self._remember(z0, zK, logdet.reshape(zK.shape[:-1]), output=z0)
         return z0
 
     def _no_inverse_message(self) -> str:
@@ -171,6 +201,20 @@ class FlowTransform(Transform):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({type(self.flow).__name__}, cache_size={self._cache_size})"
+
+
+def _forgetter(
+    ref: weakref.ref[FlowTransform], entry: tuple[Tensor, Tensor, Tensor]
+) -> Callable[[Tensor], None]:
+    """A tensor hook that makes the transform behind ``ref`` (a weak reference: the hook must
+    not keep it alive) forget its call ``entry``, the gradient left as it is."""
+
+    def hook(grad: Tensor) -> None:
+        transform = ref()
+        if transform is not None:
+            transform._forget(entry)
+
+    return hook
 
 
 class ConditionalFlowTransform(ConditionalTransformModule):
