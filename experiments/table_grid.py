@@ -350,6 +350,7 @@ def record_invocation(options: TableOptions, plan: Plan, placement: Placement) -
             "seeds": options.seed_list,
             "sets": options.sets,
             "flow_opts": options.flow_opts,
+            "on_mismatch": options.on_mismatch,
             "jobs": [job.name for job in plan.jobs],
         }
     )

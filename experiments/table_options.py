@@ -223,14 +223,16 @@ def table_command(
 ) -> str:
     """The ``experiments/table.py`` command that runs ``datasets`` with ``options``' grid.
 
-    Without a budget in ``options`` (``--report-only``), the budget and placement of the last
-    ``invocation`` that ran cells are used, else ``REPORT_BUDGET_MINUTES``.
+    Without a budget in ``options`` (``--report-only``), the budget, placement, settings and
+    ``--on-mismatch`` of the last ``invocation`` that ran cells are used, else
+    ``REPORT_BUDGET_MINUTES``.
     """
     inv = invocation or {}
     minutes, epochs, smoke = options.budget_minutes, options.max_epochs, options.smoke
     devices, parallel, per_device = options.devices, options.parallel, options.per_device
     stop_after = options.stop_after_minutes
     sets, flow_opts = list(options.sets), list(options.flow_opts)
+    on_mismatch = options.on_mismatch
     if minutes is None and epochs is None and not smoke:
         minutes, epochs, smoke = inv.get("budget_minutes"), inv.get("max_epochs"), inv.get("smoke")
         devices = inv.get("devices", devices)
@@ -238,6 +240,7 @@ def table_command(
         stop_after = inv.get("stop_after_minutes", stop_after)
         sets = sets or list(inv.get("sets", []))
         flow_opts = flow_opts or list(inv.get("flow_opts", []))
+        on_mismatch = inv.get("on_mismatch", on_mismatch)
         if minutes is None and epochs is None and not smoke:
             minutes = REPORT_BUDGET_MINUTES
     parts = shlex.split(SCRIPT) + ["--datasets", *datasets]
@@ -269,6 +272,9 @@ def table_command(
         parts += ["--set", item]
     for item in flow_opts:
         parts += ["--flow-opt", item]
+    if on_mismatch != "error":
+        # without it, the cells kept (or trained afresh) with other settings stop the command
+        parts += ["--on-mismatch", on_mismatch]
     if download:
         parts += ["--download"]
     return shlex.join(parts)

@@ -7,12 +7,15 @@ parser, and the Pyro checks use tiny flows on tensors made here.
 from __future__ import annotations
 
 import shlex
+from pathlib import Path
 
 import pyro.distributions as dist
 import pyro_vae
 import pytest
 import table
+import table_grid
 import table_options
+import table_report
 import torch
 from pyro.optim.clipped_adam import ClippedAdam
 
@@ -20,12 +23,17 @@ from vaeflow.flows import make_flow
 from vaeflow.pyro import ConditionalFlowTransform
 
 
-def seeds_of_command(command: str) -> list[int]:
-    """The seeds that a printed ``experiments/table.py`` command runs, read by the table's own
+def options_of_command(command: str) -> table_options.TableOptions:
+    """What a printed ``experiments/table.py`` command asks for, read by the table's own
     parser."""
     argv = shlex.split(command)
     assert argv[:2] == ["python", "experiments/table.py"], command
-    return table.options_from_args(argv[2:]).seed_list
+    return table.options_from_args(argv[2:])
+
+
+def seeds_of_command(command: str) -> list[int]:
+    """The seeds that a printed ``experiments/table.py`` command runs."""
+    return options_of_command(command).seed_list
 
 
 @pytest.mark.parametrize("seeds", [[0], [4], [0, 1, 2], [1, 2], [2, 0], [7, 3, 5]])
@@ -107,3 +115,21 @@ def test_a_transform_kept_across_steps_scores_with_the_new_parameters(
     for stepped, fresh in losses:
         assert stepped == pytest.approx(fresh, rel=1e-10)
     assert losses[-1][0] != losses[0][0]  # the steps changed the flow
+
+
+def test_a_printed_table_command_keeps_the_grids_on_mismatch(tmp_path: Path) -> None:
+    # A grid run with --on-mismatch keep reports its unfinished cells with "the grid's command
+    # resumes them": that command had no --on-mismatch, so it stopped on the kept cells.
+    options = table.options_from_args(
+        ["--budget-minutes", "5", "--on-mismatch", "keep", "--runs-dir", str(tmp_path)]
+    )
+    command = table_options.table_command(options, ["caltech"], download=False)
+    assert options_of_command(command).on_mismatch == "keep", command
+    # --report-only takes it from the record of the call that ran cells
+    table_grid.record_invocation(options, table_grid.Plan(), options.placement())
+    report_only = table.options_from_args(["--report-only", "--runs-dir", str(tmp_path)])
+    invocation = table_report.last_invocation(tmp_path)
+    command = table_options.table_command(report_only, ["caltech"], False, invocation)
+    assert options_of_command(command).on_mismatch == "keep", command
+    default = table.options_from_args(["--budget-minutes", "5"])
+    assert "--on-mismatch" not in table_options.table_command(default, ["caltech"], False)
