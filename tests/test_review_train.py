@@ -95,3 +95,45 @@ def test_a_resume_from_the_start_checkpoint_drops_the_killed_session_s_events(
         return [e.step for e in events.Scalars("train/loss")]
 
     assert steps(tmp_path / "b") == steps(tmp_path / "a") == [3, 6, 9, 10, 13, 15]
+
+
+def test_a_start_stopped_before_its_first_checkpoint_can_be_started_again(
+    tiny_data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A start stopped between writing config.json and its step-0 checkpoint (a grid's Ctrl-C
+    # as its cells start, a kill -9) left config.json and history.json: the same command was
+    # then refused ("already holds files; it is not a run that can be resumed"), and so was
+    # --resume, for a folder in which nothing had been trained.
+    from vaeflow.runs import RunError
+
+    config = tiny_config(tiny_data_dir, max_steps=2)
+
+    def stopped(self: Any) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod._Trainer, "save", stopped)
+    created = tmp_path / "created"
+    with pytest.raises(KeyboardInterrupt):
+        train(config, created, progress=False)
+    assert not created.exists()  # the folder it made goes with it, as for any failed start
+    given = tmp_path / "given"
+    given.mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        train(config, given, progress=False)
+    # a kill -9 mid-write leaves the temporary file of the checkpoint, too
+    (given / ".checkpoint.pt.k3j9.tmp").write_bytes(b"half")
+    assert sorted(p.name for p in given.iterdir()) == [
+        ".checkpoint.pt.k3j9.tmp", ".lock", "config.json", "history.json"]
+    monkeypatch.undo()
+    with pytest.raises(RunError, match="stopped before the first checkpoint.pt, so nothing was "
+                                       "trained; run the command that started it again"):
+        train(resume=given, progress=False)
+    assert train(config, given, progress=False)["steps"] == 2
+    assert not (given / ".checkpoint.pt.k3j9.tmp").exists()
+
+    # a folder of one's own with a config.json in it is not such a start: still refused
+    own = tmp_path / "own"
+    own.mkdir()
+    (own / "config.json").write_text("{}")
+    with pytest.raises(RunError, match="already holds files"):
+        train(config, own, progress=False)

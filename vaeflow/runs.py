@@ -56,6 +56,7 @@ __all__ = [
     "read_config",
     "solver_settings",
     "solver_state",
+    "stopped_before_training",
 ]
 
 CHECKPOINT = "checkpoint.pt"
@@ -278,13 +279,14 @@ class RunLock:
 def check_new_run_dir(run_dir: str | os.PathLike[str], overwrite: bool) -> None:
     """Refuse to start a run in a folder that already holds something, unless ``overwrite``:
     only an absent or empty folder is a new run (a finished run whose checkpoint was deleted
-    still holds its results)."""
+    still holds its results), or one where a start was killed before its first checkpoint
+    (nothing was trained there; the same command, run again, goes on)."""
     directory = Path(run_dir)
     if directory.exists() and not directory.is_dir():
         raise RunError(f"--out {directory} is a file, not a folder")
     contents = sorted(p.name for p in directory.iterdir() if p.name != LOCK) if (
         directory.is_dir()) else []
-    if not contents or overwrite:
+    if not contents or overwrite or stopped_before_training(directory):
         return
     if (directory / LOCK).is_file():
         # A run that is training now: say so (its --resume would be refused as in use too).
@@ -312,14 +314,38 @@ def clear_run_files(run_dir: str | os.PathLike[str]) -> None:
         path.unlink(missing_ok=True)
 
 
+def _partial_write(name: str) -> bool:
+    """Whether ``name`` is the temporary file of an atomic write of a run file."""
+    if not (name.startswith(".") and name.endswith(".tmp")):
+        return False
+    target = name[1:].rsplit(".", 2)[0]  # ".best.pt.k3j9.tmp" -> "best.pt"
+    return target in RUN_FILES or target.endswith(".png")
+
+
+def stopped_before_training(run_dir: str | os.PathLike[str]) -> bool:
+    """Whether ``run_dir`` is a start stopped before its step-0 checkpoint (``kill -9``, a
+    grid's Ctrl-C as its cells start): it holds the empty ``history.json`` that a start writes
+    first, perhaps its ``config.json``, temporary files and the lock, nothing else."""
+    directory = Path(run_dir)
+    if not directory.is_dir():
+        return False
+    contents = [p.name for p in directory.iterdir()]
+    if HISTORY not in contents or not all(
+        name in (HISTORY, CONFIG, LOCK) or _partial_write(name) for name in contents
+    ):
+        return False
+    try:
+        return json.loads((directory / HISTORY).read_text()) == []
+    except (OSError, ValueError):
+        return False
+
+
 def remove_partial_writes(run_dir: str | os.PathLike[str]) -> None:
     """Delete the temporary files of writes that a killed process left (``kill -9`` inside an
     atomic write: ``.checkpoint.pt.XXXX.tmp``, a checkpoint's size each); call it holding the
     run's lock, so that no live writer owns them. Only the temporaries of run files go."""
-    directory = Path(run_dir)
-    for path in directory.glob(".*.tmp"):
-        target = path.name[1:].rsplit(".", 2)[0]  # ".best.pt.k3j9.tmp" -> "best.pt"
-        if target in RUN_FILES or target.endswith(".png"):
+    for path in Path(run_dir).glob(".*.tmp"):
+        if _partial_write(path.name):
             path.unlink(missing_ok=True)
 
 

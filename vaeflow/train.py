@@ -94,6 +94,7 @@ from vaeflow.runs import (
     read_config,
     remove_partial_writes,
     solver_state,
+    stopped_before_training,
 )
 from vaeflow.vae import VAE
 
@@ -883,18 +884,21 @@ def train(
                         trainer.restore(trainer.load_checkpoint())
                         trainer.check_budget(changes)  # before it is written down
                     trainer.replicate()
+                    if world.is_main and (resume is None or changes):
+                        if resume is None:
+                            clear_run_files(directory)  # --overwrite: only now, all checked
+                            Run(directory).write_history([])
+                        Run(directory).write_config(cfg)
+                    if resume is None:
+                        trainer.save()  # step 0: a kill before the first epoch ends resumes here
                 except BaseException:
-                    if created:  # a start that failed leaves nothing behind
+                    # A start that failed before its first checkpoint (a Ctrl-C too) leaves
+                    # nothing behind; in a folder it did not create, what it wrote is what
+                    # check_new_run_dir lets the same command take over.
+                    if created:
                         shutil.rmtree(directory, ignore_errors=True)
                     raise
-                if world.is_main and (resume is None or changes):
-                    if resume is None:
-                        clear_run_files(directory)  # --overwrite: only now that all was checked
-                        Run(directory).write_history([])
-                    Run(directory).write_config(cfg)
-                if resume is None:
-                    trainer.save()  # step 0: a kill before the first epoch ends resumes from here
-                else:
+                if resume is not None:
                     trainer.reopen()
                     logger.info("resumed %s at epoch %d, step %d", directory, trainer.state.epoch,
                                 trainer.state.step)
@@ -951,6 +955,11 @@ def _claim(
         directory = Path(resume)
         config = read_config(directory)
         if not (directory / CHECKPOINT).is_file():
+            if stopped_before_training(directory):
+                raise RunError(
+                    f"cannot resume {directory}: its start was stopped before the first "
+                    f"{CHECKPOINT}, so nothing was trained; run the command that started it again"
+                )
             raise RunError(f"cannot resume {directory}: it holds no {CHECKPOINT}")
         if changes:
             # Restating a run's own value (``--lr 0.001`` on a run of lr 0.001) changes nothing,
