@@ -226,10 +226,14 @@ def uses_static_solver(config: SolverConfig) -> bool:
 def _static_grid(t0: float, t1: float, step_size: float, dtype: torch.dtype) -> list[Tensor]:
     """torchdiffeq's grid for ``step_size`` on ``[t0, t1]`` (``t0 < t1``), the last step cut
     short to end at ``t1``: 0-d tensors of ``dtype`` on the host, so reading them is free."""
-    start = torch.tensor(t0, dtype=dtype)
-    end = torch.tensor(t1, dtype=dtype)
+    # On the CPU by name: under a default-device context (``with torch.device("cuda")``, as a
+    # model is built for a run) they would land there, and the .item() below would synchronise
+    # (on the meta device, fail) in every solve.
+    host = torch.device("cpu")
+    start = torch.tensor(t0, dtype=dtype, device=host)
+    end = torch.tensor(t1, dtype=dtype, device=host)
     niters = torch.ceil((end - start) / step_size + 1).item()
-    grid = torch.arange(0, niters, dtype=dtype) * step_size + start
+    grid = torch.arange(0, niters, dtype=dtype, device=host) * step_size + start
     grid[-1] = end
     return list(grid.unbind())
 

@@ -1,0 +1,22 @@
+"""Review of the flows, the ODE solve, the VAE terms, the likelihoods and the networks: each test
+here failed before the fix it names, or covers a case the other flow tests leave out."""
+
+from __future__ import annotations
+
+import torch
+
+from vaeflow.flows import FFJORD
+
+RK4 = dict(method="rk4", solver_options={"step_size": 0.25})
+
+
+def test_a_fixed_step_solve_keeps_its_grid_on_the_host_under_a_default_device() -> None:
+    """Under ``with torch.device(...)`` (how a run builds its model) the fixed-step grid was made
+    on that device: its ``.item()`` synchronised a GPU in every solve and failed on meta."""
+    with torch.device("meta"):
+        flow = FFJORD(3, 2, hidden_dims=(8,), rank=2, **RK4).train()
+        z0, h = torch.randn(4, 3, requires_grad=True), torch.randn(4, 2)
+        zK, logdet = flow(z0, h)  # any host read of a meta tensor raises
+        (zK.sum() + logdet.sum()).backward()
+    assert zK.device.type == "meta" and logdet.shape == (4,)
+    assert flow.nfe_forward == 4 * 4  # 4 steps of 4 stages: the grid of step_size 0.25
