@@ -7,6 +7,7 @@ zK, logdet = flow(z0, h)          # z0 [B, 64], h [B, 256] -> zK [B, 64], logdet
 
 from __future__ import annotations
 
+import inspect
 import re
 
 from .base import ContextHead, Flow, Identity, Sequential, use_solver
@@ -49,23 +50,33 @@ def register_flow(name: str, cls: type[Flow]) -> type[Flow]:
     return cls
 
 
-def flow_hyperparameters(name: str) -> dict[str, object]:
-    """The hyperparameters of the flow registered as ``name`` and their defaults, in the order
-    of its constructor (``dim`` and ``context_dim`` aside: the model sets them)."""
-    import inspect
-
+def _constructor_parameters(name: str) -> tuple[list[inspect.Parameter], bool]:
+    """The named hyperparameters of the constructor of the flow registered as ``name``
+    (``dim`` and ``context_dim`` aside: the model sets them), and whether it also takes
+    ``**kwargs`` (a flow that hands its options on, e.g. a subclass of a built-in one)."""
     if name not in FLOWS:
         raise ValueError(f"unknown flow {name!r}; valid flows are {', '.join(FLOWS)}")
     fixed = ("self", "dim", "context_dim")
     params = inspect.signature(FLOWS[name].__init__).parameters.values()
-    return {p.name: p.default for p in params if p.name not in fixed}
+    variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    named = [p for p in params if p.name not in fixed and p.kind not in variadic]
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+    return named, takes_any
+
+
+def flow_hyperparameters(name: str) -> dict[str, object]:
+    """The hyperparameters of the flow registered as ``name`` and their defaults, in the order
+    of its constructor (``dim`` and ``context_dim`` aside: the model sets them)."""
+    return {p.name: p.default for p in _constructor_parameters(name)[0]}
 
 
 def check_hyperparameters(name: str, hyperparameters: dict[str, object]) -> None:
     """Raise a ``ValueError`` for an unknown flow ``name`` or a hyperparameter that its
-    constructor does not take, listing the valid ones (builds nothing)."""
-    valid = list(flow_hyperparameters(name))
-    unknown = sorted(set(hyperparameters) - set(valid))
+    constructor does not take, listing the valid ones (builds nothing). A constructor with
+    ``**kwargs`` takes any name here: it is the one to refuse what it does not know."""
+    named, takes_any = _constructor_parameters(name)
+    valid = [p.name for p in named]
+    unknown = [] if takes_any else sorted(set(hyperparameters) - set(valid))
     if unknown:
         raise ValueError(
             f"unknown hyperparameter(s) {', '.join(map(repr, unknown))} for flow {name!r}; "
