@@ -7,8 +7,18 @@ import warnings
 
 import pytest
 import torch
+from torch import Tensor, nn
 
-from vaeflow.flows import FFJORD, FLOWS, Planar, check_flow, flow_hyperparameters, make_flow
+from vaeflow.flows import (
+    FFJORD,
+    FLOWS,
+    ContextHead,
+    Flow,
+    Planar,
+    check_flow,
+    flow_hyperparameters,
+    make_flow,
+)
 
 RK4 = dict(method="rk4", solver_options={"step_size": 0.25})
 
@@ -92,3 +102,32 @@ def test_fused_hutchinson_is_the_autograd_estimate_for_the_same_noise() -> None:
     torch.testing.assert_close(ld_f, ld_a)
     for key in reg_a:
         torch.testing.assert_close(reg_f[key], reg_a[key])
+
+
+class _ScaledAffine(Flow):
+    """``zK = z0 exp(a(h) + s) + b(h)`` with a learned scalar ``s``: ``logdet = sum(a) + D s``."""
+
+    has_inverse = True
+
+    def __init__(self, dim: int, context_dim: int, log_scale: float = 0.0) -> None:
+        super().__init__(dim, context_dim)
+        self.head = ContextHead(context_dim, {"a": (dim,), "b": (dim,)})
+        self.log_scale = nn.Parameter(torch.tensor(log_scale))
+
+    def _forward(self, z0: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+        p = self.head(h)
+        a = p["a"] + self.log_scale
+        return z0 * a.exp() + p["b"], a.sum(-1)
+
+    def _inverse(self, zK: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+        p = self.head(h)
+        a = p["a"] + self.log_scale
+        return (zK - p["b"]) * (-a).exp(), a.sum(-1)
+
+
+@pytest.mark.parametrize("log_scale", [0.0, 0.5])
+def test_check_flow_takes_a_flow_with_a_scalar_parameter(log_scale: float) -> None:
+    """Its perturbation drew ``randn(*())``, a TypeError, for any 0-d parameter (and the zero
+    one's fallback scale read ``shape[-1]`` of no shape)."""
+    torch.manual_seed(0)
+    check_flow(_ScaledAffine(3, 2, log_scale))

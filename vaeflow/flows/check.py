@@ -47,9 +47,9 @@ def check_flow(
       ``NotImplementedError`` where not.
 
     ``perturb`` adds Gaussian noise of that many times each parameter's root mean square (of
-    ``1 / sqrt(n)``, ``n`` its last size, where it is all zeros) to the copy's parameters
-    first, so that a flow initialised at the identity (zero heads) is checked away from it,
-    where a wrong log-determinant shows; 0 checks it as it is.
+    ``1 / sqrt(n)``, ``n`` its last size, where it is all zeros; of 1 for a zero scalar) to the
+    copy's parameters first, so that a flow initialised at the identity (zero heads) is checked
+    away from it, where a wrong log-determinant shows; 0 checks it as it is.
     :class:`~vaeflow.flows.Identity` (``none``) is checked for shapes and values only.
 
     Raises:
@@ -64,13 +64,16 @@ def check_flow(
     g = torch.Generator().manual_seed(seed)
 
     def draw(*shape: int) -> Tensor:
-        return torch.randn(*shape, generator=g, dtype=torch.float64)
+        # the size as one tuple: randn() of no sizes (a scalar parameter's) is a TypeError
+        return torch.randn(shape, generator=g, dtype=torch.float64)
 
     with torch.no_grad():
         for p in flow.parameters():
-            # noise on each parameter's own scale; a zero one (an identity head) gets 1/sqrt(n)
+            # noise on each parameter's own scale; a zero one (an identity head) gets 1/sqrt(n),
+            # and a zero scalar (a learned log-scale that starts at 0) gets 1
             scale = float(p.pow(2).mean().sqrt()) if p.numel() else 0.0
-            p.add_(perturb * (scale or p.shape[-1] ** -0.5) * draw(*p.shape))
+            fallback = p.shape[-1] ** -0.5 if p.dim() else 1.0
+            p.add_(perturb * (scale or fallback) * draw(*p.shape))
     name = type(flow).__name__
     z0, h = draw(batch, flow.dim), draw(batch, flow.context_dim)
     for rows in (batch, 1):
