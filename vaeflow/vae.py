@@ -259,8 +259,9 @@ class VAE(nn.Module):
             n_samples: K, importance samples per datum.
             batch_size: the most rows (samples x data points) sent through the flow and decoder
                 at once: ``max(1, batch_size // B)`` samples per datum per chunk. With one datum
-                at a time (B = 1) this is "``batch_size`` samples per datum". Memory stays
-                bounded by ``batch_size`` whatever B is; the answer does not depend on it.
+                at a time (B = 1) this is "``batch_size`` samples per datum". For B above
+                ``batch_size`` a chunk is still one sample of every datum, B rows: split x to
+                bound memory further. The answer does not depend on it.
 
         Returns:
             ``[B]``, detached: it is an evaluation quantity and each chunk's graph is freed.
