@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from bench_variants import VARIANTS
 
-from vaeflow.runs import git_commit
+from vaeflow.provenance import git_commit
 
 __all__ = ["REPORTED", "Result", "environment", "merge_rounds", "write_report"]
 

@@ -51,7 +51,8 @@ from gpu_table import (
 )
 
 from vaeflow.checks import InputError, check_choice, check_number
-from vaeflow.runs import Run, atomic_write_json, git_commit
+from vaeflow.provenance import git_commit
+from vaeflow.runs import Run, atomic_write_json
 
 __all__ = ["STAGES", "main"]
 

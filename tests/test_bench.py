@@ -13,7 +13,7 @@ import bench_variants
 import pytest
 import torch
 
-from vaeflow import runs
+from vaeflow import provenance
 from vaeflow.flows import FLOWS
 from vaeflow.graphs import graph_unavailable
 
@@ -225,12 +225,12 @@ def test_git_commit_reports_dirty_and_falls_back(monkeypatch) -> None:
         return Done(next(v for k, v in answers.items() if k in cmd))
 
     monkeypatch.setattr(subprocess, "run", fake_run)
-    assert runs.git_commit() == "abc1234+dirty"
+    assert provenance.git_commit() == "abc1234+dirty"
     answers["status"] = ""
-    assert runs.git_commit() == "abc1234"
+    assert provenance.git_commit() == "abc1234"
 
     def no_git(cmd, **kwargs):
         raise FileNotFoundError("git")
 
     monkeypatch.setattr(subprocess, "run", no_git)
-    assert runs.git_commit() == "unknown"
+    assert provenance.git_commit() == "unknown"

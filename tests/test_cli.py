@@ -395,7 +395,7 @@ def test_a_fatal_signal_in_the_console_script_shows_where_python_was(
 
 def test_version_names_the_code_for_a_bug_report(capsys: pytest.CaptureFixture[str]) -> None:
     import vaeflow
-    from vaeflow.runs import git_commit
+    from vaeflow.provenance import git_commit
 
     with pytest.raises(SystemExit) as exit_:
         main(["--version"])

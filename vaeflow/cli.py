@@ -302,7 +302,7 @@ def _version() -> str:
     import torch
 
     from vaeflow import __version__
-    from vaeflow.runs import git_commit
+    from vaeflow.provenance import git_commit
 
     cuda = f", CUDA {torch.version.cuda}" if torch.version.cuda else ", CPU build"
     return (f"vaeflow {__version__} (commit {git_commit()}), torch {torch.__version__}{cuda}, "

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -49,7 +48,6 @@ __all__ = [
     "atomic_save",
     "atomic_write_json",
     "find_runs",
-    "git_commit",
     "load_checkpoint",
     "load_model",
     "load_state",
@@ -482,24 +480,3 @@ def solver_settings(model: torch.nn.Module) -> list[dict[str, Any]]:
         else {k: v for k, v in s.items() if k not in ("atol", "rtol")}
         for s in solver_state(model)
     ]
-
-
-
-def git_commit(repo: str | os.PathLike[str] | None = None) -> str:
-    """``git rev-parse --short HEAD`` of ``repo`` (default: this package's checkout), with
-    ``+dirty`` when tracked files have changed; ``"unknown"`` where git or the checkout is
-    missing (an installed wheel). ``--no-optional-locks`` keeps the query from writing to the
-    repository."""
-    cwd = Path(repo) if repo is not None else Path(__file__).resolve().parent.parent
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=cwd, capture_output=True, text=True, timeout=10, check=True,
-        ).stdout.strip()
-        status = subprocess.run(
-            ["git", "--no-optional-locks", "status", "--porcelain", "--untracked-files=no"],
-            cwd=cwd, capture_output=True, text=True, timeout=10, check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return f"{sha}+dirty" if status else (sha or "unknown")

@@ -73,6 +73,7 @@ from vaeflow.model import build_model, count_parameters
 from vaeflow.ode import STATIC_SOLVERS, SolverError
 from vaeflow.plots import write_run_pictures
 from vaeflow.progress import TrainingBar
+from vaeflow.provenance import git_commit
 from vaeflow.rng import fork_rng, rng_state, set_rng_state
 from vaeflow.runs import (
     BEST,
@@ -88,7 +89,6 @@ from vaeflow.runs import (
     check_resume_changes,
     check_same_run,
     clear_run_files,
-    git_commit,
     load_checkpoint,
     load_state,
     read_config,
