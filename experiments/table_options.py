@@ -159,7 +159,9 @@ def parse_seeds(tokens: Sequence[str]) -> list[int]:
         raise TableError("--seeds needs a value")
     if len(tokens) == 1 and "," not in tokens[0]:
         if values[0] < 1:
-            raise TableError(f"a seed count must be positive, got {values[0]}")
+            # --seeds 0 most likely means seed 0 alone, which a list writes as "0,"
+            raise TableError(f"a seed count must be positive, got {values[0]}; for seed "
+                             f"{values[0]} alone, write --seeds {values[0]},")
         return list(range(values[0]))
     return values
 

@@ -555,6 +555,9 @@ def test_seeds_and_flow_options() -> None:
     assert table_options.parse_seeds(["0", "4"]) == [0, 4]
     assert table_options.parse_seeds(["0,4"]) == [0, 4]
     assert table_options.parse_seeds(["5,"]) == [5]
+    # a count of 0 is most likely seed 0 alone: the refusal says how to write that
+    with pytest.raises(table_options.TableError, match=r"for seed 0 alone, write --seeds 0,$"):
+        table_options.parse_seeds(["0"])
     opts = table_options.flow_opts_by_flow(["ffjord:rank=2", "num_steps=4"], ["planar", "ffjord"])
     assert opts == {"planar": ["num_steps=4"], "ffjord": ["rank=2", "num_steps=4"]}
 
