@@ -131,3 +131,15 @@ def test_check_flow_takes_a_flow_with_a_scalar_parameter(log_scale: float) -> No
     one's fallback scale read ``shape[-1]`` of no shape)."""
     torch.manual_seed(0)
     check_flow(_ScaledAffine(3, 2, log_scale))
+
+
+def test_diagonal_blocks_index_on_the_jacobian_s_device() -> None:
+    # The row index was made on the default device: inside `with torch.device("meta")` (or
+    # "cuda") it did not index a CPU Jacobian.
+    from vaeflow.flows.jacobian import diagonal_blocks
+
+    jac = torch.arange(2 * 3 * 2 * 3, dtype=torch.float64).reshape(2, 3, 2, 3)
+    expected = torch.stack([jac[0, :, 0, :], jac[1, :, 1, :]])
+    with torch.device("meta"):
+        blocks = diagonal_blocks(jac)
+    assert torch.equal(blocks, expected)

@@ -21,7 +21,8 @@ def batch_jacobian(flow: Flow, z0: Tensor, h: Tensor) -> Tensor:
 
 def diagonal_blocks(jac: Tensor) -> Tensor:
     """Each row's own Jacobian ``[B, D, D]`` in a :func:`batch_jacobian` ``[B, D, B, D]``."""
-    rows = torch.arange(jac.shape[0])
+    rows = torch.arange(jac.shape[0], device=jac.device)  # not the default device: a check may
+    # run inside `with torch.device(...)`, as runs build their models
     return jac[rows, :, rows, :]
 
 
