@@ -378,6 +378,31 @@ def test_a_run_stopped_by_its_time_budget_resumes_to_evaluate_again(
     assert train(resume=tmp_path / "run", changes=same, progress=False) == reference
 
 
+def test_a_time_stop_inside_an_epoch_resumed_with_more_time_trains_that_epoch_on(
+    tiny_data_dir: Path, tmp_path: Path
+) -> None:
+    # The time stop validates its partial epoch (so that the final model is chosen among what
+    # the run trained), but that epoch is not over: resumed with more time, the run trains the
+    # rest of it under the same number and KL weight, as the longer run did (not as a short
+    # epoch of its own, one epoch ahead in the warm-up and in max_epochs).
+    reference = train(tiny_config(tiny_data_dir, max_epochs=2), tmp_path / "a", progress=False)
+    timed = tiny_config(tiny_data_dir, max_epochs=2, max_minutes=1e-6)
+    short = train(timed, tmp_path / "b", progress=False)
+    assert short["steps"] == 3 and short["epochs"] == 1 and short["best_epoch"] == 1
+    resumed = train(resume=tmp_path / "b", changes={"max_minutes": None}, progress=False)
+    assert resumed["steps"] == reference["steps"] == 20
+    assert resumed["epochs"] == reference["epochs"] == 2
+    assert resumed["stop_reason"] == reference["stop_reason"] == "max_epochs=2 reached"
+    assert_same_params(params(tmp_path / "a"), params(tmp_path / "b"))
+    history = json.loads((tmp_path / "b" / "history.json").read_text())
+    assert [(r["epoch"], r["step"], r.get("partial", False)) for r in history] == [
+        (1, 3, True), (1, 10, False), (2, 20, False)
+    ]
+    ref_history = json.loads((tmp_path / "a" / "history.json").read_text())
+    # the whole epoch's mean (its sums were folded at the stop: equal up to rounding)
+    assert history[1]["train_loss"] == pytest.approx(ref_history[0]["train_loss"], rel=1e-12)
+
+
 @pytest.mark.parametrize(("key", "first", "then"),
                          [("max_epochs", 2, 3), ("max_steps", 13, 25), ("max_steps", 5, 8)])
 def test_a_finished_run_resumed_with_a_larger_budget_trains_on(

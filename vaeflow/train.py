@@ -435,6 +435,14 @@ class _Trainer:
             return f"max_steps={cfg.max_steps} reached"
         return None
 
+    def epochs_trained(self) -> tuple[int, bool]:
+        """The epochs that a finished run trained (validated), and whether the last of them is
+        the partial epoch of a time stop, still under way (a --max-steps stop validates none)."""
+        st = self.state
+        last = st.history[-1] if st.history else {}
+        partial = bool(last.get("partial")) and last["epoch"] == st.epoch
+        return st.epoch - 1 + partial, partial
+
     def check_budget(self, changed: Collection[str]) -> None:
         """Refuse to resume an unfinished run with a step, epoch or time budget (among the keys
         ``changed`` on this resume) that it has already passed: it would stop after one more
@@ -449,9 +457,10 @@ class _Trainer:
             below = []
             if "max_steps" in changed and cfg.max_steps is not None and cfg.max_steps < st.step:
                 below.append(f"max_steps={cfg.max_steps} (it trained {st.step} steps)")
-            # a finish leaves the epoch after the last
-            if "max_epochs" in changed and cfg.max_epochs < st.epoch - 1:
-                below.append(f"max_epochs={cfg.max_epochs} (it trained {st.epoch - 1} epochs)")
+            epochs, partial = self.epochs_trained()
+            if "max_epochs" in changed and cfg.max_epochs < epochs:
+                last = ", the last in part" if partial else ""
+                below.append(f"max_epochs={cfg.max_epochs} (it trained {epochs} epochs{last})")
             if "max_minutes" in changed and cfg.max_minutes is not None and (
                 60 * cfg.max_minutes < st.seconds
             ):
@@ -489,7 +498,8 @@ class _Trainer:
             if self.world.is_main and Run(self.run_dir).failure is not None:
                 (self.run_dir / RESULTS).unlink()
             return
-        # Every finish leaves the epoch under way, whole or not, as the one after the last.
+        # A finish leaves as the epoch under way the one after the last whole epoch (a time
+        # stop inside an epoch: that epoch, whose rest a larger budget trains).
         if self._limit_reached(st.epoch - 1) is not None:
             return
         logger.info("%s had stopped (%s); its new budget lets it train on, and its test "
@@ -649,7 +659,13 @@ class _Trainer:
                 raise _TestSolveError(f"the validation's {err}") from err
 
     def end_of_epoch(self) -> None:
+        """Validate the epoch's model and record it; then the next epoch, or the end. A time
+        stop inside an epoch validates its partial epoch too (the final model is chosen among
+        what the run trained), recorded ``"partial": true``; that epoch stays under way (its
+        number, KL weight and sums), so that a resume with more time trains the rest of it as
+        the longer run would have, and it counts as no epoch without improvement."""
         cfg, st = self.config, self.state
+        partial = self.loader.in_epoch
         tick = time.perf_counter()
         try:
             valid = self.validate()
@@ -666,6 +682,8 @@ class _Trainer:
             raise _NonFinite(f"the validation NELBO became {valid}")
         train_means = {n: v / max(st.epoch_steps, 1) for n, v in st.epoch_sums.items()}
         record = {"epoch": st.epoch, "step": st.step, "seconds": st.seconds, "valid_nelbo": valid}
+        if partial:
+            record["partial"] = True
         if self.spec.unit != "nats":  # the figure a Frey Faces reader compares, beside nats
             record["valid_nelbo_bpd"] = self.spec.in_unit(valid)
         record.update({f"train_{n}": v for n, v in train_means.items()})
@@ -679,12 +697,15 @@ class _Trainer:
             st.best_valid, st.best_epoch, st.bad_epochs = valid, st.epoch, 0
             if main:
                 atomic_save(self.model.state_dict(), self.run_dir / BEST)
-        elif st.epoch > cfg.warmup_epochs:
+        elif st.epoch > cfg.warmup_epochs and not partial:
             st.bad_epochs += 1
+        if partial:  # done: the time ran out inside this epoch (the end draws the pictures)
+            self.end_of_training()
+            return
         if cfg.image_every and st.epoch % cfg.image_every == 0:
             self.log_images(st.epoch)
         reason = self._limit_reached(st.epoch)
-        if reason is not None and not st.done:  # done: the time ran out inside this epoch
+        if reason is not None and not st.done:
             self._stop(reason)
         st.epoch += 1
         st.epoch_sums, st.epoch_steps = {}, 0
@@ -746,7 +767,7 @@ class _Trainer:
         results.update(
             dataset=cfg.dataset,
             flow=cfg.flow,
-            epochs=st.epoch - 1,
+            epochs=self.epochs_trained()[0],
             steps=st.step,
             best_epoch=st.best_epoch,
             best_valid_nelbo=st.best_valid if math.isfinite(st.best_valid) else None,
