@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from vaeflow.checks import InputError, input_errors
+from vaeflow.cli import USER_ERRORS
 from vaeflow.evaluate import run_dataset, subset
 from vaeflow.flows import Flow
 from vaeflow.runs import load_model, read_config
@@ -76,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             config.data_dir = args.data_dir
         model, _ = load_model(args.run_dir, args.checkpoint, "cpu", config)
         data = run_dataset(config, "cpu")
-    except InputError as err:
+    except USER_ERRORS as err:  # a missing data file too, as `vaeflow eval` says it
         print(f"solver_check: error: {err}", file=sys.stderr)
         return 2
     model.eval()

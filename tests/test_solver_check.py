@@ -53,3 +53,24 @@ def test_the_command_on_a_run(
           planar, progress=False)
     assert solver_check.main([str(planar)]) == 2
     assert "solves no ODE" in capsys.readouterr().err
+
+
+def test_a_run_whose_data_file_is_missing_is_one_line(
+    tiny_data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # the data file gone (and no network): the message that `vaeflow eval` gives, not a traceback
+    from vaeflow.data import download
+
+    def offline(url: str, dest: Path) -> None:
+        raise OSError("network is unreachable (test)")
+
+    monkeypatch.setattr(download, "_fetch", offline)
+    run = tmp_path / "run"
+    rk4 = {"hidden_dims": [16], "rank": 2, "method": "rk4", "solver_options": {"step_size": 0.5}}
+    train(tiny_config(tiny_data_dir, "ffjord", flow_kwargs=rk4, is_samples=0, max_steps=2),
+          run, progress=False)
+    empty = tmp_path / "elsewhere"
+    assert solver_check.main([str(run), "--data-dir", str(empty)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("solver_check: error: ") and str(empty) in err

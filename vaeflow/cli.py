@@ -48,9 +48,11 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-__all__ = ["main", "resolve_config", "parse_value", "parse_pairs", "build_parser"]
+__all__ = ["main", "resolve_config", "parse_value", "parse_pairs", "build_parser", "USER_ERRORS"]
 
-
+# Known failures: a command reports them in one line; anything else is a bug and shows its
+# traceback. The scripts in experiments/ that load runs and data catch the same.
+USER_ERRORS = (InputError, FileExistsError, DataNotFoundError, ChecksumError)
 
 def _plain(text: str) -> str:
     """reStructuredText markup of a docstring dropped, for ``--help`` (users read it as plain
@@ -463,13 +465,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     from vaeflow.train import TrainingError
 
-    # Known failures become one line; anything else is a bug and shows its traceback.
     try:
         args = _parse(build_parser(), argv)
         status = int(args.func(args))
         sys.stdout.flush()  # here, not at exit, so that a reader gone away is caught below
         return status
-    except (InputError, FileExistsError, DataNotFoundError, ChecksumError) as err:
+    except USER_ERRORS as err:
         print(f"vaeflow: error: {err}", file=sys.stderr)
         return 2
     except BrokenPipeError:
