@@ -609,6 +609,33 @@ def test_existing_run_is_not_overwritten(tiny_data_dir: Path, tmp_path: Path) ->
         train(config, tmp_path / "run", progress=False)
 
 
+def test_the_test_solve_integrates_no_rnode_terms(tiny_data_dir: Path) -> None:
+    # The RNODE terms are a training loss: in the solve of the test figures they would only
+    # enter the adaptive solver's error control (and cost work), so that a regularized model
+    # was measured with other steps than the same weights without them.
+    from vaeflow.evaluate import dataset_nelbo, evaluation_solve
+
+    config = tiny_config(tiny_data_dir, "ffjord", kinetic_weight=0.5, jacobian_weight=0.25)
+    plain_config = dataclasses.replace(config, kinetic_weight=0.0, jacobian_weight=0.0)
+    data = load_dataset("static_mnist", tiny_data_dir, split_sizes=TINY_SPLITS)
+    torch.manual_seed(0)
+    model = train_mod.build_model(config, data)
+    plain = train_mod.build_model(plain_config, data)
+    plain.load_state_dict(model.state_dict())
+    with torch.no_grad():  # a field far from zero, whose solve takes many steps
+        for p in model.flow.parameters():
+            p.mul_(3.0)
+        for p in plain.flow.parameters():
+            p.mul_(3.0)
+    figures = []
+    for m, c in ((model, config), (plain, plain_config)):
+        torch.manual_seed(1)
+        with evaluation_solve(m, c):
+            figures.append((float(dataset_nelbo(m, data.test[:20], 20)), m.flow.nfe_forward))
+    assert figures[0] == figures[1]
+    assert model.flow.regularize  # as it was, for the training that follows
+
+
 def test_rnode_regularization_joins_the_loss(tiny_data_dir: Path, tmp_path: Path) -> None:
     config = tiny_config(tiny_data_dir, "ffjord", kinetic_weight=0.5, jacobian_weight=0.25)
     data = load_dataset("static_mnist", tiny_data_dir, split_sizes=TINY_SPLITS)

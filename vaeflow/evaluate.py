@@ -161,19 +161,23 @@ def evaluation_solve(
     dopri5 at the flow's own tolerances after training with a fixed-step solver (rk4, euler,
     midpoint): a few fixed steps are not the continuous flow, and a model trained with them
     learns their error (see ``TrainConfig``). ``solver`` (``vaeflow eval --solver``) changes
-    those settings further.
+    those settings further. The RNODE terms of a regularized flow are not integrated: a
+    training loss, they would only enter the adaptive solver's error control (and cost work),
+    so that the figures of the same weights would depend on whether they were trained with them.
     """
     flows = [m for m in model.modules() if isinstance(m, FFJORD)]
-    saved = [flow.solver for flow in flows]
+    saved = [(flow.solver, flow.regularize) for flow in flows]
     try:
+        for flow in flows:
+            flow.regularize = False
         with input_errors():
             for changes in (test_solve_changes(model, config), solver or {}):
                 if changes:
                     use_solver(model.flow, config.flow, changes)
         yield
     finally:
-        for flow, old in zip(flows, saved, strict=True):
-            flow.solver = old
+        for flow, (old, regularize) in zip(flows, saved, strict=True):
+            flow.solver, flow.regularize = old, regularize
 
 
 def run_pictures(model: VAE, data: Dataset, config: TrainConfig) -> tuple[Tensor, Tensor]:
