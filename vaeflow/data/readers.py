@@ -93,6 +93,10 @@ class _CheckedNpz(Mapping[str, np.ndarray]):
                 raise
             raise _damaged(self._path, _failure(exc), self._downloadable) from exc
         except Exception as exc:  # zipfile, zlib, numpy's header parser: all say "damaged"
+            # ... unless the member's bytes are intact: then the failure is not the file's (a
+            # MemoryError, a bug) and "delete it" would be wrong advice; keep its traceback
+            if _member_intact(self._npz.zip, key):
+                raise
             raise _damaged(self._path, _failure(exc), self._downloadable) from exc
 
     def __contains__(self, key: object) -> bool:
