@@ -204,7 +204,9 @@ def expand_runs(paths: Sequence[str | os.PathLike[str]]) -> list[Run]:
 
 _COLUMNS = ("run", "dataset", "flow", "parameters", "test NELBO", "IS NLL", "unit", "epochs",
             "wall-clock", "train NFE", "settings")
-# Config keys that change neither what a run learns nor its figures: not among its settings.
+# Config keys that change neither what a run learns nor its figures (eval_batch_rows, a memory
+# setting, regroups the importance samples' noise: the IS figure moves within its Monte Carlo
+# error, as with another seed of the evaluation): not among its settings.
 LOG_ONLY_KEYS = frozenset({"data_dir", "log_every", "image_every", "pictures", "checkpoint_every",
                            "eval_batch_rows"})
 

@@ -64,7 +64,8 @@ class TrainConfig:
 
     Evaluation: ``eval_samples`` posterior samples per test point for the NELBO; ``is_samples``
     importance samples (0: skip) on ``is_points`` test points (None: all), with at most
-    ``eval_batch_rows`` rows per flow call; ``eval_points`` limits the test points of the NELBO
+    ``eval_batch_rows`` rows per flow call (a memory setting; it regroups the draws, so the IS
+    figure moves within its Monte Carlo error); ``eval_points`` limits the test points of the NELBO
     (None: all). Such subsets are drawn with a fixed seed, not taken as a prefix.
     ``valid_exact_trace``: the per-epoch validation NELBO of FFJORD with the exact trace
     (costly: D vector-Jacobian products per evaluation) instead of the unbiased Hutchinson
