@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from vaeflow.atomic import atomic_write
-from vaeflow.data.base import ChecksumError, DataNotFoundError, SplitSizes
+from vaeflow.checks import InputError
+from vaeflow.data.base import Arrays, ChecksumError, DataNotFoundError, SplitSizeError, SplitSizes
 from vaeflow.data.paths import ENV_VAR, _default_cache_dir
 from vaeflow.data.registry import DatasetSpec
 from vaeflow.data.sources import Source, _digest
@@ -104,10 +105,29 @@ def _missing_message(
     return "\n".join(lines)
 
 
+def _validate(spec: DatasetSpec, arrays: Arrays, sizes: SplitSizes) -> None:
+    """Check the converted ``arrays`` against ``sizes``, else against the protocol's sizes.
+
+    The sources are the protocol's files: when ``sizes`` (a smaller file's, asked for by
+    ``split_sizes``) do not fit them but the protocol's do, the file is good and is kept, and
+    the read that follows names the sizes asked for; else a download would be thrown away
+    (and made again on the next try) with an error that did not say the sizes were the cause.
+    """
+    try:
+        spec.read(arrays, spec.filename, sizes)
+    except SplitSizeError as err:
+        if tuple(sizes) == spec.split_sizes:
+            raise
+        try:
+            spec.read(arrays, spec.filename, spec.split_sizes)
+        except InputError:
+            raise err from None  # not the protocol's file either: the first error says why
+
+
 def _download_dataset(spec: DatasetSpec, data_dir: Path, origin: str, sizes: SplitSizes) -> None:
     """Download, verify and convert ``spec``'s sources into ``data_dir / spec.filename``.
 
-    The converted arrays are validated against ``sizes`` before the ``.npz`` is written.
+    The converted arrays are validated (see :func:`_validate`) before the ``.npz`` is written.
     Everything is fetched into a temporary folder inside ``data_dir``, removed on exit whatever
     happens, so a failure keeps nothing.
     """
@@ -146,8 +166,7 @@ def _download_dataset(spec: DatasetSpec, data_dir: Path, origin: str, sizes: Spl
                     )
                 raw[source.filename] = dest
             arrays = spec.convert(raw)
-            # validate before anything lands under the final name
-            spec.read(arrays, spec.filename, sizes)
+            _validate(spec, arrays, sizes)  # before anything lands under the final name
             atomic_write(data_dir / spec.filename, lambda f: np.savez_compressed(f, **arrays))
     except BaseException:
         if created:  # keep nothing: drop the folder this call made, if it is still empty
