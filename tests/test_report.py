@@ -348,3 +348,23 @@ def test_compare_counts_the_parameters_a_results_json_does_not_name(
     assert row["status"] == "finished" and row["test NELBO"] == 99.0
     assert row["parameters"] == count_parameters(run.config)
     assert "99.00" in report.compare_table([run])
+
+
+def test_a_partial_epoch_record_counts_once_and_may_be_the_tested_model(
+    tiny_data_dir: Path, tmp_path: Path
+) -> None:
+    # A time stop validated epoch 1 at step 3 (partial); resumed with more time, the run
+    # validated epoch 1 again, whole, at step 10: the best model is the better of the two.
+    partial = {"epoch": 1, "step": 3, "seconds": 1.0, "valid_nelbo": 95.0, "partial": True}
+    whole = {"epoch": 1, "step": 10, "seconds": 3.0, "valid_nelbo": 97.0}
+    for best, step in ((95.0, 3), (97.0, 10)):
+        results = {"test_nelbo": 95.5, "unit": "nats", "epochs": 1, "steps": 14,
+                   "best_epoch": 1, "best_valid_nelbo": best}
+        run = _fake_run(tmp_path / f"run{step}", tiny_data_dir, results=results,
+                        history=[{**partial, "valid_nelbo": 95.0 if step == 3 else 99.0}, whole])
+        expected = f"of epoch 1 (step {step}); the {14 - 10} steps after"
+        assert expected in report.summary(run.path, results)
+    # unfinished (no results.json): its epochs are counted from the history, epoch 1 once
+    training = _fake_run(tmp_path / "training", tiny_data_dir, history=[partial, whole])
+    (row,) = report.compare_rows([training])
+    assert row["epochs"] == 1

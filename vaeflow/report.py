@@ -99,7 +99,10 @@ def _tested_model(run: Run, results: Mapping[str, Any]) -> list[str]:
     history = run.history
     if not history:
         return ["tested: the last model (no epoch was validated, so none was chosen)"]
-    best = next((h for h in history if h["epoch"] == results.get("best_epoch")), None)
+    # A time stop's partial epoch, resumed, has two records: the best is the one of its figure.
+    of_best = [h for h in history if h["epoch"] == results.get("best_epoch")]
+    best = next((h for h in of_best if h["valid_nelbo"] == results.get("best_valid_nelbo")),
+                of_best[-1] if of_best else None)
     if best is None or history[-1]["step"] >= steps:
         return []
     after = steps - history[-1]["step"]
@@ -299,7 +302,9 @@ def compare_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
                                   ("valid NELBO", valid))},
             "unit": spec.unit,
             # a model saved by save_run has figures but no epochs of vaeflow's: unknown, not 0
-            "epochs": finished.get("epochs", len(history) if history or results is None else None),
+            # (epochs, not records: a time stop's partial epoch, resumed, is recorded twice)
+            "epochs": finished.get("epochs", len({h["epoch"] for h in history})
+                                   if history or results is None else None),
             "wall-clock seconds": seconds,
             "train NFE": finished.get("train_nfe_forward_mean"),
             "test points": finished.get("test_points"),
