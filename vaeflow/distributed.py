@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import inspect
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -418,6 +419,12 @@ def session() -> Iterator[World]:
         # down its connections while a peer still reads the last result from them; gloo reports
         # that as a peer that hung up, and can abort the process. One more meeting first.
         dist.barrier()
+        # The block's objects that hold the group (a DDP module) should be gone by now: one
+        # alive keeps the group's gloo threads past destroy_process_group, to the interpreter's
+        # exit, where their end can abort the process after its work is done ("terminate
+        # called without an active exception"). A collection frees those left in cycles. (Not
+        # after a failure: a DDP module freed then may wait on a collective that never ends.)
+        gc.collect()
     stop(world)
 
 

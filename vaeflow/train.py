@@ -950,6 +950,9 @@ def train(
                     # (a run from before "sessions" was kept: its one record is the first)
                     sessions = [*earlier.get("sessions", [earlier] if earlier else []), session]
                     Run(directory).write_timing({**session, "sessions": sessions})
+                # Under torchrun its DDP module holds the process group: gone before the
+                # session destroys the group (see distributed.stop).
+                trainer = None
         except RuntimeError as err:
             if isinstance(err, TrainingError) or not world.lost_contact(err):
                 raise
