@@ -107,7 +107,8 @@ def test_the_summary_of_a_run_of_ones_own_flow_suggests_the_script_way(
     results = json.loads((affine_run / "results.json").read_text())
     text = report.summary(affine_run, results)
     assert f"vaeflow.cli.main(['eval', '{affine_run}'])" in text
-    assert f"vaeflow.cli.main(['train', '--resume', '{affine_run}'])" in text
+    # (it stopped at max_epochs: the resume trains on with a larger one)
+    assert f"vaeflow.cli.main(['train', '--resume', '{affine_run}', '--max-epochs', " in text
     assert "register_flow" in text and f"vaeflow compare {affine_run}" in text
     assert f"vaeflow eval {affine_run}" not in text
     assert f"vaeflow train --resume {affine_run}" not in text
@@ -368,3 +369,23 @@ def test_a_partial_epoch_record_counts_once_and_may_be_the_tested_model(
     training = _fake_run(tmp_path / "training", tiny_data_dir, history=[partial, whole])
     (row,) = report.compare_rows([training])
     assert row["epochs"] == 1
+
+
+def test_the_summary_of_a_run_stopped_by_its_budget_offers_a_larger_one(
+    tiny_data_dir: Path, tmp_path: Path
+) -> None:
+    # a plain resume of a finished run only evaluates it again: the summary gives the options
+    # that train on, for the budget that stopped it
+    for name, overrides, words in (
+        ("epochs", {"max_epochs": 1}, "--max-epochs 2"),
+        ("steps", {"max_steps": 3}, "--max-steps 6"),
+        ("minutes", {"max_minutes": 1e-6}, "--set max_minutes=2e-06"),
+    ):
+        run = tmp_path / name
+        results = train(tiny_config(tiny_data_dir, is_samples=0, **overrides), run,
+                        progress=False)
+        text = report.summary(run, results)
+        assert f"vaeflow train --resume {run} {words}    # train on with a larger budget" in text
+    failed = {"test_nelbo": 100.0, "unit": "nats", "status": "failed",
+              "stop_reason": "max_epochs=1 reached"}
+    assert report.larger_budget(tiny_config(tiny_data_dir), failed) == []

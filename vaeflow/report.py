@@ -112,15 +112,19 @@ def _tested_model(run: Run, results: Mapping[str, Any]) -> list[str]:
 
 
 def next_commands(run_dir: str | os.PathLike[str], flow: str, world_size: int = 1, *,
-                  resumable: bool = True, events: bool = True) -> list[str]:
+                  resumable: bool = True, events: bool = True,
+                  train_on: Sequence[str] = ()) -> list[str]:
     """What the closing summary suggests doing next with the run of ``flow`` in ``run_dir``,
     trained by ``world_size`` processes: shell commands, and for a flow of one's own the calls
     from a script that registers it (the shell's ``vaeflow`` cannot build its model). A run
     without a checkpoint (``save_run``'s) is not offered ``--resume``, which refuses it, nor
-    one without TensorBoard events TensorBoard."""
+    one without TensorBoard events TensorBoard. ``train_on``: the options of a larger budget
+    for a run that its budget stopped, which its resume then trains on with (a plain resume of
+    a finished run only evaluates it again)."""
     path = str(run_dir)
-    where = shlex.quote(path)
-    again = "    # continue (e.g. after a kill)"
+    where = " ".join(shlex.quote(word) for word in (path, *train_on))
+    again = ("    # train on with a larger budget" if train_on else
+             "    # continue (e.g. after a kill)")
     # A checkpoint resumes only at the world size that wrote it (its ranks' random states).
     torchrun = f"torchrun --standalone --nproc_per_node={world_size}"
     tensorboard = [f"tensorboard --logdir {where}"] if events else []
@@ -130,7 +134,7 @@ def next_commands(run_dir: str | os.PathLike[str], flow: str, world_size: int = 
         if world_size > 1:
             resume = f"{torchrun} --no-python {resume} with the same {world_size} processes"
         return [*tensorboard, f"vaeflow eval {where}", *([resume] if resumable else []), compare]
-    resume = f"vaeflow.cli.main({['train', '--resume', path]!r}){again}"
+    resume = f"vaeflow.cli.main({['train', '--resume', path, *train_on]!r}){again}"
     if world_size > 1:
         resume += f", in the script run by {torchrun}"
     return [
@@ -141,6 +145,21 @@ def next_commands(run_dir: str | os.PathLike[str], flow: str, world_size: int = 
         f"vaeflow.cli.main({['eval', path]!r})",
         *([resume] if resumable else []),
     ]
+
+
+def larger_budget(config: TrainConfig, results: Mapping[str, Any]) -> list[str]:
+    """``vaeflow train --resume`` options that double the budget (steps, epochs or minutes)
+    that stopped a finished run; none for another stop (early stopping, a failure)."""
+    if results.get("status") != "finished":
+        return []
+    reason = str(results.get("stop_reason", ""))
+    if reason.startswith("time budget") and config.max_minutes is not None:
+        return ["--set", f"max_minutes={2 * config.max_minutes:g}"]
+    if reason.startswith("max_epochs="):
+        return ["--max-epochs", str(2 * config.max_epochs)]
+    if reason.startswith("max_steps=") and config.max_steps is not None:
+        return ["--max-steps", str(2 * config.max_steps)]
+    return []
 
 
 def summary(run_dir: str | os.PathLike[str], results: Mapping[str, Any]) -> str:
@@ -179,7 +198,8 @@ def summary(run_dir: str | os.PathLike[str], results: Mapping[str, Any]) -> str:
         present.append("TensorBoard events")
     world_size = int(results.get("world_size", timing.get("world_size", 1)))
     commands = next_commands(run.path, config.flow, world_size, events=events,
-                             resumable=(run.path / CHECKPOINT).is_file())
+                             resumable=(run.path / CHECKPOINT).is_file(),
+                             train_on=larger_budget(config, results))
     lines += [
         f"   files in {run.path}: {', '.join(present)}",
         "   next:",
