@@ -951,7 +951,7 @@ def train(
                     sessions = [*earlier.get("sessions", [earlier] if earlier else []), session]
                     Run(directory).write_timing({**session, "sessions": sessions})
                 # Under torchrun its DDP module holds the process group: gone before the
-                # session destroys the group (see distributed.stop).
+                # session destroys the group (see distributed.session).
                 trainer = None
         except RuntimeError as err:
             if isinstance(err, TrainingError) or not world.lost_contact(err):
