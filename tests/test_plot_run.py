@@ -104,3 +104,33 @@ def test_a_figure_format_matplotlib_cannot_write_is_named_before_any_work(
     # any format matplotlib writes is taken, whatever the case of its suffix
     path, _ = plot_learning_curves([run.path], tmp_path / "curves.SVG")
     assert path.read_text().lstrip().startswith("<?xml")
+
+
+def test_the_test_star_stands_at_the_model_it_measures(
+    tiny_data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # early stopping: the figures are of epoch 1's model, two epochs before the end
+    pytest.importorskip("matplotlib")
+    from matplotlib.axes import Axes
+
+    run = _written_run(tmp_path / "run", tiny_data_dir, "static_mnist", [90.0, 95.0, 97.0],
+                       test=91.0)
+    run.write_results({**(run.results or {}), "best_epoch": 1, "best_valid_nelbo": 90.0})
+    stars: list[tuple[list[float], str]] = []
+    real = Axes.scatter
+
+    def scatter(self: Axes, x: list[float], y: list[float], **kwargs: object) -> object:
+        stars.append((list(x), str(kwargs.get("label"))))
+        return real(self, x, y, **kwargs)
+
+    monkeypatch.setattr(Axes, "scatter", scatter)
+    plots.write_run_pictures(run.path)  # learning_curve.png: steps and minutes
+    plot_learning_curves([run.path], tmp_path / "c.png")  # the comparison: minutes
+    assert [x for x, _ in stars] == [[10.0], [0.1], [0.1]]  # step 10, 6 s of training
+    assert all(label.endswith(", the model of epoch 1") for _, label in stars)
+    # a partial epoch recorded twice: the record of the best figure
+    history = [{"epoch": 1, "step": 3, "seconds": 1.0, "valid_nelbo": 99.0, "partial": True},
+               {"epoch": 1, "step": 10, "seconds": 3.0, "valid_nelbo": 95.0}]
+    assert plots.tested_record(history, {"best_epoch": 1, "best_valid_nelbo": 95.0}) == 1
+    assert plots.tested_record(history, {"best_epoch": 0}) is None
+    assert plots.tested_record(history, {"checkpoint": "last", "best_epoch": 1}) == 1

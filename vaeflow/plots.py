@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +117,30 @@ def _curves(run: Run) -> tuple[list[float], list[float], list[float], list[float
     return steps, minutes, valid, train, test
 
 
+def tested_record(history: Sequence[Mapping[str, Any]], results: Mapping[str, Any]) -> int | None:
+    """The index in ``history`` of the validation of the model that ``results`` measure: the
+    best one (``best_epoch``; a time stop's partial epoch, resumed, is recorded twice, so also
+    its figure ``best_valid_nelbo``), the last one for ``vaeflow eval --checkpoint last``; None
+    when no record is of that model (no epoch validated, or the last model after a
+    --max-steps stop)."""
+    if results.get("checkpoint") == "last":
+        return len(history) - 1 if history else None
+    of_best = [i for i, h in enumerate(history) if h["epoch"] == results.get("best_epoch")]
+    best = results.get("best_valid_nelbo")
+    return next((i for i in of_best if history[i]["valid_nelbo"] == best),
+                of_best[-1] if of_best else None)
+
+
+def _test_star(ax: Any, run: Run, xs: Sequence[float], test: float, unit: str,
+               **style: Any) -> None:
+    """The test NELBO as a star at ``xs`` (one per history record) of the model it measures:
+    with early stopping, epochs before the end."""
+    at = tested_record(run.history, run.results or {})
+    of = "" if at is None else f", the model of epoch {run.history[at]['epoch']}"
+    ax.scatter([xs[-1 if at is None else at]], [test], marker="*", zorder=3,
+               label=f"test {figure_text(test, unit)}{of}", **style)
+
+
 def _learning_curve(run: Run, path: Path) -> None:
     plt = _pyplot()
     steps, minutes, valid, train, test = _curves(run)
@@ -128,8 +152,7 @@ def _learning_curve(run: Run, path: Path) -> None:
         ax.plot(xs, train, "--x", markersize=3, label="train (epoch mean)", alpha=0.7)
         ax.plot(xs, valid, "-o", markersize=3, label="validation")
         if test is not None:
-            ax.scatter([xs[-1]], [test], marker="*", s=90, zorder=3, color="k",
-                       label=f"test {figure_text(test, unit)}")
+            _test_star(ax, run, xs, test, unit, s=90, color="k")
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel(f"negative ELBO ({unit})")
@@ -205,8 +228,7 @@ def plot_learning_curves(
         ax.plot(minutes, train, linestyle="--", marker="x", markersize=2.5,
                 color=line.get_color(), alpha=0.6)
         if test is not None:
-            ax.scatter([minutes[-1]], [test], color=line.get_color(), marker="*", s=80,
-                       zorder=3, label=f"test {figure_text(test, unit)}")
+            _test_star(ax, run, minutes, test, unit, s=80, color=line.get_color())
     ax.set_xlabel("wall-clock minutes (training and validation)")
     ax.set_ylabel(f"negative ELBO ({unit})")
     ax.set_title("validation (solid), training (dashed), test (star)")

@@ -14,7 +14,7 @@ from typing import Any
 from vaeflow.configs import TrainConfig
 from vaeflow.data import figure_text, get_spec
 from vaeflow.flows import FLOWS, flow_hyperparameters
-from vaeflow.plots import LEARNING_CURVE, RECONSTRUCTIONS, SAMPLES
+from vaeflow.plots import LEARNING_CURVE, RECONSTRUCTIONS, SAMPLES, tested_record
 from vaeflow.runs import (
     BEST,
     CHECKPOINT,
@@ -99,10 +99,8 @@ def _tested_model(run: Run, results: Mapping[str, Any]) -> list[str]:
     history = run.history
     if not history:
         return ["tested: the last model (no epoch was validated, so none was chosen)"]
-    # A time stop's partial epoch, resumed, has two records: the best is the one of its figure.
-    of_best = [h for h in history if h["epoch"] == results.get("best_epoch")]
-    best = next((h for h in of_best if h["valid_nelbo"] == results.get("best_valid_nelbo")),
-                of_best[-1] if of_best else None)
+    at = tested_record(history, results)
+    best = None if at is None else history[at]
     if best is None or history[-1]["step"] >= steps:
         return []
     after = steps - history[-1]["step"]
