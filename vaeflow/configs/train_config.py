@@ -26,7 +26,7 @@ from vaeflow.checks import (
     check_options,
     input_errors,
 )
-from vaeflow.data import DATASETS
+from vaeflow.data import DATASETS, get_spec
 from vaeflow.flows import FLOWS, check_hyperparameters, make_flow, use_solver
 from vaeflow.nets import (
     ARCHITECTURES,
@@ -34,6 +34,7 @@ from vaeflow.nets import (
     GatedConvEncoder,
     MLPDecoder,
     MLPEncoder,
+    make_networks,
 )
 
 __all__ = ["TrainConfig", "OPTIMIZERS"]
@@ -235,6 +236,14 @@ class TrainConfig:
             # "num_steps must be a positive integer" alone would not say whose num_steps
             with input_errors(f"flow {self.flow!r}: "):
                 flow = make_flow(self.flow, self.latent_dim, self.context_dim, **self.flow_kwargs)
+            # The encoder and decoder too (from the data set's shape and likelihood, no data
+            # read), on the meta device: net_kwargs that the architecture refuses would
+            # otherwise surface only once a run has loaded, or downloaded, its data.
+            spec = get_spec(self.dataset)
+            with torch.device("meta"), input_errors("net_kwargs: "):
+                make_networks(self.arch, spec.input_shape, latent_dim=self.latent_dim,
+                              context_dim=self.context_dim, likelihood=spec.likelihood,
+                              **self.net_kwargs)
         # The test solver is checked now, not after hours of training. Its settings are the
         # flow's hyperparameters of the same names, read as those are (solver_options=none).
         if self.test_solver:

@@ -1,0 +1,43 @@
+"""Config checks found by a review of the command line and ``resolve``: each bad setting is
+refused when the config is built, before a run reads (or downloads) any data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from vaeflow.checks import InputError
+from vaeflow.cli import main
+from vaeflow.configs import resolve
+
+
+@pytest.mark.parametrize(
+    ("arch", "net_kwargs", "message"),
+    [
+        ("gatedconv", {"foo": 1}, "net_kwargs: make_networks('gatedconv') got unexpected"),
+        ("mlp", {"head_channels": 8}, "net_kwargs: make_networks('mlp') got unexpected"),
+        ("mlp", {"activation": "gelu"}, "net_kwargs: unknown activation 'gelu'"),
+        ("gatedconv", {"min_sigma": -1.0}, "net_kwargs: min_sigma must be >= 0"),
+    ],
+)
+def test_net_kwargs_that_the_architecture_refuses_are_refused_by_the_config(
+    arch: str, net_kwargs: dict, message: str
+) -> None:
+    with pytest.raises(InputError, match="^" + message.replace("(", r"\(").replace(")", r"\)")):
+        resolve("static_mnist", "planar", {"arch": arch, "net_kwargs": net_kwargs})
+
+
+def test_bad_net_kwargs_are_refused_before_the_data_is_looked_for(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # An empty data directory: the run would first fail (or, online, download) for want of
+    # the data file, and only then name the setting that could never have worked.
+    empty = tmp_path / "data"
+    empty.mkdir()
+    args = ["train", "--dataset", "static_mnist", "--flow", "planar", "--data-dir", str(empty),
+            "--set", "net_kwargs={foo=1}", "--out", str(tmp_path / "run"), "--quiet"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "net_kwargs: make_networks('gatedconv') got unexpected keyword(s) ['foo']" in err, err
+    assert not (tmp_path / "run").exists()
