@@ -41,3 +41,14 @@ def test_bad_net_kwargs_are_refused_before_the_data_is_looked_for(
     err = capsys.readouterr().err
     assert "net_kwargs: make_networks('gatedconv') got unexpected keyword(s) ['foo']" in err, err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_typo_in_a_resume_change_is_named_as_an_unknown_key() -> None:
+    from vaeflow.runs import check_resume_changes
+
+    typo = r"^unknown config key\(s\) 'max_minuts'; a resumed run may change device, "
+    with pytest.raises(InputError, match=typo):
+        check_resume_changes({"max_minuts": 10})
+    with pytest.raises(InputError, match="^cannot change lr when resuming"):
+        check_resume_changes({"lr": 0.1, "max_minutes": 10})
+    check_resume_changes({"max_minutes": 10, "device": "cpu"})  # may change

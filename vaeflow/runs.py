@@ -348,7 +348,14 @@ def remove_partial_writes(run_dir: str | os.PathLike[str]) -> None:
 
 
 def check_resume_changes(changes: Mapping[str, Any]) -> None:
-    """Refuse a change that would make a resumed run another run."""
+    """Refuse a change that would make a resumed run another run; a key that is no config
+    key at all (a typo) is named as unknown, not as a change that would make another run."""
+    unknown = sorted(set(changes) - set(TrainConfig.keys()))
+    if unknown:
+        raise RunError(
+            f"unknown config key(s) {', '.join(map(repr, unknown))}; a resumed run may change "
+            f"{', '.join(RESUMABLE)}"
+        )
     refused = sorted(set(changes) - set(RESUMABLE))
     if refused:
         raise RunError(
