@@ -52,3 +52,28 @@ def test_a_typo_in_a_resume_change_is_named_as_an_unknown_key() -> None:
     with pytest.raises(InputError, match="^cannot change lr when resuming"):
         check_resume_changes({"lr": 0.1, "max_minutes": 10})
     check_resume_changes({"max_minutes": 10, "device": "cpu"})  # may change
+
+
+@pytest.mark.parametrize("name", ["meta", "mps", "xpu", "hpu", "privateuseone"])
+def test_a_device_type_this_machine_has_not_is_refused_in_one_line(
+    name: str, tiny_data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import torch
+    from test_cli import tiny_args
+
+    from vaeflow.checks import resolve_device
+
+    if name != "meta" and torch.accelerator.is_available() and (
+        torch.accelerator.current_accelerator().type == name
+    ):
+        pytest.skip(f"this machine has a {name} device")
+    with pytest.raises(InputError, match=f"^device '{name}' asked for, but there is no {name} "):
+        resolve_device(name)
+    # a run stops there, before its data reach the device (a traceback there before)
+    run = tmp_path / "run"
+    args = ["train", *tiny_args(tiny_data_dir), "--flow", "none", "--device", name,
+            "--max-steps", "1", "--out", str(run)]
+    assert main(args) == 2
+    last = capsys.readouterr().err.splitlines()[-1]  # after "run directory: ..."
+    assert last.startswith(f"vaeflow: error: device '{name}' asked for"), last
+    assert not run.exists()

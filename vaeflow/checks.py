@@ -228,6 +228,17 @@ def resolve_device(name: str) -> Any:
         # torch.device("cpu:0") it refuses every storage ("don't know how to restore data
         # location ... cpu:0"), so a run on "cpu:0" could not read back its own checkpoints.
         return torch.device("cpu")
+    if device.type not in ("cpu", "cuda"):
+        # torch names device types that this build or machine cannot use ('meta' holds no
+        # data, 'mps' off a Mac, 'xpu' or 'hpu' without their build or plug-in): only the
+        # accelerator it sees is taken, or the run's first transfer fails with a traceback.
+        seen = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+        if seen is None or seen.type != device.type:
+            raise InputError(
+                f"device {name!r} asked for, but there is no {device.type} device here (try "
+                "'auto', 'cpu', 'cuda', 'cuda:1')"
+            )
+        return device
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InputError(f"device {name!r} asked for, but CUDA is not available here")
     if device.type == "cuda" and device.index is not None and (
