@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import queue
+import signal
 import subprocess
 import threading
 import time
@@ -92,7 +94,19 @@ def _pump(stream: IO[str], lines: queue.Queue[str | None], tee: IO[str] | None) 
     lines.put(None)
 
 
+def _spawn(cmd: Sequence[str], **kwargs: Any) -> subprocess.Popen[str]:
+    """``Popen`` of ``cmd`` as the leader of a process group of its own (a new session), so
+    that :func:`_kill` reaches what it started too: ``experiments/table.py``'s training cells,
+    which would otherwise outlive its SIGKILL and go on training on the GPU through the next
+    stage."""
+    return subprocess.Popen(list(cmd), text=True, start_new_session=True, **kwargs)
+
+
 def _kill(proc: subprocess.Popen[str]) -> None:
+    """Kill ``proc`` and whatever is left of its process group (also after ``proc`` exited:
+    a crashed ``table.py`` leaves its cells running), then reap ``proc``."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)  # the group's id is the leader's pid
     if proc.poll() is None:
         proc.kill()
     try:
@@ -128,8 +142,8 @@ def stream_lines(
     with open(log, "a") as tee:
         tee.write(f"=== {' '.join(cmd)}\n")
         tee.flush()
-        proc = subprocess.Popen(
-            list(cmd), cwd=cwd, env=None if env is None else dict(env), text=True,
+        proc = _spawn(
+            cmd, cwd=cwd, env=None if env is None else dict(env),
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         )  # fmt: skip
         lines: queue.Queue[str | None] = queue.Queue()
@@ -137,29 +151,31 @@ def stream_lines(
         reader.start()
         seen: list[str] = []
         timed_out = False
-        while True:
-            left = t0 + timeout - time.monotonic()
-            if left <= 0:
-                timed_out = True
-                break
-            try:
-                line = lines.get(timeout=min(left, 1.0))
-            except queue.Empty:
-                continue
-            if line is None:
-                # Its output has ended, but a process can take a while to exit after that
-                # (interpreter and CUDA teardown): wait for its status within the time left.
-                try:
-                    proc.wait(timeout=max(t0 + timeout - time.monotonic(), 0.0))
-                except subprocess.TimeoutExpired:
+        try:
+            while True:
+                left = t0 + timeout - time.monotonic()
+                if left <= 0:
                     timed_out = True
-                break
-            seen.append(line.rstrip("\n"))
-            if stop is not None and stop(seen):
-                break
-        killed = proc.poll() is None
-        _kill(proc)
-        reader.join(timeout=5)
+                    break
+                try:
+                    line = lines.get(timeout=min(left, 1.0))
+                except queue.Empty:
+                    continue
+                if line is None:
+                    # Its output has ended, but a process can take a while to exit after that
+                    # (interpreter and CUDA teardown): wait for its status within the time left.
+                    try:
+                        proc.wait(timeout=max(t0 + timeout - time.monotonic(), 0.0))
+                    except subprocess.TimeoutExpired:
+                        timed_out = True
+                    break
+                seen.append(line.rstrip("\n"))
+                if stop is not None and stop(seen):
+                    break
+            killed = proc.poll() is None
+        finally:  # also on Ctrl-C: its own session does not get the terminal's SIGINT
+            _kill(proc)
+            reader.join(timeout=5)
         if timed_out:
             tee.write(f"=== killed after its time limit of {timeout:.0f} s\n")
     return StreamResult(seen, None if killed else proc.returncode, timed_out,
@@ -179,8 +195,8 @@ class LineWorker:
         self.log = open(log, "a")  # noqa: SIM115 - closed in close()
         self.log.write(f"=== {' '.join(cmd)}\n")
         self.log.flush()
-        self.proc = subprocess.Popen(
-            list(cmd), env=None if env is None else dict(env), text=True,
+        self.proc = _spawn(
+            cmd, env=None if env is None else dict(env),
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
         )  # fmt: skip
         self.lines: queue.Queue[str | None] = queue.Queue()

@@ -1,0 +1,69 @@
+"""The guards of the GPU run's stages: what a time limit or the end of a stage leaves behind.
+A stage's child that started processes of its own (``experiments/table.py`` runs its cells
+as ``vaeflow train`` subprocesses) must not leave them running on the GPU into the next
+stage, whether the child was killed at its limit or ended by itself."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from gpu_guard import LineWorker, StageTimeout, stream_lines
+
+# A child that starts a grandchild (which keeps no pipe of the parent's open, as a table
+# cell writes to its own log), says its pid, then sleeps or exits.
+_PARENT = (
+    "import subprocess, sys, time\n"
+    "g = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'],\n"
+    "                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,\n"
+    "                     stderr=subprocess.DEVNULL)\n"
+    "print('@@ {\"pid\": %d}' % g.pid, flush=True)\n"
+)
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie that no one reaped does not: it holds no GPU)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+def _gone(pid: int, within: float = 10.0) -> bool:
+    end = time.monotonic() + within
+    while time.monotonic() < end:
+        if not _alive(pid):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def _grandchild(lines: list[str]) -> int:
+    return int(next(line for line in lines if line.startswith("@@ ")).split()[-1].rstrip("}"))
+
+
+pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
+
+
+def test_a_killed_stage_takes_what_it_started_with_it(tmp_path: Path) -> None:
+    done = stream_lines([sys.executable, "-c", _PARENT + "time.sleep(120)"], 3, tmp_path / "a")
+    assert done.timed_out and done.returncode is None
+    assert _gone(_grandchild(done.lines)), "the grandchild outlived its stage's time limit"
+
+
+def test_a_stage_that_ended_leaves_nothing_running(tmp_path: Path) -> None:
+    # as experiments/table.py that raised while its cells trained
+    done = stream_lines([sys.executable, "-c", _PARENT + "sys.exit(1)"], 30, tmp_path / "b")
+    assert not done.timed_out and done.returncode == 1
+    assert _gone(_grandchild(done.lines)), "the grandchild outlived its stage"
+
+
+def test_a_worker_killed_at_its_limit_takes_what_it_started_with_it(tmp_path: Path) -> None:
+    worker = LineWorker([sys.executable, "-c", _PARENT + "time.sleep(120)"], tmp_path / "c")
+    pid = worker.answer(timeout=30)["pid"]
+    with pytest.raises(StageTimeout):
+        worker.request({"x": 1}, timeout=1)
+    assert _gone(pid), "the worker's child outlived the worker's time limit"
