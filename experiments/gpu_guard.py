@@ -86,20 +86,23 @@ class WorkerDied(RuntimeError):
 
 def _pump(stream: IO[str], lines: queue.Queue[str | None], tee: IO[str] | None) -> None:
     """Copy ``stream``'s lines into ``lines`` (and ``tee``), then ``None`` at its end."""
-    for line in stream:
-        if tee is not None:
-            tee.write(line)
-            tee.flush()
-        lines.put(line)
-    lines.put(None)
+    try:
+        for line in stream:
+            if tee is not None:
+                tee.write(line)
+                tee.flush()
+            lines.put(line)
+    finally:  # the end is always told, or the waiting side would wait for its time limit
+        lines.put(None)
 
 
 def _spawn(cmd: Sequence[str], **kwargs: Any) -> subprocess.Popen[str]:
     """``Popen`` of ``cmd`` as the leader of a process group of its own (a new session), so
     that :func:`_kill` reaches what it started too: ``experiments/table.py``'s training cells,
     which would otherwise outlive its SIGKILL and go on training on the GPU through the next
-    stage."""
-    return subprocess.Popen(list(cmd), text=True, start_new_session=True, **kwargs)
+    stage. Text is decoded leniently: one byte that is not UTF-8 must not end the reading."""
+    return subprocess.Popen(list(cmd), text=True, errors="replace", start_new_session=True,
+                            **kwargs)  # fmt: skip
 
 
 def _kill(proc: subprocess.Popen[str]) -> None:

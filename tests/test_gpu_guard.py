@@ -67,3 +67,13 @@ def test_a_worker_killed_at_its_limit_takes_what_it_started_with_it(tmp_path: Pa
     with pytest.raises(StageTimeout):
         worker.request({"x": 1}, timeout=1)
     assert _gone(pid), "the worker's child outlived the worker's time limit"
+
+
+def test_output_that_is_not_utf8_does_not_stop_the_reading(tmp_path: Path) -> None:
+    # The reader thread died on the byte it could not decode, and the stage then waited for
+    # its whole time limit for an end of output that nobody would tell, and called it a hang.
+    code = ("import sys; sys.stdout.buffer.write(b'| Time 0.5 | \\xff\\n'); "
+            "print('done', flush=True)")  # fmt: skip
+    done = stream_lines([sys.executable, "-c", code], 20, tmp_path / "log")
+    assert (done.timed_out, done.returncode) == (False, 0) and done.seconds < 15
+    assert done.lines == ["| Time 0.5 | \ufffd", "done"]
