@@ -3,6 +3,7 @@ refused when the config is built, before a run reads (or downloads) any data."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -77,3 +78,29 @@ def test_a_device_type_this_machine_has_not_is_refused_in_one_line(
     last = capsys.readouterr().err.splitlines()[-1]  # after "run directory: ..."
     assert last.startswith(f"vaeflow: error: device '{name}' asked for"), last
     assert not run.exists()
+
+
+@pytest.mark.parametrize(
+    ("arch", "net_kwargs", "message"),
+    [
+        # 0 built a decoder whose output ignores z; -1 was a RuntimeError (a traceback)
+        ("gatedconv", {"head_channels": 0}, "head_channels must be a positive integer, got 0"),
+        ("gatedconv", {"head_channels": -1}, "head_channels must be a positive integer, got -1"),
+        ("gatedconv", {"head_channels": 2.5}, "head_channels must be a positive integer"),
+        ("gatedconv", {"head_channels": True}, "head_channels must be a positive integer"),
+        # a boolean read as the number 1
+        ("gatedconv", {"variance_bounds": [0.1, True]}, "variance_bounds must be a number"),
+        ("gatedconv", {"variance_bounds": [1, 2, 3]}, "variance_bounds must be two numbers"),
+        ("gatedconv", {"variance_bounds": 5}, "variance_bounds must be two numbers"),
+        ("mlp", {"hidden_sizes": [True, 4]}, "hidden_sizes must be a non-empty sequence"),
+    ],
+)
+def test_a_bad_network_size_is_refused_by_name(arch: str, net_kwargs: dict, message: str) -> None:
+    with pytest.raises(InputError, match=f"^net_kwargs: {re.escape(message)}"):
+        resolve("freyfaces", "none", {"arch": arch, "net_kwargs": net_kwargs})
+
+
+def test_the_papers_frey_faces_head_and_bounds_are_still_taken() -> None:
+    config = resolve("freyfaces", "none", {"net_kwargs": {"head_channels": 64,
+                                                            "variance_bounds": [0.05, 5]}})
+    assert config.net_kwargs == {"head_channels": 64, "variance_bounds": [0.05, 5]}

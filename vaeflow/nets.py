@@ -187,7 +187,13 @@ class Encoder(nn.Module):
         # a floor below 0 would make the std head's sigma negative (the loss NaN)
         self.min_sigma = check_number("min_sigma", min_sigma, nonnegative=True)
         if variance_bounds is not None:
-            lo, hi = (float(v) for v in variance_bounds)
+            if isinstance(variance_bounds, str | bytes) or not isinstance(
+                variance_bounds, Sequence
+            ) or len(variance_bounds) != 2:
+                raise ValueError(f"variance_bounds must be two numbers (lo, hi), got "
+                                 f"{variance_bounds!r}")
+            # check_number: a bool is no bound (float(True) would read as 1.0)
+            lo, hi = (check_number("variance_bounds", v) for v in variance_bounds)
             if not 0 < lo < hi:
                 raise ValueError(f"variance_bounds must be 0 < lo < hi, got {variance_bounds!r}")
             variance_bounds = (lo, hi)
@@ -318,6 +324,9 @@ class GatedConvDecoder(Decoder):
         kernel = _gatedconv_last_kernel(shape)
         head: list[nn.Module] = [nn.Conv2d(32, out_channels, 1)]
         if head_channels is not None:
+            # 0 would build a decoder whose output ignores z (only the last bias is left), and a
+            # negative or fractional count fails inside torch with a message that names no option
+            check_positive_int("head_channels", head_channels)
             head = [
                 nn.Conv2d(32, head_channels, 5, 1, 2),
                 nn.Conv2d(head_channels, out_channels, 1),
@@ -345,7 +354,9 @@ def _mlp(sizes: Sequence[int], activation: str) -> nn.Sequential:
 
 def _check_hidden(hidden_sizes: Sequence[int]) -> tuple[int, ...]:
     sizes = tuple(hidden_sizes)
-    if not sizes or not all(isinstance(s, int) and s > 0 for s in sizes):
+    if not sizes or not all(
+        isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in sizes
+    ):
         raise ValueError(f"hidden_sizes must be a non-empty sequence of positive ints, got {sizes}")
     return sizes
 
