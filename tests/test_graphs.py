@@ -200,3 +200,39 @@ def test_a_failed_capture_leaves_the_random_stream_where_it_was(
     graphed, _ = graphs.capture(lambda x, b: {}, model, optimizer, torch.zeros(8, 4))
     assert graphed is None
     assert torch.equal(torch.rand(4), expected)
+
+
+def test_a_failed_warm_up_waits_for_the_side_stream_before_the_restore(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # On a GPU the warm-up's kernels run on a side stream, after the host has queued them: a
+    # step that raises on the host (out of memory) leaves the earlier steps' parameter updates
+    # queued there, and a restore on the main stream that does not wait for them races them.
+    import contextlib
+
+    from vaeflow import graphs
+
+    events: list[str] = []
+
+    class Stream:
+        def __init__(self, name: str = "side") -> None:
+            self.name = name
+
+        def wait_stream(self, other: Stream) -> None:
+            events.append(f"{self.name} waits for {other.name}")
+
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream("main"))
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    restore = graphs._Snapshot.restore
+    monkeypatch.setattr(graphs._Snapshot, "restore",
+                        lambda self: (events.append("restore"), restore(self))[-1])
+    model, optimizer = _model_and_optimizer()
+
+    def step(x: torch.Tensor, beta: torch.Tensor) -> dict[str, torch.Tensor]:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    graphed, _ = graphs.capture(step, model, optimizer, torch.zeros(8, 4))
+    assert graphed is None
+    assert events[-2:] == ["main waits for side", "restore"], events

@@ -110,10 +110,17 @@ class GraphedStep:
             with fork_rng(x.device, int(torch.initial_seed()) % 2**31):
                 side = torch.cuda.Stream()
                 side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):
-                    for _ in range(3):  # warm up the allocator and autograd off the capture stream
-                        step(self.x, self.beta)
-                torch.cuda.current_stream().wait_stream(side)
+                try:
+                    # warm up the allocator and autograd off the capture stream
+                    with torch.cuda.stream(side):
+                        for _ in range(3):
+                            step(self.x, self.beta)
+                finally:
+                    # Also after a warm-up step raised (out of memory, at an allocation, on the
+                    # host): the earlier steps' kernels may still be queued on the side stream,
+                    # and the restore below, on this stream, must come after their writes to
+                    # the weights, or they would land on the restored weights.
+                    torch.cuda.current_stream().wait_stream(side)
         finally:
             # Also when a warm-up step raised (out of memory, say): :func:`capture` then goes on
             # eagerly, and must do so from the run's own weights, not from a warm-up's.
