@@ -104,3 +104,21 @@ def test_the_papers_frey_faces_head_and_bounds_are_still_taken() -> None:
     config = resolve("freyfaces", "none", {"net_kwargs": {"head_channels": 64,
                                                             "variance_bounds": [0.05, 5]}})
     assert config.net_kwargs == {"head_channels": 64, "variance_bounds": [0.05, 5]}
+
+
+def test_eval_help_names_the_counts_that_a_smoke_run_is_evaluated_with() -> None:
+    """``vaeflow eval`` of a run trained with --max-steps evaluates as that run did (500 test
+    points, 10 samples on 50), not on all the test points as the help said."""
+    import argparse
+
+    from vaeflow.cli import build_parser
+    from vaeflow.configs import TrainConfig
+    from vaeflow.evaluate import smoke_eval_counts
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    helps = {a.dest: " ".join(a.help.split()) for a in commands.choices["eval"]._actions}
+    counts = smoke_eval_counts(TrainConfig(flow="none", max_steps=3))
+    assert set(counts) == {"eval_points", "is_samples", "is_points"}
+    for key, n in counts.items():
+        assert f"{n} for a smoke run" in helps[key], (key, helps[key])

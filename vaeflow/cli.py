@@ -368,13 +368,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", help="auto, cpu, cuda, cuda:N (default: the run's)")
     e.add_argument("--data-dir", help="data directory (default: the run's, else $VAEFLOW_DATA "
                    "or a user cache)")
-    e.add_argument("--eval-points", type=int,
-                   help="test points for the NELBO, a seeded subset (default: the run's "
-                   "eval_points; all when it has none)")
-    e.add_argument("--is-samples", type=int,
-                   help="importance samples (0: skip; default: the run's is_samples)")
-    e.add_argument("--is-points", type=int,
-                   help="test points for the IS estimate (default: the run's is_points)")
+    e.add_argument("--eval-points", type=int, help="test points for the NELBO, a seeded subset "
+                   "(default: the run's eval_points, all when it has none; 500 for a smoke run: "
+                   "one trained with --max-steps and the default counts)")
+    e.add_argument("--is-samples", type=int, help="importance samples (0: skip; default: the "
+                   "run's is_samples; 10 for a smoke run)")
+    e.add_argument("--is-points", type=int, help="test points for the IS estimate (default: "
+                   "the run's is_points; 50 for a smoke run)")
     e.add_argument("--checkpoint", choices=("best", "last"), default="best",
                    help="best: the best validation epoch's model (best.pt, default); last: the "
                    "last checkpoint's (checkpoint.pt)")
