@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import math
 import os
 import shlex
 import subprocess
@@ -141,6 +142,19 @@ def _environment(device: str) -> dict[str, Any]:
         except (OSError, subprocess.SubprocessError) as err:
             env["driver"] = f"unknown ({type(err).__name__})"
     return env
+
+
+def _strict(value: Any) -> Any:
+    """``value`` with each non-finite float as its name in a string ("NaN", "Infinity",
+    "-Infinity"): ``summary.json`` is strict JSON (``atomic_write_json`` refuses NaN), and on a
+    GPU a variant whose loss diverged reports it as NaN."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    return value
 
 
 def _resolve_device(requested: str, smoke: bool) -> str:
@@ -342,7 +356,7 @@ class GpuRun:
         guarded(self.stages, "plot", self.plot)
         guarded(self.stages, "archive", self.archive)
         self.summary["finished"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-        atomic_write_json(self.summary, self.out / "summary.json")
+        atomic_write_json(_strict(self.summary), self.out / "summary.json")
 
     def plot(self) -> None:
         from vaeflow.plots import plot_learning_curves

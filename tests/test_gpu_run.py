@@ -296,3 +296,37 @@ def test_the_table_row_comes_before_the_graph_check_and_gets_the_larger_share(
     graph = runner.stages["graph"]
     assert graph["status"] == "failed" and "--stages graph" in graph["error"]
     assert not (tmp_path / "work" / "graph").exists()  # no run was started
+
+
+def test_a_non_finite_loss_does_not_cost_the_summary(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A variant whose loss diverged on the GPU comes back from its worker as NaN (the bench
+    # notes it, "non-finite loss"); summary.json is strict JSON, and writing it failed, so the
+    # window's main result was lost while bench.md told of the NaN.
+    import gpu_run
+
+    def bench(self: gpu_run.GpuRun) -> None:
+        result = {"variant": "ffjord-rk4-cudagraph", "final_loss": math.nan,
+                  "graph_loss_gap": math.inf, "note": "non-finite loss"}
+        self.summary["bench"] = {"variants": [{"variant": "ffjord-rk4-cudagraph",
+                                               "status": "ok", "result": None, "error": ""}],
+                                 "raw": [result, -math.inf]}
+
+    monkeypatch.setattr(gpu_run.GpuRun, "bench", bench)
+    monkeypatch.setattr(gpu_run.GpuRun, "plot", lambda self: None)
+    monkeypatch.setattr(gpu_run, "_environment", lambda device: {"cuda_available": True})
+    argv = [str(tmp_path / "out"), "--stages", "bench", "--minutes", "1", "--device", "cpu",
+            "--work", str(tmp_path / "work"), "--data-dir", str(tmp_path / "none")]
+    runner = gpu_run.GpuRun(gpu_run._parser().parse_args(argv), argv)
+    assert runner.run() == 0
+    assert runner.stages["report"]["status"] == "ok", runner.stages["report"]
+
+    def strict(name: str) -> None:
+        raise ValueError(f"{name} in summary.json")
+
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text(), parse_constant=strict)
+    assert summary["bench"]["raw"] == [
+        {"variant": "ffjord-rk4-cudagraph", "final_loss": "NaN", "graph_loss_gap": "Infinity",
+         "note": "non-finite loss"}, "-Infinity"]
+    assert summary["stages"]["bench"]["status"] == "ok"
