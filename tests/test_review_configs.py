@@ -122,3 +122,22 @@ def test_eval_help_names_the_counts_that_a_smoke_run_is_evaluated_with() -> None
     assert set(counts) == {"eval_points", "is_samples", "is_points"}
     for key, n in counts.items():
         assert f"{n} for a smoke run" in helps[key], (key, helps[key])
+
+
+def test_load_model_reads_a_device_as_the_command_line_does(tmp_path: Path) -> None:
+    """``cpu:0`` loads on the CPU, and a device this machine has not is named as such: both
+    were "best.pt is damaged or not a vaeflow checkpoint" (torch.load refused every storage)."""
+    import torch
+
+    from vaeflow.evaluate import save_run
+    from vaeflow.model import build_model
+    from vaeflow.runs import load_model
+
+    config = resolve("static_mnist", "none", {"arch": "mlp", "latent_dim": 2, "context_dim": 2,
+                                              "net_kwargs": {"hidden_sizes": [4]}})
+    save_run(tmp_path / "run", build_model(config), config, evaluate=False)
+    model, _ = load_model(tmp_path / "run", device="cpu:0")
+    assert next(model.parameters()).device == torch.device("cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(InputError, match="^device 'cuda' asked for, but CUDA is not avail"):
+            load_model(tmp_path / "run", device="cuda")

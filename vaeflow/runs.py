@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from vaeflow.atomic import atomic_save, atomic_write_json
-from vaeflow.checks import InputError
+from vaeflow.checks import InputError, resolve_device
 from vaeflow.configs import TrainConfig
 from vaeflow.flows import FLOWS
 from vaeflow.model import build_model
@@ -222,9 +222,14 @@ def load_model(
     ``checkpoint.pt`` (``"last"``), on ``device``, and the run's config (``config``, when the
     caller has read it already). The model is in eval mode, as a loaded model is mostly used to
     measure and draw: FFJORD then uses the exact trace, as the test figures do (call
-    ``model.train()`` to train it on, with the Hutchinson estimate)."""
+    ``model.train()`` to train it on, with the Hutchinson estimate). ``device`` is read as
+    ``--device`` is (``"auto"``, ``"cpu"``, ``"cuda:1"``): one this machine has not is refused
+    by name."""
     if checkpoint not in ("best", "last"):
         raise InputError(f"checkpoint must be 'best' or 'last', got {checkpoint!r}")
+    # Before torch.load: given "cuda" without CUDA, or "cpu:0", it fails on every storage, and
+    # the file would be called damaged.
+    device = resolve_device(str(device))
     directory = Path(run_dir)
     if config is None:
         config = read_config(directory)
