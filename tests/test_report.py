@@ -386,6 +386,8 @@ def test_the_summary_of_a_run_stopped_by_its_budget_offers_a_larger_one(
                         progress=False)
         text = report.summary(run, results)
         assert f"vaeflow train --resume {run} {words}    # train on with a larger budget" in text
+        # on the resume only: the other commands stay as they are
+        assert f"     vaeflow eval {run}\n" in text and f"vaeflow compare {run} OTHER" in text
     failed = {"test_nelbo": 100.0, "unit": "nats", "status": "failed",
               "stop_reason": "max_epochs=1 reached"}
     assert report.larger_budget(tiny_config(tiny_data_dir), failed) == []

@@ -120,7 +120,7 @@ def next_commands(run_dir: str | os.PathLike[str], flow: str, world_size: int = 
     for a run that its budget stopped, which its resume then trains on with (a plain resume of
     a finished run only evaluates it again)."""
     path = str(run_dir)
-    where = " ".join(shlex.quote(word) for word in (path, *train_on))
+    where = shlex.quote(path)
     again = ("    # train on with a larger budget" if train_on else
              "    # continue (e.g. after a kill)")
     # A checkpoint resumes only at the world size that wrote it (its ranks' random states).
@@ -128,7 +128,8 @@ def next_commands(run_dir: str | os.PathLike[str], flow: str, world_size: int = 
     tensorboard = [f"tensorboard --logdir {where}"] if events else []
     compare = f"vaeflow compare {where} OTHER_RUN..."
     if _built_in(flow):
-        resume = f"vaeflow train --resume {where}{again}"
+        options = "".join(f" {shlex.quote(word)}" for word in train_on)
+        resume = f"vaeflow train --resume {where}{options}{again}"
         if world_size > 1:
             resume = f"{torchrun} --no-python {resume} with the same {world_size} processes"
         return [*tensorboard, f"vaeflow eval {where}", *([resume] if resumable else []), compare]
