@@ -27,6 +27,7 @@ __all__ = [
     "StageTimeout",
     "WorkerDied",
     "error_text",
+    "exit_on_sigterm",
     "guarded",
     "send",
     "stream_lines",
@@ -103,6 +104,18 @@ def _spawn(cmd: Sequence[str], **kwargs: Any) -> subprocess.Popen[str]:
     stage. Text is decoded leniently: one byte that is not UTF-8 must not end the reading."""
     return subprocess.Popen(list(cmd), text=True, errors="replace", start_new_session=True,
                             **kwargs)  # fmt: skip
+
+
+def exit_on_sigterm() -> None:
+    """Make SIGTERM end this process with ``SystemExit``, so that the ``finally`` blocks that
+    kill the children's process groups run: each child leads a session of its own
+    (:func:`_spawn`), and a SIGTERM to this process's group (a time limit of whatever runs it)
+    no longer reaches them; by default it ended this process at once, leaving them running."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 def _kill(proc: subprocess.Popen[str]) -> None:

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from gpu_bench import DEFAULT_VARIANTS, FAULTS, SMOKE_SKIPPED, run_bench
-from gpu_guard import Deadline, guarded, stream_lines
+from gpu_guard import Deadline, exit_on_sigterm, guarded, stream_lines
 from gpu_reference import REFERENCE_FLOWS, missing_dependencies, prepare_reference, run_reference
 from gpu_report import render_bench, render_table, speedups, targets
 from gpu_table import (
@@ -396,4 +396,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    exit_on_sigterm()  # the stages' children are killed on the way out
     sys.exit(main())

@@ -77,3 +77,34 @@ def test_output_that_is_not_utf8_does_not_stop_the_reading(tmp_path: Path) -> No
     done = stream_lines([sys.executable, "-c", code], 20, tmp_path / "log")
     assert (done.timed_out, done.returncode) == (False, 0) and done.seconds < 15
     assert done.lines == ["| Time 0.5 | \ufffd", "done"]
+
+
+def test_a_sigterm_to_the_run_takes_the_stages_children_with_it(tmp_path: Path) -> None:
+    # Each child leads a session of its own, so a SIGTERM to the run's process group (the
+    # time limit of whatever runs experiments/gpu_run.py) reaches the run alone: it must end
+    # through the finally blocks that kill the children, not at once.
+    import signal
+    import subprocess
+
+    log = tmp_path / "log"
+    script = (
+        "import sys, time\n"
+        f"sys.path.insert(0, {str(Path(__file__).resolve().parents[1] / 'experiments')!r})\n"
+        "from pathlib import Path\n"
+        "from gpu_guard import exit_on_sigterm, stream_lines\n"
+        "exit_on_sigterm()\n"
+        f"stream_lines([sys.executable, '-c', {_PARENT + 'time.sleep(120)'!r}], 60, "
+        f"Path({str(log)!r}))\n"
+    )
+    run = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        end = time.monotonic() + 30
+        while "@@ " not in (log.read_text() if log.exists() else "") and time.monotonic() < end:
+            time.sleep(0.1)
+        pid = _grandchild(log.read_text().splitlines())
+        run.send_signal(signal.SIGTERM)
+        status = run.wait(timeout=30)
+        assert _gone(pid), "the stage's grandchild outlived the run"
+        assert status == 128 + signal.SIGTERM
+    finally:
+        run.kill()
