@@ -609,6 +609,30 @@ def test_existing_run_is_not_overwritten(tiny_data_dir: Path, tmp_path: Path) ->
         train(config, tmp_path / "run", progress=False)
 
 
+def test_an_epochs_training_means_are_over_its_data_points(
+    tiny_data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 200 points in batches of 30: six of 30 and a last one of 20, which weighs 20/200 in the
+    # epoch's mean NELBO, not 1/7 (Frey Faces: 1,565 points, a last batch of 65)
+    real, seen = train_mod.train_step, []
+
+    def recording(*args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        out = real(*args, **kwargs)
+        seen.append((float(out["nelbo"]), len(args[2]), float(out["grad_norm"])))
+        return out
+
+    monkeypatch.setattr(train_mod, "train_step", recording)
+    train(tiny_config(tiny_data_dir, batch_size=30, max_epochs=1), tmp_path / "run",
+          progress=False)
+    assert [n for _, n, _ in seen] == [30] * 6 + [20]
+    (record,) = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert "train_rows" not in record
+    by_point = sum(v * n for v, n, _ in seen) / 200
+    assert record["train_nelbo"] == pytest.approx(by_point, rel=1e-6)
+    # the gradient norm is a step's figure: its mean is per step
+    assert record["train_grad_norm"] == pytest.approx(sum(g for *_, g in seen) / 7, rel=1e-6)
+
+
 def test_the_test_solve_integrates_no_rnode_terms(tiny_data_dir: Path) -> None:
     # The RNODE terms are a training loss: in the solve of the test figures they would only
     # enter the adaptive solver's error control (and cost work), so that a regularized model

@@ -116,6 +116,10 @@ load_run = read_config
 
 logger = logging.getLogger(__name__)
 
+# Training figures of a step rather than of its data points: their means are per step.
+_PER_STEP = frozenset({"grad_norm", "nfe_forward", "nfe_backward"})
+_ROWS = "rows"  # the key of the data points summed in an epoch's (and the run's) sums
+
 
 class TrainingError(RuntimeError):
     """The run cannot go on (NaN loss, solver failure); the last good checkpoint is kept."""
@@ -514,6 +518,7 @@ class _Trainer:
         beta = beta_at(st.epoch, cfg.warmup_epochs)
         sums: dict[str, Tensor] = {}
         window: list[dict[str, Tensor]] = []
+        rows: list[int] = []  # each step's batch rows (all ranks'), to weight its means
         nfe: list[tuple[int, int]] = []
         tick = time.perf_counter()
         self.model.train()
@@ -536,6 +541,7 @@ class _Trainer:
             st.epoch_steps += 1
             self.bar.step(st.step)  # host-side counting only: no device read
             window.append(out)
+            rows.append(len(batch))
             stats = self.model.flow.statistics()  # plain ints: no device read
             if "nfe_forward" in stats:
                 nfe.append((stats["nfe_forward"], stats.get("nfe_backward", 0)))
@@ -546,9 +552,9 @@ class _Trainer:
             if flush or ckpt_due or not self.loader.in_epoch:
                 now = time.perf_counter()
                 st.seconds += now - tick
-                self._flush(window, nfe, sums, beta, (now - tick) / max(len(window), 1))
+                self._flush(window, rows, nfe, sums, beta, (now - tick) / max(len(window), 1))
                 tick = now
-                window, nfe = [], []
+                window, rows, nfe = [], [], []
                 interrupted = signals.received is not None  # under torchrun: agreed just now
             if interrupted or ckpt_due:
                 self._fold(sums)
@@ -586,6 +592,7 @@ class _Trainer:
     def _flush(
         self,
         window: list[dict[str, Tensor]],
+        rows: list[int],
         nfe: list[tuple[int, int]],
         sums: dict[str, Tensor],
         beta: float,
@@ -614,15 +621,22 @@ class _Trainer:
             raise _NonFinite(f"the loss became {losses[bad]} at step {step}{before}")
         if self.graphed is not None:  # what the replays could only record (one more read)
             self.model.flow.check_replays()
+        # Per-datum terms are weighted by their step's rows, so that an epoch's (and a
+        # window's) mean is over its data points, a short last batch counting for its rows.
+        weights = torch.tensor(rows, dtype=torch.float64)
         for i, n in enumerate(names):
             col = values[:, i].double()
-            sums[n] = sums.get(n, torch.zeros((), dtype=torch.float64)) + col.sum()
+            total = col.sum() if n in _PER_STEP else (col * weights).sum()
+            sums[n] = sums.get(n, torch.zeros((), dtype=torch.float64)) + total
+        sums[_ROWS] = sums.get(_ROWS, torch.zeros((), dtype=torch.float64)) + weights.sum()
         for j, n in enumerate(("nfe_forward", "nfe_backward")):
             if nfe:
                 total = torch.tensor(synced.nfe[j], dtype=torch.float64)
                 sums[n] = sums.get(n, torch.zeros((), dtype=torch.float64)) + total
         step = self.state.step
-        mean = {n: float(values[:, i].mean()) for i, n in enumerate(names)}
+        mean = {n: float(values[:, i].mean()) if n in _PER_STEP else
+                float((values[:, i].double() * weights).sum() / weights.sum())
+                for i, n in enumerate(names)}
         extra = {
             "beta": beta,
             "lr": self.optimizer.param_groups[0]["lr"],
@@ -680,7 +694,7 @@ class _Trainer:
         st.seconds = self.world.main_value(st.seconds + time.perf_counter() - tick)
         if not math.isfinite(valid):
             raise _NonFinite(f"the validation NELBO became {valid}")
-        train_means = {n: v / max(st.epoch_steps, 1) for n, v in st.epoch_sums.items()}
+        train_means = _epoch_means(st.epoch_sums, st.epoch_steps)
         record = {"epoch": st.epoch, "step": st.step, "seconds": st.seconds, "valid_nelbo": valid}
         if partial:
             record["partial"] = True
@@ -836,6 +850,15 @@ class _Trainer:
             "solver settings (e.g. --solver atol=1e-6 --solver rtol=1e-6), or lower the "
             "learning rate and train again"
         )
+
+
+def _epoch_means(sums: Mapping[str, float], steps: int) -> dict[str, float]:
+    """An epoch's means of its training terms from their ``sums``: per data point for the loss
+    terms (weighted by rows, see ``_flush``), per step for the NFE and the gradient norm. An
+    epoch saved by a vaeflow that did not count rows is read as it wrote it, per step."""
+    rows = sums.get(_ROWS)
+    return {n: v / (max(steps, 1) if n in _PER_STEP or rows is None else rows)
+            for n, v in sums.items() if n != _ROWS}
 
 
 def _minutes(seconds: float) -> str:
