@@ -633,6 +633,29 @@ def test_an_epochs_training_means_are_over_its_data_points(
     assert record["train_grad_norm"] == pytest.approx(sum(g for *_, g in seen) / 7, rel=1e-6)
 
 
+def test_an_epoch_saved_with_sums_of_batch_means_resumes_by_data_points(
+    tiny_data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a checkpoint inside an epoch from a vaeflow that summed batch means (no "rows"): its
+    # batches so far were whole, so the resumed epoch's mean is still over its data points
+    config = tiny_config(tiny_data_dir, max_epochs=1, checkpoint_every=4)
+    reference = train(config, tmp_path / "a", progress=False)
+    crash_at(monkeypatch, 7)
+    with pytest.raises(Crash):
+        train(config, tmp_path / "b", progress=False)
+    monkeypatch.undo()
+    path = tmp_path / "b" / "checkpoint.pt"
+    ckpt = torch.load(path, weights_only=True)
+    sums = ckpt["progress"]["epoch_sums"]
+    assert sums["rows"] == 4 * 20
+    ckpt["progress"]["epoch_sums"] = {n: v if n in ("grad_norm", "nfe_forward") else v / 20
+                                      for n, v in sums.items() if n != "rows"}
+    torch.save(ckpt, path)
+    assert train(resume=tmp_path / "b", progress=False) == reference
+    a, b = (json.loads((tmp_path / r / "history.json").read_text())[0] for r in "ab")
+    assert b["train_nelbo"] == pytest.approx(a["train_nelbo"], rel=1e-9)
+
+
 def test_the_test_solve_integrates_no_rnode_terms(tiny_data_dir: Path) -> None:
     # The RNODE terms are a training loss: in the solve of the test figures they would only
     # enter the adaptive solver's error control (and cost work), so that a regularized model

@@ -356,6 +356,13 @@ class _Trainer:
         rng = ckpt["rng_ranks"][self.world.rank] if self.world.distributed else ckpt["rng"]
         set_rng_state(rng, self.device)
         self.state = _Progress(**ckpt["progress"])
+        sums, steps = self.state.epoch_sums, self.state.epoch_steps
+        if sums and _ROWS not in sums:
+            # saved inside an epoch by a vaeflow that summed batch means: until the epoch's
+            # short last batch, every batch was whole, so the sums by rows are these times it
+            size = self.config.batch_size
+            self.state.epoch_sums = {n: v if n in _PER_STEP else v * size for n, v in sums.items()}
+            self.state.epoch_sums[_ROWS] = float(steps * size)
         self.saved_step = self.state.step
 
     def load(self, name: str) -> Any:
@@ -854,10 +861,9 @@ class _Trainer:
 
 def _epoch_means(sums: Mapping[str, float], steps: int) -> dict[str, float]:
     """An epoch's means of its training terms from their ``sums``: per data point for the loss
-    terms (weighted by rows, see ``_flush``), per step for the NFE and the gradient norm. An
-    epoch saved by a vaeflow that did not count rows is read as it wrote it, per step."""
-    rows = sums.get(_ROWS)
-    return {n: v / (max(steps, 1) if n in _PER_STEP or rows is None else rows)
+    terms (weighted by rows, see ``_flush``), per step for the NFE and the gradient norm."""
+    rows = sums.get(_ROWS, 0.0)
+    return {n: v / (max(steps, 1) if n in _PER_STEP else max(rows, 1.0))
             for n, v in sums.items() if n != _ROWS}
 
 
