@@ -12,7 +12,9 @@
 
 Each cell (data set x flow x seed) is ``vaeflow train`` with the papers' settings
 (``vaeflow/configs``) in ``RUNS_DIR/<dataset>/<flow>/seed<k>``; a finished cell is skipped, an
-unfinished one resumed. The report (``table.md``, ``table.csv``, PNG plots) goes to ``--out``.
+unfinished one resumed; asked for a larger budget than it ran under (``--max-epochs 3`` after a
+grid at 2), a cell trains on from its last checkpoint. The report (``table.md``, ``table.csv``,
+PNG plots) goes to ``--out``.
 
 Placing the cells: ``--devices`` (default: every visible CUDA device, else the CPU) lists the
 devices; ``--per-device K`` runs up to K cells on each; ``--parallel P`` caps the cells that
@@ -62,6 +64,9 @@ from table_records import collect
 from table_report import write_report
 
 from vaeflow.runs import Run, RunError
+
+# how the progress lines name a job's mode, where its name is too short to say it
+MODE_TEXT = {"extend": "resume with a larger budget"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -118,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "e.g. --flow-opt ffjord:adjoint=true")
     run.add_argument("--on-mismatch", choices=("error", "keep", "restart"), default="error",
                      help="a cell already run with other settings: stop (default), keep it "
-                          "with its own settings (resumed if unfinished), or train it afresh")
+                          "with its own settings (resumed if unfinished), or train it afresh; "
+                          "a larger budget alone is no mismatch: the cell trains on")
     run.add_argument("--report-only", action="store_true",
                      help="run nothing: rebuild the report from the run directories")
     run.add_argument("--dry-run", action="store_true", help="print the cells' commands and exit")
@@ -179,7 +185,8 @@ def _run_plan(plan: Plan, options: TableOptions, echo: TextIO) -> int:
     def on_start(job: Job) -> None:
         started[0] += 1
         where = f" on {job.device}" if job.device else ""
-        print(f"[{started[0]}/{total}] {job.name}: {job.mode}{where}", file=echo, flush=True)
+        mode = MODE_TEXT.get(job.mode, job.mode)
+        print(f"[{started[0]}/{total}] {job.name}: {mode}{where}", file=echo, flush=True)
 
     def on_finish(result: JobResult) -> None:
         record_attempt(result)
@@ -239,10 +246,12 @@ def run_table(options: TableOptions, echo: TextIO = sys.stderr) -> int:
         for name, reason in plan.not_run.items():
             print(f"table: {name} not run: {reason}", file=echo)
         placement = options.placement()
+        extended = sum(j.mode == "extend" for j in plan.jobs)
+        resumed = extended + sum(j.mode == "resume" for j in plan.jobs)
+        larger = f", {extended} of them with a larger budget" if extended else ""
         print(
-            f"table: {len(plan.jobs)} cell(s) to run "
-            f"({sum(j.mode == 'resume' for j in plan.jobs)} resumed), {len(plan.skipped)} done, "
-            f"{placement.parallel} at once on {placement.describe()}",
+            f"table: {len(plan.jobs)} cell(s) to run ({resumed} resumed{larger}), "
+            f"{len(plan.skipped)} done, {placement.parallel} at once on {placement.describe()}",
             file=echo,
         )
         if options.dry_run:

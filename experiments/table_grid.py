@@ -1,5 +1,6 @@
 """The grid of ``experiments/table.py``: its cells, their configs, their run directories, and
-the plan of a call (which cells start, resume, restart, or are done).
+the plan of a call (which cells start, resume, train on with a larger budget, restart, or are
+done).
 
 A cell (data set x flow x seed) is one ``vaeflow train`` run in ``RUNS_DIR/<dataset>/<flow>/
 seed<k>``. Its config is resolved here with :func:`vaeflow.configs.resolve` from exactly the
@@ -48,12 +49,15 @@ __all__ = [
     "cell_config",
     "cell_state",
     "cell_train_args",
+    "budget_args",
     "config_diff",
     "download_missing",
     "how_to_get",
+    "larger_budget",
     "missing_data",
     "plan_grid",
     "read_json",
+    "smaller_budget",
 ]
 
 GRID_FILE = "grid.json"
@@ -220,15 +224,65 @@ def how_to_get(dataset: str, data_dir: str | None) -> str:
 # --------------------------------------------------------------------------------------------
 
 
+def _changed_keys(saved: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[str]:
+    """The config keys whose values differ and change what a run computes."""
+    return [
+        key for key in sorted(set(saved) | set(wanted))
+        if key not in NEUTRAL_KEYS and key != "seed" and saved.get(key) != wanted.get(key)
+    ]
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def smaller_budget(old: Any, new: Any) -> bool:
+    """Whether budget value ``new`` is below ``old`` (None: no limit, the largest): a run that
+    trained under ``old`` may already have passed ``new``, which no resume can take back. A
+    value that is no number (a damaged config) counts as smaller: it is no budget to train on."""
+    if new is None:
+        return False
+    return old is None or not (_is_number(old) and _is_number(new) and new >= old)
+
+
 def config_diff(saved: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[str]:
-    """``key: saved -> wanted`` for each setting that changes what a run computes."""
+    """``key: saved -> wanted`` for each setting that changes what a run computes; a budget
+    below the saved one says so (it is why a resume cannot give it)."""
     out = []
-    for key in sorted(set(saved) | set(wanted)):
-        if key in NEUTRAL_KEYS or key == "seed":
-            continue
-        if saved.get(key) != wanted.get(key):
-            out.append(f"{key}: {saved.get(key)!r} -> {wanted.get(key)!r}")
+    for key in _changed_keys(saved, wanted):
+        old, new = saved.get(key), wanted.get(key)
+        smaller = key in BUDGET_KEYS and smaller_budget(old, new)
+        out.append(f"{key}: {old!r} -> {new!r}" + (" (a smaller budget)" if smaller else ""))
     return out
+
+
+def larger_budget(saved: Mapping[str, Any], wanted: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The budget keys that ``wanted`` raises (key -> new value) when a larger budget is all
+    that differs from ``saved``, else None. Such a cell is no mismatch: ``vaeflow train
+    --resume`` trains it on from its last checkpoint as the longer run would have."""
+    changed = _changed_keys(saved, wanted)
+    if not changed or not set(changed) <= BUDGET_KEYS:
+        return None
+    if any(smaller_budget(saved.get(key), wanted.get(key)) for key in changed):
+        return None
+    return {key: wanted.get(key) for key in changed}
+
+
+def budget_args(budget: Mapping[str, Any]) -> list[str]:
+    """The ``vaeflow train --resume`` options that set ``budget`` (budget keys are among what a
+    resume may change, ``vaeflow.runs.RESUMABLE``): ``--max-epochs N``, ``--max-steps N``,
+    ``--set max_minutes=M``, and ``--set KEY=none`` for no limit (no named option says that)."""
+    args: list[str] = []
+    for key, value in sorted(budget.items()):
+        if value is None:
+            args += ["--set", f"{key}=none"]
+        elif key in ("max_epochs", "max_steps"):
+            args += [f"--{key.replace('_', '-')}", str(value)]
+        else:
+            # exact, so that the run's config holds the very value that the grid compares
+            text = f"{value:g}"
+            args += ["--set", f"{key}={text if float(text) == value else repr(value)}"]
+    return args
 
 
 @dataclass
@@ -260,7 +314,12 @@ def plan_grid(
     options: TableOptions, missing: Mapping[str, str], configs: Mapping[Cell, dict[str, Any]]
 ) -> Plan:
     """The jobs of the grid, from every cell's config (:func:`check_cells`); the cells of
-    ``missing`` data sets are listed in ``Plan.not_run``."""
+    ``missing`` data sets are listed in ``Plan.not_run``.
+
+    A cell run before (done or partial) whose saved config differs from the wanted one only
+    in a larger budget (:func:`larger_budget`) is resumed with it (mode ``"extend"``); any
+    other difference, a smaller budget among them, is a mismatch (``options.on_mismatch``).
+    """
     plan = Plan(not_run=dict(missing))
     mismatched = []
     for cell, wanted in configs.items():
@@ -270,6 +329,9 @@ def plan_grid(
         state = cell_state(run_dir)
         saved = read_json(run_dir / CONFIG) if state != "new" else None
         diff = config_diff(saved, wanted) if isinstance(saved, dict) else []
+        budget = larger_budget(saved, wanted) if diff and isinstance(saved, dict) else None
+        if budget is not None:  # a larger budget alone: no mismatch, the cell trains on
+            diff, state = [], "extend"
         if diff:
             message = f"{cell.name} ({state}) was run with other settings: {'; '.join(diff)}"
             if options.on_mismatch == "error":
@@ -287,14 +349,21 @@ def plan_grid(
         elif state == "partial":
             command = [*train, "--resume", str(run_dir), "--quiet"]
             plan.jobs.append(Job(cell.name, command, log, "resume", run_dir))
+        elif state == "extend":  # done or partial: resumed with the new budget
+            assert budget is not None
+            command = [*train, "--resume", str(run_dir), *budget_args(budget), "--quiet"]
+            plan.jobs.append(Job(cell.name, command, log, "extend", run_dir, budget=budget))
         else:
             args = cell_train_args(cell, options)
             mode, extra = ("restart", ["--overwrite"]) if state == "restart" else ("start", [])
             plan.jobs.append(Job(cell.name, [*train, *args, *extra], log, mode, run_dir))
     if mismatched:
+        smaller = any("(a smaller budget)" in m for m in mismatched)
         raise TableError(
             "cells in " + str(options.runs_dir) + " were run with other settings than asked:\n  "
             + "\n  ".join(mismatched)
+            + ("\nA cell cannot resume with a smaller budget than it was run with (it may have "
+               "trained past it); a larger budget alone trains the cells on." if smaller else "")
             + "\nUse another --runs-dir, delete those cells, or pass --on-mismatch keep (keep "
             "their own settings) or --on-mismatch restart (train them afresh)."
         )

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import json
 import math
 import os
 import shlex
@@ -29,7 +30,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 import torch
 
@@ -188,9 +189,12 @@ class Job:
     name: str
     command: list[str]
     log: Path
-    mode: str = "start"  # "start", "resume" or "restart"
+    mode: str = "start"  # "start", "resume", "extend" (resume, larger budget) or "restart"
     run_dir: Path | None = None
     device: str | None = None
+    # an "extend" job's new budget (config key -> value): its cell's figures count only once
+    # its config holds it (before, they are those of the old budget)
+    budget: Mapping[str, Any] | None = None
 
 
 @dataclass
@@ -204,11 +208,23 @@ class JobResult:
     @property
     def ok(self) -> bool:
         """It exited cleanly, or (a signal that came during the final evaluation) it still
-        wrote its figures (a ``results.json`` that marks a failure does not count)."""
-        from vaeflow.runs import Run
+        wrote its figures (a ``results.json`` that marks a failure does not count); for an
+        ``extend`` job, figures under the run's new budget."""
+        from vaeflow.runs import CONFIG, Run
 
-        return self.returncode == 0 or (self.job.run_dir is not None
-                                        and Run(self.job.run_dir).finished)
+        if self.returncode == 0:
+            return True
+        if self.job.run_dir is None or not Run(self.job.run_dir).finished:
+            return False
+        if self.job.budget:
+            # a resume refused (a time budget still below what the run trained) or stopped
+            # before it wrote the new budget leaves the old figures: not this job's
+            try:
+                config = json.loads((self.job.run_dir / CONFIG).read_text())
+            except (OSError, ValueError):
+                return False
+            return all(config.get(key) == value for key, value in self.job.budget.items())
+        return True
 
 
 def last_line(path: Path, limit: int = 8192) -> str:

@@ -207,16 +207,191 @@ def test_a_second_call_skips_the_done_cells(grid: SimpleNamespace, tmp_path: Pat
 
 
 def test_other_settings_for_done_cells_stop_before_anything_runs(grid: SimpleNamespace) -> None:
-    code, message = run([*grid.argv, "--max-epochs", "3", "--out", str(grid.root / "x")])
+    code, message = run([*grid.argv, "--set", "lr=0.0123", "--out", str(grid.root / "x")])
     assert code == 2
-    assert "max_epochs: 2 -> 3" in message and "--on-mismatch keep" in message
+    assert "lr: 0.0005 -> 0.0123" in message and "--on-mismatch keep" in message
+    assert "smaller budget" not in message
     assert all(len(attempts(grid.runs, c)) == 1 for c in GRID_CELLS)
     assert not (grid.root / "x").exists()
-    code, log = run([*grid.argv, "--max-epochs", "3", "--on-mismatch", "keep", "--out",
+    # a larger budget does not make other settings a resume: the cells stay mismatched
+    code, message = run([*grid.argv, "--set", "lr=0.0123", "--max-epochs", "3"])
+    assert code == 2 and "lr: 0.0005 -> 0.0123; max_epochs: 2 -> 3" in message
+    code, log = run([*grid.argv, "--set", "lr=0.0123", "--on-mismatch", "keep", "--out",
                      str(grid.root / "kept")])
     assert code == 0 and "kept with its own settings" in log
     assert "0 cell(s) to run (0 resumed), 4 done" in log
     assert all(len(attempts(grid.runs, c)) == 1 for c in GRID_CELLS)
+
+
+def fake_cell(runs: Path, cell: Cell, argv: list[str], done: bool) -> Path:
+    """A run directory of ``cell`` as the grid ``argv`` would have left it (its config, a
+    checkpoint, and the figures when ``done``), without training it."""
+    run_dir = cell.run_dir(runs)
+    run_dir.mkdir(parents=True)
+    config = table_grid.cell_config(cell, table.options_from_args(argv)).to_dict()
+    (run_dir / "config.json").write_text(json.dumps(config))
+    (run_dir / "checkpoint.pt").write_bytes(b"")
+    if done:
+        (run_dir / "results.json").write_text(json.dumps({"status": "finished",
+                                                          "test_nelbo": 90.0}))
+    return run_dir
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "options"),
+    [
+        (["--max-epochs", "2"], ["--max-epochs", "5"], ["--max-epochs", "5"]),
+        (["--budget-minutes", "20"], ["--budget-minutes", "60"], ["--set", "max_minutes=60"]),
+        # --max-epochs 2000 has no time limit: None, the largest budget
+        (["--budget-minutes", "20"], ["--max-epochs", "2000"], ["--set", "max_minutes=none"]),
+        (["--budget-minutes", "20"], ["--max-epochs", "2000", "--set", "max_minutes=20.123456789"],
+         ["--set", "max_minutes=20.123456789"]),  # exact: the saved config must match it
+        (["--smoke"], ["--smoke", "--set", "max_steps=7"], ["--max-steps", "7"]),
+        (["--smoke"], ["--smoke", "--set", "max_steps=none"], ["--set", "max_steps=none"]),
+        (["--smoke", "--max-epochs", "2"], ["--smoke", "--max-epochs", "4", "--set", "max_steps=6"],
+         ["--max-epochs", "4", "--max-steps", "6"]),
+    ],
+)
+def test_a_larger_budget_resumes_done_and_partial_cells_with_it(
+    tiny_data_dir: Path, tmp_path: Path, before: list[str], after: list[str], options: list[str]
+) -> None:
+    base = ["--datasets", "static_mnist", "--flows", "none", "--seeds", "2", "--data-dir",
+            str(tiny_data_dir), "--runs-dir", str(tmp_path / "runs")]
+    done, partial = Cell("static_mnist", "none", 0), Cell("static_mnist", "none", 1)
+    for cell in (done, partial):
+        fake_cell(tmp_path / "runs", cell, [*base, *before], done=cell is done)
+    wanted = table.options_from_args([*base, *after])
+    plan = table_grid.plan_grid(wanted, {}, table_grid.check_cells(wanted))
+    assert [(job.name, job.mode) for job in plan.jobs] == [(c.name, "extend") for c in (done,
+                                                                                        partial)]
+    for job, cell in zip(plan.jobs, (done, partial), strict=True):
+        run_dir = str(cell.run_dir(tmp_path / "runs"))
+        assert job.command[3:] == ["train", "--resume", run_dir, *options, "--quiet"]
+    assert plan.warnings == [] and plan.skipped == []
+    # what the resume will write is what the grid asks: a third call finds the cells done
+    for cell in (done, partial):
+        saved = json.loads((cell.run_dir(tmp_path / "runs") / "config.json").read_text())
+        resumed = vaeflow_config({**saved, **cli.parse_pairs(_as_sets(options), "--set")})
+        assert table_grid.config_diff(resumed, table_grid.check_cells(wanted)[cell]) == []
+
+
+def _as_sets(options: list[str]) -> list[str]:
+    """``["--max-epochs", "5", "--set", "a=1"]`` -> ``["max_epochs=5", "a=1"]``."""
+    pairs = list(zip(options[::2], options[1::2], strict=True))
+    return [value if option == "--set" else f"{option[2:].replace('-', '_')}={value}"
+            for option, value in pairs]
+
+
+def vaeflow_config(values: dict) -> dict:
+    """``values`` read as ``vaeflow train --resume`` reads a run's config with its changes
+    (``vaeflow.train._claim``), as the config.json that it writes holds them."""
+    from vaeflow.configs import TrainConfig
+
+    return TrainConfig.from_dict(values).to_dict()
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "message"),
+    [
+        (["--max-epochs", "3"], ["--max-epochs", "1"], "max_epochs: 3 -> 1 (a smaller budget)"),
+        (["--budget-minutes", "60"], ["--budget-minutes", "20"],
+         "max_minutes: 60.0 -> 20.0 (a smaller budget)"),
+        # no time limit is the largest budget: a time limit is a smaller one, even with more
+        # epochs allowed
+        (["--max-epochs", "2"], ["--budget-minutes", "60"],
+         "max_epochs: 2 -> 2000; max_minutes: None -> 60.0 (a smaller budget)"),
+        (["--smoke"], ["--smoke", "--set", "max_steps=2"], "max_steps: 5 -> 2 (a smaller budget)"),
+    ],
+)
+def test_a_smaller_budget_is_a_mismatch(
+    tiny_data_dir: Path, tmp_path: Path, before: list[str], after: list[str], message: str
+) -> None:
+    base = ["--datasets", "static_mnist", "--flows", "none", "--seeds", "1", "--data-dir",
+            str(tiny_data_dir), "--runs-dir", str(tmp_path / "runs"), "--out",
+            str(tmp_path / "out")]
+    fake_cell(tmp_path / "runs", Cell("static_mnist", "none", 0), [*base, *before], done=True)
+    code, text = run([*base, *after])
+    assert code == 2, text
+    assert f"static_mnist/none/seed0 (done) was run with other settings: {message}" in text
+    assert "cannot resume with a smaller budget" in text
+    code, log = run([*base, *after, "--on-mismatch", "restart", "--dry-run"])
+    assert code == 0 and "trained afresh (--on-mismatch restart)" in log
+    assert "restart  static_mnist/none/seed0" in log
+
+
+@pytest.mark.slow
+def test_a_second_call_with_more_epochs_trains_the_cells_on(
+    tiny_data_dir: Path, tmp_path: Path
+) -> None:
+    """A grid at 2 epochs called again at 3: its done cells and a partial one train on, a new
+    one starts, all end at epoch 3, the one compared with a grid run at 3 from the start
+    equal to it; a third call finds them done, one at 1 epoch is refused."""
+    runs = tmp_path / "runs"
+    two = grid_args(tiny_data_dir, tmp_path, "--datasets", "static_mnist", "--flows", "none",
+                    "planar")
+    assert run([*two, "--seeds", "1"])[0] == 0
+    leave_half_trained(two, PARTIAL)
+    cells = [Cell("static_mnist", f, s) for f in ("none", "planar") for s in (0, 1)]
+    three = [*two, "--max-epochs", "3"]
+    code, log = run(three)
+    assert code == 0, log
+    assert "4 cell(s) to run (3 resumed, 3 of them with a larger budget), 0 done" in log
+    assert "static_mnist/none/seed0: resume with a larger budget on cpu" in log
+    for cell in cells:
+        assert results(runs, cell)["epochs"] == 3, cell
+        history = json.loads((cell.run_dir(runs) / "history.json").read_text())
+        assert len(history) == 3, cell
+    modes = {c.seed if c.flow == "none" else -1 - c.seed: [a["mode"] for a in attempts(runs, c)]
+             for c in cells}
+    assert modes == {0: ["start", "extend"], 1: ["extend"], -1: ["start", "extend"],
+                     -2: ["start"]}
+    extend = attempts(runs, cells[0])[-1]["command"]
+    assert "--resume" in extend and "--max-epochs 3" in extend
+    invocation = json.loads((runs / "grid.json").read_text())["invocations"][-1]
+    assert "--max-epochs 3" in invocation["command"] and invocation["max_epochs"] == 3
+    assert "≤3 epochs" in (tmp_path / "out" / "table.md").read_text()
+    # trained on from epoch 2 as a grid run at 3 from the start: the same figures and weights
+    fresh = tmp_path / "fresh"
+    assert run([*three, "--flows", "none", "--seeds", "1", "--runs-dir", str(fresh), "--out",
+                str(tmp_path / "fresh-out")])[0] == 0
+    for key in ("test_nelbo", "test_nll_is", "steps", "epochs"):
+        assert results(runs, cells[0])[key] == results(fresh, cells[0])[key], key
+    import torch
+
+    ours, theirs = (torch.load(c / "checkpoint.pt", weights_only=True)["model"]
+                    for c in (cells[0].run_dir(runs), cells[0].run_dir(fresh)))
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    code, log = run(three)
+    assert code == 0 and "0 cell(s) to run (0 resumed), 4 done" in log
+    code, text = run([*two, "--max-epochs", "1"])
+    assert code == 2 and "max_epochs: 3 -> 1 (a smaller budget)" in text
+    assert all(len(attempts(runs, c)) == n for c, n in zip(cells, (2, 1, 2, 1), strict=True))
+
+
+@pytest.mark.slow
+def test_a_time_budget_below_what_a_cell_trained_fails_it_and_keeps_its_figures(
+    tiny_data_dir: Path, tmp_path: Path
+) -> None:
+    """A run stopped by its time budget trains a little past it; a budget larger than its own
+    but below that is refused by ``vaeflow train --resume``: the cell is FAILED, not done with
+    the old budget's figures."""
+    base = grid_args(tiny_data_dir, tmp_path, "--datasets", "static_mnist", "--flows", "none",
+                     "--seeds", "1")
+    base = base[:base.index("--max-epochs")] + base[base.index("--max-epochs") + 2:]
+    assert run([*base, "--budget-minutes", "0.0001"])[0] == 0
+    run_dir = Cell("static_mnist", "none", 0).run_dir(tmp_path / "runs")
+    trained = json.loads((run_dir / "timing.json").read_text())["train_seconds"] / 60
+    between = f"{(0.0001 + trained) / 2:.6g}"
+    if not 0.0001 < float(between) < trained:
+        pytest.skip(f"the run trained {trained} minutes: no budget between")
+    before = (run_dir / "results.json").read_text()
+    code, log = run([*base, "--budget-minutes", between])
+    assert code == 1, log
+    assert "1 cell(s) to run (1 resumed, 1 of them with a larger budget)" in log
+    assert "static_mnist/none/seed0: FAILED (exit 2)" in log and "cannot resume" in log
+    assert (run_dir / "results.json").read_text() == before
+    assert json.loads((run_dir / "config.json").read_text())["max_minutes"] == 0.0001
 
 
 def report_args(grid: SimpleNamespace, out: Path, *flows: str) -> list[str]:
