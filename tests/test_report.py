@@ -372,7 +372,7 @@ def test_a_partial_epoch_record_counts_once_and_may_be_the_tested_model(
 
 
 def test_the_summary_of_a_run_stopped_by_its_budget_offers_a_larger_one(
-    tiny_data_dir: Path, tmp_path: Path
+    tiny_data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # a plain resume of a finished run only evaluates it again: the summary gives the options
     # that train on, for the budget that stopped it
@@ -388,6 +388,10 @@ def test_the_summary_of_a_run_stopped_by_its_budget_offers_a_larger_one(
         assert f"vaeflow train --resume {run} {words}    # train on with a larger budget" in text
         # on the resume only: the other commands stay as they are
         assert f"     vaeflow eval {run}\n" in text and f"vaeflow compare {run} OTHER" in text
+        # and so does vaeflow eval's summary of it (its figures do not say how the run stopped)
+        main(["eval", str(run), "--is-samples", "0"])
+        text = capsys.readouterr().out
+        assert f"vaeflow train --resume {run} {words}    # train on with a larger budget" in text
     failed = {"test_nelbo": 100.0, "unit": "nats", "status": "failed",
               "stop_reason": "max_epochs=1 reached"}
     assert report.larger_budget(tiny_config(tiny_data_dir), failed) == []

@@ -196,9 +196,11 @@ def summary(run_dir: str | os.PathLike[str], results: Mapping[str, Any]) -> str:
     if events:
         present.append("TensorBoard events")
     world_size = int(results.get("world_size", timing.get("world_size", 1)))
+    # vaeflow eval's figures have no status: how the run stopped is in its results.json
+    stopped = results if "status" in results else (run.results or {})
     commands = next_commands(run.path, config.flow, world_size, events=events,
                              resumable=(run.path / CHECKPOINT).is_file(),
-                             train_on=larger_budget(config, results))
+                             train_on=larger_budget(config, stopped))
     lines += [
         f"   files in {run.path}: {', '.join(present)}",
         "   next:",
