@@ -118,7 +118,7 @@ def next_commands(run_dir: str | os.PathLike[str], flow: str, world_size: int = 
     without a checkpoint (``save_run``'s) is not offered ``--resume``, which refuses it, nor
     one without TensorBoard events TensorBoard. ``train_on``: the options of a larger budget
     for a run that its budget stopped, which its resume then trains on with (a plain resume of
-    a finished run only evaluates it again)."""
+    a finished run trains and evaluates nothing: it prints the summary again)."""
     path = str(run_dir)
     where = shlex.quote(path)
     again = ("    # train on with a larger budget" if train_on else
