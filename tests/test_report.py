@@ -374,7 +374,7 @@ def test_a_partial_epoch_record_counts_once_and_may_be_the_tested_model(
 def test_the_summary_of_a_run_stopped_by_its_budget_offers_a_larger_one(
     tiny_data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    # a plain resume of a finished run only evaluates it again: the summary gives the options
+    # a plain resume of a finished run trains nothing: the summary gives the options
     # that train on, for the budget that stopped it
     for name, overrides, words in (
         ("epochs", {"max_epochs": 1}, "--max-epochs 2"),

@@ -418,7 +418,7 @@ def test_a_finished_run_resumed_with_a_larger_budget_trains_on(
     assert train(resume=tmp_path / "b", changes={key: then}, progress=False) == reference
     assert_same_params(params(tmp_path / "a"), params(tmp_path / "b"))
     assert json.loads((tmp_path / "b" / "results.json").read_text()) == reference
-    # its budget spent, a finished run resumed again is only evaluated again
+    # its budget spent, a finished run resumed again is left as it is (its figures returned)
     assert train(resume=tmp_path / "b", progress=False) == reference
     assert_same_params(params(tmp_path / "a"), params(tmp_path / "b"))
 

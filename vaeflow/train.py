@@ -480,8 +480,8 @@ class _Trainer:
                 raise RunError(
                     f"cannot resume {self.run_dir} with {' and '.join(below)}: the run has "
                     f"finished ({st.stop_reason}), and a smaller budget changes nothing but "
-                    "its config; resume without it to evaluate the run again (or `vaeflow "
-                    f"eval {self.run_dir}`), or give a larger budget to train on"
+                    f"its config; `vaeflow eval {self.run_dir}` measures it again, a larger "
+                    "budget trains it on"
                 )
             return
         passed = []
@@ -503,7 +503,8 @@ class _Trainer:
         """A finished run resumed with a larger budget (``max_epochs``, ``max_steps``,
         ``max_minutes``) trains on from its final checkpoint; its test figures, now those of a
         model that will change, are removed and computed again at the end. A run that stopped
-        early, or whose budget is still spent, stays finished (a resume evaluates it again)."""
+        early, or whose budget is still spent, stays finished (a resume that finds its
+        results.json trains and evaluates nothing; one that finds none evaluates it)."""
         st = self.state
         if not st.done:  # stopped by a NaN or a failed solve: it trains on, no longer failed
             if self.world.is_main and Run(self.run_dir).failure is not None:
