@@ -381,7 +381,10 @@ def test_a_damaged_checkpoint_is_named(finished: Path, capsys, damage: str, how:
     args = (["train", "--resume", str(finished), "--quiet"] if how == "resume"
             else ["eval", str(finished), "--checkpoint", "last"])
     # random bytes make the unpickler fail in many ways: try several, fixed, draws
-    variants = {"truncate": [data[: len(data) // 2]], "empty": [b""],
+    # (cut below 64 KiB, torch's zip reader seeks before the start for the central directory:
+    # an OSError EINVAL, which is the file's damage, not the file system's)
+    assert len(data) > 20_000
+    variants = {"truncate": [data[: len(data) // 2], data[:10_000]], "empty": [b""],
                 "random": [random.Random(k).randbytes(4096) for k in range(8)],
                 "text": [b"not a checkpoint\n" * 10]}[damage]
     for content in variants:

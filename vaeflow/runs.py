@@ -17,6 +17,7 @@ A run directory holds:
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import zipfile
@@ -161,8 +162,9 @@ def load_checkpoint(
     try:
         return torch.load(path, map_location=device, weights_only=True, mmap=mmap)
     except Exception as err:  # noqa: BLE001 - random bytes raise anything from the unpickler
+        # EINVAL: torch's zip reader seeks before the start of a file cut below 64 KiB
         if isinstance(err, OSError) and not isinstance(err, zipfile.BadZipFile) and (
-            err.errno is not None
+            err.errno not in (None, errno.EINVAL)
         ):
             raise  # the file system's failure (permissions, I/O), not the file's content
         others = [p.name for p in (path.parent / BEST, path.parent / CHECKPOINT)
