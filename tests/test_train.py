@@ -656,6 +656,23 @@ def test_an_epoch_saved_with_sums_of_batch_means_resumes_by_data_points(
     assert b["train_nelbo"] == pytest.approx(a["train_nelbo"], rel=1e-9)
 
 
+def test_the_reconstructions_show_a_fixed_draw_of_test_images(
+    tiny_data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # static MNIST's test split is stored by digit: its first 32 images are all zeros
+    from vaeflow import evaluate
+
+    data = load_dataset("static_mnist", tiny_data_dir, split_sizes=TINY_SPLITS)
+    config = tiny_config(tiny_data_dir)
+    model = train_mod.build_model(config, data)
+    shown = []
+    monkeypatch.setattr(evaluate, "image_grids", lambda m, x, seed: shown.append(x))
+    evaluate.run_pictures(model, data, config)
+    evaluate.run_pictures(model, data, dataclasses.replace(config, seed=5))
+    assert torch.equal(shown[0], evaluate.subset(data.test, 32))
+    assert torch.equal(shown[0], shown[1]) and not torch.equal(shown[0], data.test[:32])
+
+
 def test_the_test_solve_integrates_no_rnode_terms(tiny_data_dir: Path) -> None:
     # The RNODE terms are a training loss: in the solve of the test figures they would only
     # enter the adaptive solver's error control (and cost work), so that a regularized model
