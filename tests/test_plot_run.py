@@ -134,3 +134,27 @@ def test_the_test_star_stands_at_the_model_it_measures(
     assert plots.tested_record(history, {"best_epoch": 1, "best_valid_nelbo": 95.0}) == 1
     assert plots.tested_record(history, {"best_epoch": 0}) is None
     assert plots.tested_record(history, {"checkpoint": "last", "best_epoch": 1}) == 1
+
+
+def test_a_partial_epochs_validation_is_marked(
+    tiny_data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a time stop validates the epoch it cuts short: its point is drawn apart from the epochs'
+    pytest.importorskip("matplotlib")
+    from matplotlib.axes import Axes
+
+    run = _written_run(tmp_path / "run", tiny_data_dir, "static_mnist", [90.0, 95.0], test=None)
+    history = run.history
+    history[-1]["partial"] = True
+    run.write_history(history)
+    marked: list[list[float]] = []
+    real = Axes.scatter
+
+    def scatter(self: Axes, x: list[float], y: list[float], **kwargs: object) -> object:
+        if "time budget" in str(kwargs.get("label")):
+            marked.append(list(x))
+        return real(self, x, y, **kwargs)
+
+    monkeypatch.setattr(Axes, "scatter", scatter)
+    plots.write_run_pictures(run.path)
+    assert marked == [[20.0], [0.2]]  # epoch 2's step, and its 12 s of training

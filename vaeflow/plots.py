@@ -151,6 +151,12 @@ def _learning_curve(run: Run, path: Path) -> None:
         # a mark per epoch, as the validation's: a dashed line of one point draws nothing
         ax.plot(xs, train, "--x", markersize=3, label="train (epoch mean)", alpha=0.7)
         ax.plot(xs, valid, "-o", markersize=3, label="validation")
+        # a time stop's validation of the epoch it cut short: not an epoch's end like the rest
+        partial = [i for i, h in enumerate(run.history) if h.get("partial")]
+        if partial:
+            ax.scatter([xs[i] for i in partial], [valid[i] for i in partial], marker="o", s=40,
+                       facecolors="none", edgecolors="r", zorder=3,
+                       label="validation inside an epoch (time budget)")
         if test is not None:
             _test_star(ax, run, xs, test, unit, s=90, color="k")
         ax.set_xlabel(xlabel)
