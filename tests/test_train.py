@@ -403,6 +403,25 @@ def test_a_time_stop_inside_an_epoch_resumed_with_more_time_trains_that_epoch_on
     assert history[1]["train_loss"] == pytest.approx(ref_history[0]["train_loss"], rel=1e-12)
 
 
+def test_early_stopping_after_a_resumed_time_stop_compares_whole_epochs(
+    tiny_data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The partial epoch's validation (95) may be the best model, but early stopping compares
+    # whole epochs, as the longer run did: 100, 90, 80 improve every time, so no early stop.
+    def scripted(self: Any) -> float:
+        return 95.0 if self.loader.in_epoch else {1: 100.0, 2: 90.0, 3: 80.0}[self.state.epoch]
+
+    monkeypatch.setattr(train_mod._Trainer, "validate", scripted)
+    config = tiny_config(tiny_data_dir, max_epochs=3, warmup_epochs=0, early_stopping_epochs=1)
+    reference = train(config, tmp_path / "a", progress=False)
+    assert reference["stop_reason"] == "max_epochs=3 reached" and reference["steps"] == 30
+    short = train(dataclasses.replace(config, max_minutes=1e-6), tmp_path / "b", progress=False)
+    assert short["steps"] == 3 and short["best_valid_nelbo"] == 95.0
+    resumed = train(resume=tmp_path / "b", changes={"max_minutes": None}, progress=False)
+    assert resumed["stop_reason"] == "max_epochs=3 reached" and resumed["steps"] == 30
+    assert resumed["best_epoch"] == 3 and resumed["best_valid_nelbo"] == 80.0
+
+
 @pytest.mark.parametrize(("key", "first", "then"),
                          [("max_epochs", 2, 3), ("max_steps", 13, 25), ("max_steps", 5, 8)])
 def test_a_finished_run_resumed_with_a_larger_budget_trains_on(
@@ -650,6 +669,8 @@ def test_an_epoch_saved_with_sums_of_batch_means_resumes_by_data_points(
     assert sums["rows"] == 4 * 20
     ckpt["progress"]["epoch_sums"] = {n: v if n in ("grad_norm", "nfe_forward") else v / 20
                                       for n, v in sums.items() if n != "rows"}
+    del ckpt["progress"]["whole_best"]  # checkpoint format 2, as that vaeflow wrote it
+    ckpt["format"] = 2
     torch.save(ckpt, path)
     assert train(resume=tmp_path / "b", progress=False) == reference
     a, b = (json.loads((tmp_path / r / "history.json").read_text())[0] for r in "ab")
@@ -671,6 +692,33 @@ def test_the_reconstructions_show_a_fixed_draw_of_test_images(
     evaluate.run_pictures(model, data, dataclasses.replace(config, seed=5))
     assert torch.equal(shown[0], evaluate.subset(data.test, 32))
     assert torch.equal(shown[0], shown[1]) and not torch.equal(shown[0], data.test[:32])
+
+
+def test_an_old_checkpoint_saved_at_an_epochs_last_step_keeps_per_step_means(
+    tiny_data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # batches of 30: the 7th (last) step holds 20 rows; saved there, before the validation, by
+    # a vaeflow that summed batch means, the rows of that sum are lost: the mean stays per step
+    config = tiny_config(tiny_data_dir, batch_size=30, max_epochs=1, checkpoint_every=7)
+
+    def killed(self: Any) -> float:
+        raise Crash
+
+    monkeypatch.setattr(train_mod._Trainer, "validate", killed)
+    with pytest.raises(Crash):
+        train(config, tmp_path / "run", progress=False)
+    monkeypatch.undo()
+    path = tmp_path / "run" / "checkpoint.pt"
+    ckpt = torch.load(path, weights_only=True)
+    assert ckpt["progress"]["epoch_steps"] == 7 and ckpt["loader"]["next_batch"] == 7
+    per_step = 123.0 * 7  # a sum of seven batch means of 123
+    ckpt["progress"]["epoch_sums"] = {"nelbo": per_step, "loss": per_step}
+    del ckpt["progress"]["whole_best"]
+    ckpt["format"] = 2
+    torch.save(ckpt, path)
+    train(resume=tmp_path / "run", progress=False)
+    (record,) = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert record["train_nelbo"] == pytest.approx(123.0)
 
 
 def test_the_test_solve_integrates_no_rnode_terms(tiny_data_dir: Path) -> None:

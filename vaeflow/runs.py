@@ -65,7 +65,10 @@ RESULTS = "results.json"
 TIMING = "timing.json"
 HISTORY = "history.json"
 # Bumped when a checkpoint of an older vaeflow can no longer be resumed as it is.
-CHECKPOINT_FORMAT = 2
+CHECKPOINT_FORMAT = 3
+# 3 (train.py's progress): a time stop's partial epoch, early stopping's own reference, epoch
+# sums by rows; a format-2 checkpoint resumes as it was written
+READABLE_FORMATS = (2, 3)
 LOCK = ".lock"
 # What a resumed run may change: where and how long it runs, and whether it draws pictures
 # (they draw under their own seed), not what it computes.
@@ -206,11 +209,12 @@ def check_checkpoint_format(ckpt: Mapping[str, Any], source: str | Path) -> None
             f"reads up to {CHECKPOINT_FORMAT}); resume or evaluate it with that version "
             "(update vaeflow)"
         )
-    if found != CHECKPOINT_FORMAT:
+    if found not in READABLE_FORMATS:
         raise RunError(
             f"{source} was written by an older vaeflow (checkpoint format {found}, this version "
-            f"reads {CHECKPOINT_FORMAT}: the IAF, FFJORD end-time and 256-way decoder models "
-            "changed to match the papers' code). Start the run afresh with --overwrite."
+            f"reads {' and '.join(map(str, READABLE_FORMATS))}: the IAF, FFJORD end-time and "
+            "256-way decoder models changed to match the papers' code). Start the run afresh "
+            "with --overwrite."
         )
 
 

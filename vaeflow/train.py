@@ -201,6 +201,9 @@ class _Progress:
     step: int = 0  # optimizer steps done in all
     best_valid: float = math.inf
     best_epoch: int = 0
+    # early stopping's reference: the best validation of a whole epoch (best_valid also counts
+    # a time stop's partial epoch, which a run resumed with more time must not compare with)
+    whole_best: float = math.inf
     bad_epochs: int = 0
     retries: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
@@ -355,12 +358,17 @@ class _Trainer:
         self.loader.load_state_dict(ckpt["loader"])
         rng = ckpt["rng_ranks"][self.world.rank] if self.world.distributed else ckpt["rng"]
         set_rng_state(rng, self.device)
-        self.state = _Progress(**ckpt["progress"])
+        progress = dict(ckpt["progress"])
+        if ckpt.get("format", 1) < 3:  # checkpoint format 2: no partial epochs, no rows
+            progress["whole_best"] = progress["best_valid"]
+        self.state = _Progress(**progress)
         sums, steps = self.state.epoch_sums, self.state.epoch_steps
         if sums and _ROWS not in sums:
-            # saved inside an epoch by a vaeflow that summed batch means: until the epoch's
-            # short last batch, every batch was whole, so the sums by rows are these times it
-            size = self.config.batch_size
+            # Saved inside an epoch by a vaeflow that summed batch means. Until the epoch's
+            # short last batch every batch was whole, so the sums by rows are these times it;
+            # saved at its last step, the short batch is in them and its weight is lost: that
+            # epoch's means stay per step.
+            size = self.config.batch_size if self.loader.in_epoch else 1
             self.state.epoch_sums = {n: v if n in _PER_STEP else v * size for n, v in sums.items()}
             self.state.epoch_sums[_ROWS] = float(steps * size)
         self.saved_step = self.state.step
@@ -716,11 +724,14 @@ class _Trainer:
         self.log_scalars({"nelbo": valid}, st.step, "valid")
         self.log_scalars({"epoch": st.epoch}, st.step, "train")
         if valid < st.best_valid:
-            st.best_valid, st.best_epoch, st.bad_epochs = valid, st.epoch, 0
+            st.best_valid, st.best_epoch = valid, st.epoch
             if main:
                 atomic_save(self.model.state_dict(), self.run_dir / BEST)
-        elif st.epoch > cfg.warmup_epochs and not partial:
-            st.bad_epochs += 1
+        if not partial:  # (without partial epochs, whole_best is best_valid)
+            if valid < st.whole_best:
+                st.whole_best, st.bad_epochs = valid, 0
+            elif st.epoch > cfg.warmup_epochs:
+                st.bad_epochs += 1
         if partial:  # done: the time ran out inside this epoch (the end draws the pictures)
             self.end_of_training()
             return
