@@ -379,7 +379,7 @@ def test_the_summary_of_a_run_stopped_by_its_budget_offers_a_larger_one(
     for name, overrides, words in (
         ("epochs", {"max_epochs": 1}, "--max-epochs 2"),
         ("steps", {"max_steps": 3}, "--max-steps 6"),
-        ("minutes", {"max_minutes": 1e-6}, "--set max_minutes=2e-06"),
+        ("minutes", {"max_minutes": 1e-6}, "--set max_minutes=0.1"),  # a tenth, rounded up
     ):
         run = tmp_path / name
         results = train(tiny_config(tiny_data_dir, is_samples=0, **overrides), run,
@@ -395,3 +395,30 @@ def test_the_summary_of_a_run_stopped_by_its_budget_offers_a_larger_one(
     failed = {"test_nelbo": 100.0, "unit": "nats", "status": "failed",
               "stop_reason": "max_epochs=1 reached"}
     assert report.larger_budget(tiny_config(tiny_data_dir), failed) == []
+
+
+def test_the_summary_doubles_every_budget_a_run_has_spent(
+    tiny_data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # epochs and time both spent at the epoch's end: the stop names max_epochs (checked first),
+    # but a resume with more epochs alone would stop at once on the time budget
+    import vaeflow.train as train_mod
+
+    real = train_mod._Trainer.validate
+
+    def slow(self: Any) -> float:
+        self.state.seconds += 1000.0  # a validation of 1000 s
+        return real(self)
+
+    monkeypatch.setattr(train_mod._Trainer, "validate", slow)
+    run = tmp_path / "run"
+    results = train(tiny_config(tiny_data_dir, is_samples=0, max_epochs=1, max_minutes=5.0),
+                    run, progress=False)
+    assert results["stop_reason"] == "max_epochs=1 reached"
+    text = report.summary(run, results)
+    # 16.7 minutes trained: the budget again on top, 21.7 (doubled, 10 would be refused)
+    assert (f"vaeflow train --resume {run} --max-epochs 2 --set max_minutes=21.7    # train on"
+            in text)
+    monkeypatch.undo()
+    again = train(resume=run, changes={"max_epochs": 2, "max_minutes": 21.7}, progress=False)
+    assert again["steps"] == 20 and again["epochs"] == 2

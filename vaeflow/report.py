@@ -146,19 +146,29 @@ def next_commands(run_dir: str | os.PathLike[str], flow: str, world_size: int = 
     ]
 
 
-def larger_budget(config: TrainConfig, results: Mapping[str, Any]) -> list[str]:
-    """``vaeflow train --resume`` options that double the budget (steps, epochs or minutes)
-    that stopped a finished run; none for another stop (early stopping, a failure)."""
+def larger_budget(
+    config: TrainConfig, results: Mapping[str, Any], seconds: float | None = None
+) -> list[str]:
+    """``vaeflow train --resume`` options that give again each budget (epochs, minutes, steps)
+    that a finished run stopped by a budget has spent, on top of what it used (epochs and
+    steps doubled; minutes: those it trained, ``seconds``, plus the budget, rounded up to a
+    tenth): the one its stop names, and any other spent too, which would keep the resume from
+    training; none for another stop (early stopping, a failure)."""
     if results.get("status") != "finished":
         return []
     reason = str(results.get("stop_reason", ""))
-    if reason.startswith("time budget") and config.max_minutes is not None:
-        return ["--set", f"max_minutes={2 * config.max_minutes:g}"]
-    if reason.startswith("max_epochs="):
-        return ["--max-epochs", str(2 * config.max_epochs)]
-    if reason.startswith("max_steps=") and config.max_steps is not None:
-        return ["--max-steps", str(2 * config.max_steps)]
-    return []
+    # the stop names the first spent budget in the order epochs, minutes, steps
+    by_epochs, by_time = reason.startswith("max_epochs="), reason.startswith("time budget")
+    if not (by_epochs or by_time or reason.startswith("max_steps=")):
+        return []
+    options = ["--max-epochs", str(2 * config.max_epochs)] if by_epochs else []
+    minutes, steps = config.max_minutes, config.max_steps
+    if minutes is not None and (by_time or (by_epochs and (seconds or 0.0) >= 60 * minutes)):
+        more = 2 * minutes if seconds is None else seconds / 60 + minutes
+        options += ["--set", f"max_minutes={math.ceil(more * 10) / 10:g}"]
+    if steps is not None and int(results.get("steps") or 0) >= steps:
+        options += ["--max-steps", str(2 * steps)]
+    return options
 
 
 def summary(run_dir: str | os.PathLike[str], results: Mapping[str, Any]) -> str:
@@ -200,7 +210,7 @@ def summary(run_dir: str | os.PathLike[str], results: Mapping[str, Any]) -> str:
     stopped = results if "status" in results else (run.results or {})
     commands = next_commands(run.path, config.flow, world_size, events=events,
                              resumable=(run.path / CHECKPOINT).is_file(),
-                             train_on=larger_budget(config, stopped))
+                             train_on=larger_budget(config, stopped, timing.get("train_seconds")))
     lines += [
         f"   files in {run.path}: {', '.join(present)}",
         "   next:",
