@@ -133,7 +133,10 @@ def test_the_test_star_stands_at_the_model_it_measures(
                {"epoch": 1, "step": 10, "seconds": 3.0, "valid_nelbo": 95.0}]
     assert plots.tested_record(history, {"best_epoch": 1, "best_valid_nelbo": 95.0}) == 1
     assert plots.tested_record(history, {"best_epoch": 0}) is None
-    assert plots.tested_record(history, {"checkpoint": "last", "best_epoch": 1}) == 1
+    two = [history[1], {"epoch": 2, "step": 20, "seconds": 6.0, "valid_nelbo": 96.0}]
+    last = {"checkpoint": "last", "best_epoch": 1, "best_valid_nelbo": 95.0}
+    assert plots.tested_record(two, last) == 1  # the last model, not the best
+    assert plots.tested_record(two, {**last, "steps": 25}) is None  # trained past it
 
 
 def test_a_partial_epochs_validation_is_marked(

@@ -121,10 +121,11 @@ def tested_record(history: Sequence[Mapping[str, Any]], results: Mapping[str, An
     """The index in ``history`` of the validation of the model that ``results`` measure: the
     best one (``best_epoch``; a time stop's partial epoch, resumed, is recorded twice, so also
     its figure ``best_valid_nelbo``), the last one for ``vaeflow eval --checkpoint last``; None
-    when no record is of that model (no epoch validated, or the last model after a
-    --max-steps stop)."""
+    when no record is of that model (no epoch validated, or a last model trained past the last
+    validation by a --max-steps stop)."""
     if results.get("checkpoint") == "last":
-        return len(history) - 1 if history else None
+        last = len(history) - 1
+        return last if history and history[-1]["step"] >= (results.get("steps") or 0) else None
     of_best = [i for i, h in enumerate(history) if h["epoch"] == results.get("best_epoch")]
     best = results.get("best_valid_nelbo")
     return next((i for i in of_best if history[i]["valid_nelbo"] == best),
