@@ -190,10 +190,12 @@ def read_cell(cell: Cell, runs_dir: Path) -> CellRecord:
     if history:
         record.train_seconds = float(history[-1].get("seconds", 0.0))
         record.steps = int(history[-1].get("step", 0))
-        record.epochs = len(history)
+        # epochs, not records: a time stop's partial epoch, resumed, is recorded twice
+        whole = [h for h in history if not h.get("partial")]
+        record.epochs = len({h.get("epoch") for h in history})
         # until results.json holds the run's means: the mean of the epochs' means
-        record.nfe_forward = mean([h.get("train_nfe_forward") for h in history])
-        record.nfe_backward = mean([h.get("train_nfe_backward") for h in history])
+        record.nfe_forward = mean([h.get("train_nfe_forward") for h in whole])
+        record.nfe_backward = mean([h.get("train_nfe_backward") for h in whole])
     timing = _read(run, lambda r: r.timing, None) if is_run else None
     if isinstance(timing, dict):
         record.device_name = str(timing.get("device_name", ""))

@@ -787,3 +787,25 @@ def test_the_budget_note_says_how_many_epochs_the_cells_trained() -> None:
         table_report._budget_note(cells(0, 0))
     early = [dataclasses.replace(r, stop_reason="early stopping at epoch 9") for r in cells(9)]
     assert table_report._budget_note(early) is None
+
+
+def test_an_unfinished_cells_epochs_count_a_partial_epoch_once(
+    tiny_data_dir: Path, tmp_path: Path
+) -> None:
+    # a time stop's partial epoch, resumed by a larger budget and killed again: recorded twice
+    from vaeflow.configs import TrainConfig
+    from vaeflow.runs import Run
+
+    cell = table_grid.Cell("static_mnist", "ffjord", 0)
+    run = Run(cell.run_dir(tmp_path))
+    run.path.mkdir(parents=True)
+    config = TrainConfig(dataset="static_mnist", flow="ffjord", data_dir=str(tiny_data_dir))
+    run.write_config(config)
+    run.write_history([
+        {"epoch": 1, "step": 3, "seconds": 1.0, "valid_nelbo": 99.0, "partial": True,
+         "train_nfe_forward": 50.0},
+        {"epoch": 1, "step": 10, "seconds": 3.0, "valid_nelbo": 95.0, "train_nfe_forward": 20.0},
+    ])
+    record = table_records.read_cell(cell, tmp_path)
+    assert record.epochs == 1 and record.steps == 10
+    assert record.nfe_forward == 20.0  # the whole epoch's mean, which covers the partial one
