@@ -212,6 +212,19 @@ class Crash(BaseException):
     """Stands in for SIGKILL: nothing after it runs, no handler saves anything."""
 
 
+def killed_in_validation(
+    monkeypatch: pytest.MonkeyPatch, config: TrainConfig, run_dir: Path
+) -> None:
+    """Train ``config`` in ``run_dir`` until its first validation, which is killed (Crash)."""
+    def killed(self: Any) -> float:
+        raise Crash
+
+    monkeypatch.setattr(train_mod._Trainer, "validate", killed)
+    with pytest.raises(Crash):
+        train(config, run_dir, progress=False)
+    monkeypatch.undo()
+
+
 def crash_at(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
     real = train_mod.train_step
     count = {"n": 0}
@@ -350,13 +363,7 @@ def test_a_run_saved_where_its_budget_ran_out_resumes_to_the_same_end(
         config = tiny_config(tiny_data_dir, max_minutes=1e-6, max_epochs=50, checkpoint_every=1)
         reference = train(config, tmp_path / "a", progress=False)
         assert reference["stop_reason"].startswith("time budget") and reference["steps"] == 1
-
-        def killed(self: Any) -> float:
-            raise Crash
-
-        monkeypatch.setattr(train_mod._Trainer, "validate", killed)
-        with pytest.raises(Crash):
-            train(config, tmp_path / "b", progress=False)
+        killed_in_validation(monkeypatch, config, tmp_path / "b")
     monkeypatch.undo()
     saved = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["progress"]
     assert saved["step"] == reference["steps"] and not saved["done"]
@@ -700,14 +707,7 @@ def test_an_old_checkpoint_saved_at_an_epochs_last_step_keeps_per_step_means(
     # batches of 30: the 7th (last) step holds 20 rows; saved there, before the validation, by
     # a vaeflow that summed batch means, the rows of that sum are lost: the mean stays per step
     config = tiny_config(tiny_data_dir, batch_size=30, max_epochs=1, checkpoint_every=7)
-
-    def killed(self: Any) -> float:
-        raise Crash
-
-    monkeypatch.setattr(train_mod._Trainer, "validate", killed)
-    with pytest.raises(Crash):
-        train(config, tmp_path / "run", progress=False)
-    monkeypatch.undo()
+    killed_in_validation(monkeypatch, config, tmp_path / "run")
     path = tmp_path / "run" / "checkpoint.pt"
     ckpt = torch.load(path, weights_only=True)
     assert ckpt["progress"]["epoch_steps"] == 7 and ckpt["loader"]["next_batch"] == 7
