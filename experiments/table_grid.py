@@ -36,7 +36,7 @@ from table_pool import Job, JobResult, Placement, utc_now
 
 from vaeflow.configs import TrainConfig, resolve
 from vaeflow.data import DataNotFoundError, get_spec, load_dataset, resolve_data_dir
-from vaeflow.report import LOG_ONLY_KEYS
+from vaeflow.report import LOG_ONLY_KEYS, budget_options
 from vaeflow.runs import CHECKPOINT, CONFIG, Run, atomic_write_json
 
 __all__ = [
@@ -49,7 +49,6 @@ __all__ = [
     "cell_config",
     "cell_state",
     "cell_train_args",
-    "budget_args",
     "config_diff",
     "download_missing",
     "how_to_get",
@@ -268,23 +267,6 @@ def larger_budget(saved: Mapping[str, Any], wanted: Mapping[str, Any]) -> dict[s
     return {key: wanted.get(key) for key in changed}
 
 
-def budget_args(budget: Mapping[str, Any]) -> list[str]:
-    """The ``vaeflow train --resume`` options that set ``budget`` (budget keys are among what a
-    resume may change, ``vaeflow.runs.RESUMABLE``): ``--max-epochs N``, ``--max-steps N``,
-    ``--set max_minutes=M``, and ``--set KEY=none`` for no limit (no named option says that)."""
-    args: list[str] = []
-    for key, value in sorted(budget.items()):
-        if value is None:
-            args += ["--set", f"{key}=none"]
-        elif key in ("max_epochs", "max_steps"):
-            args += [f"--{key.replace('_', '-')}", str(value)]
-        else:
-            # exact, so that the run's config holds the very value that the grid compares
-            text = f"{value:g}"
-            args += ["--set", f"{key}={text if float(text) == value else repr(value)}"]
-    return args
-
-
 @dataclass
 class Plan:
     """What a call will do: the jobs to run, the cells left as they are, the data sets that
@@ -351,7 +333,7 @@ def plan_grid(
             plan.jobs.append(Job(cell.name, command, log, "resume", run_dir))
         elif state == "extend":  # done or partial: resumed with the new budget
             assert budget is not None
-            command = [*train, "--resume", str(run_dir), *budget_args(budget), "--quiet"]
+            command = [*train, "--resume", str(run_dir), *budget_options(budget), "--quiet"]
             plan.jobs.append(Job(cell.name, command, log, "extend", run_dir, budget=budget))
         else:
             args = cell_train_args(cell, options)

@@ -29,7 +29,7 @@ from vaeflow.runs import (
 
 __all__ = [
     "figures", "solver_text", "summary", "next_commands", "compare_rows", "compare_table",
-    "differing_settings", "run_settings", "expand_runs", "LOG_ONLY_KEYS",
+    "differing_settings", "run_settings", "expand_runs", "budget_options", "LOG_ONLY_KEYS",
 ]
 
 
@@ -146,6 +146,23 @@ def next_commands(run_dir: str | os.PathLike[str], flow: str, world_size: int = 
     ]
 
 
+def budget_options(budget: Mapping[str, Any]) -> list[str]:
+    """The ``vaeflow train --resume`` options that set ``budget`` (budget keys are among what a
+    resume may change, ``vaeflow.runs.RESUMABLE``): ``--max-epochs N``, ``--max-steps N``,
+    ``--set max_minutes=M``, and ``--set KEY=none`` for no limit (no named option says that)."""
+    args: list[str] = []
+    for key, value in sorted(budget.items()):
+        if value is None:
+            args += ["--set", f"{key}=none"]
+        elif key in ("max_epochs", "max_steps"):
+            args += [f"--{key.replace('_', '-')}", str(value)]
+        else:
+            # exact, so that the run's config holds the very value that a grid compares
+            text = f"{value:g}"
+            args += ["--set", f"{key}={text if float(text) == value else repr(value)}"]
+    return args
+
+
 def larger_budget(
     config: TrainConfig, results: Mapping[str, Any], seconds: float | None = None
 ) -> list[str]:
@@ -161,14 +178,14 @@ def larger_budget(
     by_epochs, by_time = reason.startswith("max_epochs="), reason.startswith("time budget")
     if not (by_epochs or by_time or reason.startswith("max_steps=")):
         return []
-    options = ["--max-epochs", str(2 * config.max_epochs)] if by_epochs else []
+    budget: dict[str, Any] = {"max_epochs": 2 * config.max_epochs} if by_epochs else {}
     minutes, steps = config.max_minutes, config.max_steps
     if minutes is not None and (by_time or (by_epochs and (seconds or 0.0) >= 60 * minutes)):
         more = 2 * minutes if seconds is None else seconds / 60 + minutes
-        options += ["--set", f"max_minutes={math.ceil(more * 10) / 10:g}"]
+        budget["max_minutes"] = math.ceil(more * 10) / 10
     if steps is not None and int(results.get("steps") or 0) >= steps:
-        options += ["--max-steps", str(2 * steps)]
-    return options
+        budget["max_steps"] = 2 * steps
+    return budget_options(budget)
 
 
 def summary(run_dir: str | os.PathLike[str], results: Mapping[str, Any]) -> str:
