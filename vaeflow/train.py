@@ -640,19 +640,18 @@ class _Trainer:
         # Per-datum terms are weighted by their step's rows, so that an epoch's (and a
         # window's) mean is over its data points, a short last batch counting for its rows.
         weights = torch.tensor(rows, dtype=torch.float64)
+        mean = {}
         for i, n in enumerate(names):
             col = values[:, i].double()
             total = col.sum() if n in _PER_STEP else (col * weights).sum()
             sums[n] = sums.get(n, torch.zeros((), dtype=torch.float64)) + total
+            mean[n] = float(total / (len(rows) if n in _PER_STEP else weights.sum()))
         sums[_ROWS] = sums.get(_ROWS, torch.zeros((), dtype=torch.float64)) + weights.sum()
         for j, n in enumerate(("nfe_forward", "nfe_backward")):
             if nfe:
                 total = torch.tensor(synced.nfe[j], dtype=torch.float64)
                 sums[n] = sums.get(n, torch.zeros((), dtype=torch.float64)) + total
         step = self.state.step
-        mean = {n: float(values[:, i].mean()) if n in _PER_STEP else
-                float((values[:, i].double() * weights).sum() / weights.sum())
-                for i, n in enumerate(names)}
         extra = {
             "beta": beta,
             "lr": self.optimizer.param_groups[0]["lr"],
@@ -727,14 +726,13 @@ class _Trainer:
             st.best_valid, st.best_epoch = valid, st.epoch
             if main:
                 atomic_save(self.model.state_dict(), self.run_dir / BEST)
-        if not partial:  # (without partial epochs, whole_best is best_valid)
-            if valid < st.whole_best:
-                st.whole_best, st.bad_epochs = valid, 0
-            elif st.epoch > cfg.warmup_epochs:
-                st.bad_epochs += 1
         if partial:  # done: the time ran out inside this epoch (the end draws the pictures)
             self.end_of_training()
             return
+        if valid < st.whole_best:  # (without partial epochs, whole_best is best_valid)
+            st.whole_best, st.bad_epochs = valid, 0
+        elif st.epoch > cfg.warmup_epochs:
+            st.bad_epochs += 1
         if cfg.image_every and st.epoch % cfg.image_every == 0:
             self.log_images(st.epoch)
         reason = self._limit_reached(st.epoch)
