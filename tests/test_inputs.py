@@ -148,6 +148,10 @@ def test_net_kwargs_are_refused_cleanly_by_print_config(capsys: pytest.CaptureFi
         ("[datasets.caltech.model]\nx = 1\n",
          r"\[datasets.caltech\]: unknown table\(s\) \['model'\]; valid tables are \[train\], "
          r"\[flows.<flow>\]$"),
+        # bad values, checked only once every layer is laid, still name the file
+        ("[train]\nlr = 'fast'\n", r"lr must be a float, got 'fast'$"),
+        ("[flows.planar]\nnum_steps = 0\n", r"num_steps"),
+        ("[datasets.caltech.train]\nbatch_size = -1\n", r"batch_size must be"),
     ],
 )
 def test_a_config_file_hides_nothing_and_is_named(
@@ -170,6 +174,21 @@ def test_a_config_file_s_data_set_section_applies_to_that_data_set_only(tmp_path
     assert (mnist.lr, mnist.flow_kwargs["num_steps"]) == (0.002, 3)
     # the command line still comes last
     assert resolve("caltech", "planar", {"lr": 0.1}, config_file=path).lr == 0.1
+
+
+def test_a_bad_value_is_blamed_on_the_config_file_only_when_it_is_the_file_s(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("[train]\nlr = 'fast'\n")
+    # the command line's value overrides the file's bad one: nothing to refuse
+    args = [*QUICK, "--flow", "planar", "--config", str(path), "--set", "lr=0.001"]
+    assert printed(args, capsys)["lr"] == 0.001
+    path.write_text("[train]\nlr = 0.001\n")
+    # a bad value of the command line's own is not the file's
+    with pytest.raises(InputError, match=r"^max_epochs must be") as caught:
+        resolve("caltech", "planar", {"max_epochs": 0}, preset="quick", config_file=path)
+    assert str(path) not in str(caught.value)
 
 
 def test_the_quick_preset_keeps_frey_faces_small() -> None:

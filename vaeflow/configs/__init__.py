@@ -162,9 +162,9 @@ def resolve(
 
     Raises:
         ValueError: an unknown data set, flow, preset, key or hyperparameter, or a bad value;
-            the message names it and the valid ones.
+            the message names it and the valid ones (and ``config_file``, when the bad value
+            is the file's).
     """
-    values: dict[str, Any] = {"dataset": dataset, "flow": flow}
     TrainConfig.check_names(dataset, flow)
     layers: list[Mapping[str, Any] | None] = []
     if paper:
@@ -175,11 +175,7 @@ def resolve(
                 f"unknown preset {preset!r}; valid presets are {', '.join(presets()) or '(none)'}"
             )
         layers.append(_package_table("presets", f"{preset}.toml"))
-    if config_file is not None:
-        layers.append(read_config_file(config_file))
-    for table in layers:
-        if table is not None:
-            _merge(values, table, flow, dataset)
+    user_file = None if config_file is None else read_config_file(config_file)
     overrides = dict(overrides or {})
     for key, chosen in zip(_CHOSEN, (dataset, flow), strict=True):
         if key in overrides and overrides[key] != chosen:
@@ -187,7 +183,31 @@ def resolve(
                 f"{key} {overrides[key]!r} set as a config key, but this run's {key} is "
                 f"{chosen!r}: choose it with --{key} (resolve's {key} argument)"
             )
-    values.update(overrides)
-    if flow_options:
-        values["flow_kwargs"] = {**values.get("flow_kwargs", {}), **flow_options}
-    return TrainConfig.from_dict(values)
+
+    def merged(*tables: Mapping[str, Any] | None) -> dict[str, Any]:
+        values: dict[str, Any] = {"dataset": dataset, "flow": flow}
+        for table in tables:
+            if table is not None:
+                _merge(values, table, flow, dataset)
+        values.update(overrides)
+        if flow_options:
+            values["flow_kwargs"] = {**values.get("flow_kwargs", {}), **flow_options}
+        return values
+
+    try:
+        return TrainConfig.from_dict(merged(*layers, user_file))
+    except InputError as err:
+        # A bad value is checked only once every layer is laid; when the user's file is what
+        # makes it bad (the same layers without it are fine), the message names the file.
+        if user_file is None or not _valid(merged(*layers)):
+            raise
+        raise ConfigError(f"{config_file}: {err}") from err
+
+
+def _valid(values: Mapping[str, Any]) -> bool:
+    """Whether ``values`` make a valid :class:`TrainConfig`."""
+    try:
+        TrainConfig.from_dict(values)
+    except InputError:
+        return False
+    return True
