@@ -34,6 +34,7 @@ from table_options import (
 )
 from table_pool import Job, JobResult, Placement, utc_now
 
+from vaeflow.checks import is_number
 from vaeflow.configs import TrainConfig, resolve
 from vaeflow.data import DataNotFoundError, get_spec, load_dataset, resolve_data_dir
 from vaeflow.report import LOG_ONLY_KEYS, budget_options
@@ -231,17 +232,13 @@ def _changed_keys(saved: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[s
     ]
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
 def smaller_budget(old: Any, new: Any) -> bool:
     """Whether budget value ``new`` is below ``old`` (None: no limit, the largest): a run that
     trained under ``old`` may already have passed ``new``, which no resume can take back. A
     value that is no number (a damaged config) counts as smaller: it is no budget to train on."""
     if new is None:
         return False
-    return old is None or not (_is_number(old) and _is_number(new) and new >= old)
+    return old is None or not (is_number(old) and is_number(new) and new >= old)
 
 
 def config_diff(saved: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[str]:

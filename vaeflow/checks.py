@@ -22,6 +22,7 @@ __all__ = [
     "check_choice",
     "check_int",
     "check_number",
+    "is_number",
     "check_positive_int",
     "check_annotated",
     "check_options",
@@ -74,6 +75,12 @@ def check_positive_int(name: str, value: Any) -> int:
     return check_int(name, value, minimum=1)
 
 
+def is_number(value: Any) -> bool:
+    """Whether ``value`` is a plain real number: an int or a float, not a bool (which Python
+    counts as an int, and which a config means as a switch)."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def check_number(
     name: str,
     value: Any,
@@ -83,7 +90,7 @@ def check_number(
     finite: bool = True,
 ) -> float:
     """A real number (int or float, not a bool), finite unless ``finite=False``."""
-    ok = isinstance(value, int | float) and not isinstance(value, bool)
+    ok = is_number(value)
     if ok and finite and not math.isfinite(value):
         ok = False
     if ok and positive and not value > 0:

@@ -22,7 +22,14 @@ from torch import Tensor
 from torchdiffeq import odeint, odeint_adjoint
 from torchdiffeq._impl.odeint import SOLVERS
 
-from vaeflow.checks import InputError, check_bool, check_choice, check_int, check_number
+from vaeflow.checks import (
+    InputError,
+    check_bool,
+    check_choice,
+    check_int,
+    check_number,
+    is_number,
+)
 
 __all__ = [
     "SOLVERS",
@@ -74,7 +81,7 @@ def _times(name: str, value: Any) -> list[float]:
     values that config.json and a checkpoint hold, which torchdiffeq turns into a tensor."""
     if isinstance(value, Tensor) and value.dim() <= 1 and value.is_floating_point():
         value = value.reshape(-1).tolist()
-    elif isinstance(value, int | float) and not isinstance(value, bool):
+    elif is_number(value):
         value = [value]
     if not isinstance(value, Sequence) or isinstance(value, str):
         raise InputError(f"{name} must be a list of times (numbers), e.g. [0.5], got {value!r}")
