@@ -16,7 +16,6 @@ folder holding anything is not a new run).
 
 from __future__ import annotations
 
-import json
 import shlex
 import sys
 from collections.abc import Mapping
@@ -32,7 +31,7 @@ from table_options import (
     flow_opts_by_flow,
     parse_items,
 )
-from table_pool import Job, JobResult, Placement, utc_now
+from table_pool import Job, JobResult, Placement, read_json, utc_now
 
 from vaeflow.checks import is_number
 from vaeflow.configs import TrainConfig, resolve
@@ -77,15 +76,6 @@ NEUTRAL_KEYS = LOG_ONLY_KEYS | {"device", "is_samples", "is_points"}
 BUDGET_KEYS = {"max_epochs", "max_minutes", "max_steps"}
 # a smoke cell: a tiny budget and a small evaluation, to check that every cell runs
 SMOKE_SETS = ("eval_points=100", "valid_points=100", "is_samples=0", "pictures=false")
-
-
-def read_json(path: Path) -> Any:
-    """The JSON in ``path``, or None when it is missing or damaged (the grid's own records:
-    a damaged one must not stop a grid or a report)."""
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
 
 
 @dataclass(frozen=True, order=True)

@@ -40,6 +40,7 @@ __all__ = [
     "INTERRUPTED",
     "Job",
     "JobResult",
+    "read_json",
     "Placement",
     "child_env",
     "device_env",
@@ -219,12 +220,19 @@ class JobResult:
         if self.job.budget:
             # a resume refused (a time budget still below what the run trained) or stopped
             # before it wrote the new budget leaves the old figures: not this job's
-            try:
-                config = json.loads((self.job.run_dir / CONFIG).read_text())
-            except (OSError, ValueError):
-                return False
-            return all(config.get(key) == value for key, value in self.job.budget.items())
+            config = read_json(self.job.run_dir / CONFIG)
+            budget = self.job.budget.items()
+            return isinstance(config, dict) and all(config.get(k) == v for k, v in budget)
         return True
+
+
+def read_json(path: Path) -> Any:
+    """The JSON in ``path``, or None when it is missing or damaged (the grid's own records:
+    a damaged one must not stop a grid or a report)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def last_line(path: Path, limit: int = 8192) -> str:
