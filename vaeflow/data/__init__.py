@@ -50,13 +50,13 @@ The package, one concept per module (each imports only those above it)::
     registry.py  DatasetSpec, DATASETS, get_spec, figure_text
     download.py  fetching, checking and converting a missing file, written atomically
     loader.py    DeviceLoader: device-resident batches with a resumable state
-    dataset.py   Dataset and load_dataset
+    dataset.py   Dataset, load_dataset, and ensure_dataset (the file, not read)
 """
 
 from __future__ import annotations
 
 from vaeflow.data.base import ChecksumError, DataFileError, DataNotFoundError
-from vaeflow.data.dataset import Dataset, load_dataset
+from vaeflow.data.dataset import Dataset, ensure_dataset, load_dataset
 from vaeflow.data.download import _download as _download
 from vaeflow.data.loader import DeviceLoader
 from vaeflow.data.paths import resolve_data_dir
@@ -77,6 +77,7 @@ __all__ = [
     "DatasetSpec",
     "DeviceLoader",
     "Source",
+    "ensure_dataset",
     "figure_text",
     "get_spec",
     "load_dataset",

@@ -21,7 +21,7 @@ from vaeflow.data.paths import _resolve_with_origin
 from vaeflow.data.readers import open_npz
 from vaeflow.data.registry import DatasetSpec, get_spec
 
-__all__ = ["EVAL_BINARIZATION_SEED", "Dataset", "load_dataset"]
+__all__ = ["EVAL_BINARIZATION_SEED", "Dataset", "ensure_dataset", "load_dataset"]
 
 EVAL_BINARIZATION_SEED = 777  # the seed the VampPrior/Sylvester code binarizes valid/test with
 
@@ -90,28 +90,23 @@ def _read_npz(spec: DatasetSpec, path: Path, sizes: SplitSizes) -> list[np.ndarr
         return spec.read(arrays, str(path), sizes)
 
 
-def load_dataset(
-    name: str,
-    data_dir: str | os.PathLike[str] | None = None,
-    device: str | torch.device = "cpu",
-    download: bool = True,
-    *,
-    split_sizes: SplitSizes | None = None,
-) -> Dataset:
-    """Load data set ``name`` with every split on ``device``.
-
-    ``data_dir``: see :func:`~vaeflow.data.resolve_data_dir`. A missing file is downloaded when
-    ``download`` is true, else (or when offline) a :class:`DataNotFoundError` says where to get
-    it. ``split_sizes``: ``(n_train, n_valid, n_test)``; ``None`` means the protocol sizes of
-    ``DATASETS[name]``. The file must hold exactly these (a stored split) or their totals (a
-    split cut here), else an :class:`~vaeflow.checks.InputError` names the key and both
-    shapes. A damaged file (cut short, emptied, overwritten) raises :class:`DataFileError`,
-    which says how to get it again.
-    """
+def _spec_and_sizes(name: str, split_sizes: SplitSizes | None) -> tuple[DatasetSpec, SplitSizes]:
+    """The spec of data set ``name`` and the split sizes asked for (its protocol's if None)."""
     spec = get_spec(name)
     sizes = spec.split_sizes if split_sizes is None else tuple(int(n) for n in split_sizes)
     if len(sizes) != 3 or min(sizes) < 1:
         raise InputError(f"split_sizes must be three positive integers, got {split_sizes!r}")
+    return spec, sizes
+
+
+def _data_file(
+    spec: DatasetSpec,
+    sizes: SplitSizes,
+    data_dir: str | os.PathLike[str] | None,
+    download: bool,
+) -> Path:
+    """The path of ``spec``'s file in the data directory, downloaded first if it is missing
+    (see :func:`ensure_dataset`)."""
     directory, origin = _resolve_with_origin(data_dir)
     if directory.exists() and not directory.is_dir():
         # else the message would say the file is missing from "the directory" /some/file.npz
@@ -134,6 +129,46 @@ def load_dataset(
                 )
             )
         _download_dataset(spec, directory, origin, sizes)
+    return path
+
+
+def ensure_dataset(
+    name: str,
+    data_dir: str | os.PathLike[str] | None = None,
+    *,
+    split_sizes: SplitSizes | None = None,
+) -> Path:
+    """Make sure data set ``name``'s file is in the data directory, downloading it if it is
+    missing exactly as :func:`load_dataset` does, without reading it; return its path.
+
+    Under torchrun one process per machine calls this before every process loads the set, so
+    that a machine downloads the file once, not once per rank. ``split_sizes`` matter only to
+    a download (the converted arrays are checked against them before the file is written).
+    """
+    spec, sizes = _spec_and_sizes(name, split_sizes)
+    return _data_file(spec, sizes, data_dir, download=True)
+
+
+def load_dataset(
+    name: str,
+    data_dir: str | os.PathLike[str] | None = None,
+    device: str | torch.device = "cpu",
+    download: bool = True,
+    *,
+    split_sizes: SplitSizes | None = None,
+) -> Dataset:
+    """Load data set ``name`` with every split on ``device``.
+
+    ``data_dir``: see :func:`~vaeflow.data.resolve_data_dir`. A missing file is downloaded when
+    ``download`` is true, else (or when offline) a :class:`DataNotFoundError` says where to get
+    it. ``split_sizes``: ``(n_train, n_valid, n_test)``; ``None`` means the protocol sizes of
+    ``DATASETS[name]``. The file must hold exactly these (a stored split) or their totals (a
+    split cut here), else an :class:`~vaeflow.checks.InputError` names the key and both
+    shapes. A damaged file (cut short, emptied, overwritten) raises :class:`DataFileError`,
+    which says how to get it again.
+    """
+    spec, sizes = _spec_and_sizes(name, split_sizes)
+    path = _data_file(spec, sizes, data_dir, download)
     if spec.warning:
         warnings.warn(spec.warning, UserWarning, stacklevel=2)
     try:
