@@ -122,6 +122,29 @@ def test_more_ranks_than_gpus_is_refused_by_name(monkeypatch: pytest.MonkeyPatch
     assert chosen == [0]
 
 
+def test_the_main_process_of_each_machine_is_local_rank_0() -> None:
+    """One download per machine: LOCAL_RANK 0 of every node, not only global rank 0 (another
+    node's data directory may not be shared)."""
+    assert SINGLE.is_local_main and World(0, 4, 0).is_local_main
+    assert World(2, 4, 0).is_local_main  # the first rank of the second machine
+    assert not World(1, 4, 1).is_local_main and not World(3, 4, 1).is_local_main
+
+
+def test_a_peer_of_a_rank_with_a_users_error_raises_the_same_class() -> None:
+    """A rank that waited for another's download stopped as a lost peer (a PeerError, which
+    `vaeflow train` reports with advice to resume a run that never started); a data file that
+    is missing or fails its checksum is the user's to fix, as bad input is."""
+    from vaeflow.data import ChecksumError, DataNotFoundError
+    from vaeflow.runs import RunError
+
+    for err, cls in ((DataNotFoundError("gone"), DataNotFoundError),
+                     (ChecksumError("bad"), ChecksumError), (RunError("locked"), InputError),
+                     (RuntimeError("bug"), distributed.PeerError)):
+        peer = distributed._peer_error(3, *distributed._report(err))
+        assert type(peer) is cls
+        assert str(peer) == f"rank 3 stopped: {type(err).__name__}: {err}"
+
+
 # --------------------------------------------------------------------------------------------
 # DDP gradients against one process: 2 processes spawned, noise fixed
 

@@ -49,6 +49,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from vaeflow.checks import InputError
+from vaeflow.data.base import ChecksumError, DataNotFoundError
 from vaeflow.runs import RunError
 
 __all__ = [
@@ -150,6 +151,12 @@ class World:
         """Rank 0: the one that owns the run directory, TensorBoard and progress bars."""
         return self.rank == 0
 
+    @property
+    def is_local_main(self) -> bool:
+        """``LOCAL_RANK`` 0: the first rank of its machine, which downloads a missing data file
+        for the machine's ranks (another machine's data directory may not be shared)."""
+        return self.local_rank == 0
+
     # ---- placement
 
     def device(self, device: torch.device) -> torch.device:
@@ -248,9 +255,10 @@ class World:
     def from_main(self, fn: Callable[[], T]) -> T:
         """``fn()`` run on rank 0 (the run directory's owner), its result sent to every rank.
 
-        An exception on rank 0 is raised there and, as an :class:`InputError` (when it was
-        one) or :class:`PeerError`, on the other ranks, so no rank waits for a result that
-        never comes."""
+        An exception on rank 0 is raised there and, as an error of the same class when it is
+        one that a user fixes (an :class:`InputError`, a data file missing or that failed its
+        checksum), else as a :class:`PeerError`, on the other ranks, so no rank waits for a
+        result that never comes."""
         if not self.distributed:
             return fn()
         box: list[Any] = [None]
@@ -260,19 +268,20 @@ class World:
                 box[0] = ("ok", fn())
             except BaseException as err:  # noqa: BLE001 - every rank must hear of it
                 error = err
-                box[0] = ("error", isinstance(err, InputError), _describe(err))
+                box[0] = ("error", *_report(err))
         dist.broadcast_object_list(box, src=0)
         if error is not None:
             raise error
         if box[0][0] == "error":
-            _, bad_input, what = box[0]
-            raise (InputError if bad_input else PeerError)(f"rank 0 stopped: {what}")
+            _, kind, what = box[0]
+            raise _peer_error(0, kind, what)
         return box[0][1]
 
     @contextlib.contextmanager
     def together(self) -> Iterator[None]:
         """Run the block on every rank; if it raised on any rank, raise on all of them (the
-        rank's own exception where it failed). The block must not use collectives itself."""
+        rank's own exception where it failed, elsewhere as :meth:`from_main` says). The block
+        must not use collectives itself; its end is a meeting of every rank."""
         if not self.distributed:
             yield
             return
@@ -281,15 +290,14 @@ class World:
             yield
         except BaseException as err:  # noqa: BLE001 - every rank must hear of it
             error = err
-        mine = None if error is None else (isinstance(error, InputError), _describe(error))
+        mine = None if error is None else _report(error)
         reports: list[Any] = [None] * self.size
         dist.all_gather_object(reports, mine)
         if error is not None:
             raise error
         for rank, report in enumerate(reports):
             if report is not None:
-                bad_input, what = report
-                raise (InputError if bad_input else PeerError)(f"rank {rank} stopped: {what}")
+                raise _peer_error(rank, *report)
 
     def sync_window(
         self, values: Tensor, nfe: Sequence[float], signal: int | None, seconds: float
@@ -385,6 +393,25 @@ _SIGTERM = 15
 def _describe(err: BaseException) -> str:
     text = str(err).strip()
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+# The errors that a user fixes (bad input, a data file missing or that failed its checksum),
+# which the CLI prints as one line: a rank that hears of one raises the same class, so that it
+# stops with that line too, not as a lost peer (whose advice is to resume the run).
+_USER_ERRORS: tuple[type[Exception], ...] = (InputError, DataNotFoundError, ChecksumError)
+
+
+def _report(err: BaseException) -> tuple[int, str]:
+    """What the other ranks hear of ``err``: the index of its class in :data:`_USER_ERRORS`
+    (-1 for any other error) and its description."""
+    kind = next((i for i, cls in enumerate(_USER_ERRORS) if isinstance(err, cls)), -1)
+    return kind, _describe(err)
+
+
+def _peer_error(rank: int, kind: int, what: str) -> Exception:
+    """The error a rank raises when rank ``rank`` reported ``(kind, what)`` (:func:`_report`)."""
+    cls = _USER_ERRORS[kind] if kind >= 0 else PeerError
+    return cls(f"rank {rank} stopped: {what}")
 
 
 def check_world_size(saved: int, world: World, source: str | Path) -> None:
