@@ -1,9 +1,11 @@
 """Data-parallel training on the CPU with gloo: DDP gradients against one process, ``torchrun``
 runs against single-process runs, a rank killed and the run resumed, two "machines" on one
-host. Every process is tiny (MLP nets, the structured tiny MNIST) and runs one thread.
+host, a missing data file downloaded once per machine. Every process is tiny (MLP nets, the
+structured tiny MNIST) and runs one thread.
 
 Run as a script (``torchrun ... tests/test_distributed.py --kill-rank R --kill-step K train
-...``), this file is ``vaeflow`` with one rank SIGKILLed at its K-th training step.
+...``), this file is ``vaeflow`` with one rank SIGKILLed at its K-th training step; with
+``--local-sources SERVER MARKER``, ``vaeflow`` downloading static MNIST from a local folder.
 """
 
 from __future__ import annotations
@@ -337,6 +339,69 @@ def test_two_machines_train_ffjord_with_the_adjoint(tiny_data_dir: Path, tmp_pat
     assert b["test_nelbo"] == pytest.approx(a["test_nelbo"], rel=5e-3)
 
 
+def write_sources(data_dir: Path, server: Path) -> None:
+    """The .amat source files of ``data_dir``'s tiny static MNIST, as Larochelle's server holds
+    them, into ``server`` (the ``--local-sources`` of the script below)."""
+    import numpy as np
+
+    server.mkdir()
+    with np.load(data_dir / "binarized_mnist.npz") as z:
+        for split in ("train", "valid", "test"):
+            bits = np.unpackbits(z[f"x_{split}"], axis=1)[:, :784]
+            text = "".join(" ".join(map(str, row)) + "\n" for row in bits)
+            (server / f"binarized_mnist_{split}.amat").write_text(text)
+
+
+def fetches(marker: Path) -> list[str]:
+    """The ``RANK LOCAL_RANK FILE`` lines of the fetches that the script's ranks made."""
+    return sorted(marker.read_text().splitlines()) if marker.exists() else []
+
+
+@pytest.mark.slow
+def test_a_missing_data_file_is_downloaded_once_per_machine(
+    tiny_data_dir: Path, tmp_path: Path
+) -> None:
+    """Each rank downloaded the file itself: with 8 GPUs, 8 downloads at once from one server.
+    Now LOCAL_RANK 0 downloads it while the other ranks wait, then every rank reads it."""
+    server, data_dir, marker = tmp_path / "server", tmp_path / "data", tmp_path / "fetches"
+    write_sources(tiny_data_dir, server)
+    args = cli_args(data_dir, "planar", "--max-steps", "2", "--set", "is_samples=0")
+    done = torchrun("--standalone", "--nproc_per_node=2", str(HERE), "--local-sources",
+                    str(server), str(marker), *args, "--out", str(tmp_path / "run"), timeout=90)
+    assert done.returncode == 0, done.stderr[-8000:]
+    assert fetches(marker) == [f"0 0 binarized_mnist_{s}.amat" for s in ("test", "train", "valid")]
+    assert sorted(p.name for p in data_dir.iterdir()) == ["binarized_mnist.npz"]  # no temp files
+    assert read(tmp_path / "run" / "results.json")["world_size"] == 2
+
+
+@pytest.mark.slow
+def test_a_failed_download_stops_every_rank_with_its_message(
+    tiny_data_dir: Path, tmp_path: Path
+) -> None:
+    """The server lacks the files (as offline): rank 0's download fails, and rank 1, which
+    waited for it, stops too, with the same one-line error (no traceback, no resume advice:
+    nothing was trained) instead of a hang."""
+    server, data_dir, marker = tmp_path / "server", tmp_path / "data", tmp_path / "fetches"
+    server.mkdir()
+    args = cli_args(data_dir, "planar", "--max-steps", "2")
+    done = torchrun("--standalone", "--nproc_per_node=2", str(HERE), "--local-sources",
+                    str(server), str(marker), *args, "--out", str(tmp_path / "run"), timeout=90)
+    assert done.returncode != 0
+    assert fetches(marker) == ["0 0 binarized_mnist_train.amat"]  # the first file failed
+    # what the ranks wrote, above torchrun's own report (a traceback of the launcher)
+    ranks = done.stderr.split("torch/distributed/elastic")[0]
+    errors = [line for line in ranks.splitlines() if line.startswith("vaeflow: ")]
+    assert sorted(errors) == [  # one per rank, as one process prints it (its exit status 2)
+        "vaeflow: error: data set 'static_mnist' needs binarized_mnist.npz, which is not in the "
+        f"data directory {data_dir}.",
+        "vaeflow: error: rank 0 stopped: DataNotFoundError: data set 'static_mnist' needs "
+        f"binarized_mnist.npz, which is not in the data directory {data_dir}.",
+    ], done.stderr[-8000:]
+    assert ranks.count("Downloading binarized_mnist_train.amat failed (no network?)") == 2
+    assert "Traceback" not in ranks and "--resume" not in ranks
+    assert not data_dir.exists() and not (tmp_path / "run").exists()  # nothing kept
+
+
 # --------------------------------------------------------------------------------------------
 # As a script: vaeflow with one rank killed
 
@@ -375,7 +440,40 @@ def _run_counting_ddp_at_stop(argv: list[str]) -> int:
     return main(argv[1:])
 
 
+def _run_with_local_sources(argv: list[str]) -> int:
+    """``--local-sources SERVER MARKER VAEFLOW_ARGS...``: static MNIST's sources are the files
+    of folder SERVER (``file://`` URLs, which the real fetch reads; their checksums as found
+    there), and each fetch appends ``RANK LOCAL_RANK FILE`` to MARKER. A fetch takes 0.3 s,
+    so that a rank which did not wait would find the file missing too."""
+    import dataclasses
+    import time
+
+    from vaeflow.data import DATASETS, _digest, download
+
+    server, marker, rest = Path(argv[1]), Path(argv[2]), argv[3:]
+    spec = DATASETS["static_mnist"]
+    sources = []
+    for s in spec.sources:
+        path = server / s.filename
+        digest = _digest(path, "sha256") if path.exists() else "0" * 64
+        sources.append(dataclasses.replace(s, urls=(path.as_uri(),), checksum=("sha256", digest)))
+    DATASETS["static_mnist"] = dataclasses.replace(spec, sources=tuple(sources))
+    real = download._fetch
+
+    def fetch(url: str, dest: Path) -> None:
+        """The real fetch, counted and slowed down."""
+        with open(marker, "a") as f:
+            f.write(f"{os.environ['RANK']} {os.environ['LOCAL_RANK']} {Path(url).name}\n")
+        time.sleep(0.3)
+        real(url, dest)
+
+    download._fetch = fetch  # type: ignore[assignment]
+    return main(rest)
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "--count-ddp":
         sys.exit(_run_counting_ddp_at_stop(sys.argv[1:]))
+    if sys.argv[1] == "--local-sources":
+        sys.exit(_run_with_local_sources(sys.argv[1:]))
     sys.exit(_run_with_a_kill(sys.argv[1:]))

@@ -28,6 +28,9 @@ The rules a :class:`World` implements:
 - **Files.** Only rank 0 reads or writes the run directory; what the other ranks need from it
   (the config when resuming, checkpoints, ``best.pt``) is broadcast from rank 0, so the ranks
   need no shared file system.
+- **Data.** A missing data file is downloaded once per machine, by its ``LOCAL_RANK`` 0 (a
+  machine's data directory may not be shared with the others), while the machine's other ranks
+  wait; then every rank reads it. A download that fails stops every rank with its message.
 - **Faults.** Collectives time out after ``VAEFLOW_DIST_TIMEOUT`` seconds (default 300): a rank
   that died or hangs ends the others with a message instead of a hang.
 """

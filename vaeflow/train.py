@@ -53,7 +53,7 @@ from torch import Tensor
 from vaeflow import distributed
 from vaeflow.checks import input_errors, resolve_device
 from vaeflow.configs import TrainConfig
-from vaeflow.data import DeviceLoader, get_spec
+from vaeflow.data import DeviceLoader, ensure_dataset, get_spec
 from vaeflow.distributed import SINGLE, World
 from vaeflow.evaluate import (
     dataset_nelbo,
@@ -938,6 +938,13 @@ def train(
                         if world.is_main:
                             owned.enter_context(RunLock(directory))
                             remove_partial_writes(directory)  # a killed session's
+                        if world.distributed and world.is_local_main:
+                            # One download per machine, not one per rank (eight at once from
+                            # one server can trip its rate limit): the machine's other ranks
+                            # wait at the end of this block. One process: in load_dataset.
+                            ensure_dataset(cfg.dataset, cfg.data_dir,
+                                           split_sizes=cfg.split_sizes)
+                    with world.together():
                         trainer = _Trainer(cfg, directory, progress, world)  # device, data, model
                     assert trainer is not None
                     if resume is not None:
