@@ -39,7 +39,8 @@ from typing import Any
 from vaeflow import report
 from vaeflow.checks import InputError, check_options, input_errors
 from vaeflow.configs import TrainConfig, presets, resolve
-from vaeflow.data import DATASETS, ChecksumError, DataNotFoundError
+from vaeflow.data import DATASETS
+from vaeflow.distributed import USER_ERRORS  # one line each; the experiments catch the same
 from vaeflow.flows import FFJORD, FLOWS, flow_hyperparameters
 from vaeflow.nets import ARCHITECTURES
 
@@ -50,9 +51,6 @@ else:  # pragma: no cover
 
 __all__ = ["main", "resolve_config", "parse_value", "parse_pairs", "build_parser", "USER_ERRORS"]
 
-# Known failures: a command reports them in one line; anything else is a bug and shows its
-# traceback. The scripts in experiments/ that load runs and data catch the same.
-USER_ERRORS = (InputError, FileExistsError, DataNotFoundError, ChecksumError)
 
 def _plain(text: str) -> str:
     """reStructuredText markup of a docstring dropped, for ``--help`` (users read it as plain

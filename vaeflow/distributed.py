@@ -59,6 +59,7 @@ __all__ = [
     "SINGLE",
     "TIMEOUT_ENV",
     "PeerError",
+    "USER_ERRORS",
     "World",
     "WindowSync",
     "check_world_size",
@@ -398,22 +399,26 @@ def _describe(err: BaseException) -> str:
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
-# The errors that a user fixes (bad input, a data file missing or that failed its checksum),
-# which the CLI prints as one line: a rank that hears of one raises the same class, so that it
-# stops with that line too, not as a lost peer (whose advice is to resume the run).
-_USER_ERRORS: tuple[type[Exception], ...] = (InputError, DataNotFoundError, ChecksumError)
+# The failures that a user fixes (bad input, a folder in the way, a data file missing or that
+# failed its checksum), which a command prints as one line (the CLI catches these; anything
+# else is a bug and shows its traceback). They are defined here, below the CLI, because a rank
+# that hears of one raises the same class, so that it stops with that line too, not as a lost
+# peer (whose advice is to resume the run).
+USER_ERRORS: tuple[type[Exception], ...] = (
+    InputError, FileExistsError, DataNotFoundError, ChecksumError
+)
 
 
 def _report(err: BaseException) -> tuple[int, str]:
-    """What the other ranks hear of ``err``: the index of its class in :data:`_USER_ERRORS`
+    """What the other ranks hear of ``err``: the index of its class in :data:`USER_ERRORS`
     (-1 for any other error) and its description."""
-    kind = next((i for i, cls in enumerate(_USER_ERRORS) if isinstance(err, cls)), -1)
+    kind = next((i for i, cls in enumerate(USER_ERRORS) if isinstance(err, cls)), -1)
     return kind, _describe(err)
 
 
 def _peer_error(rank: int, kind: int, what: str) -> Exception:
     """The error a rank raises when rank ``rank`` reported ``(kind, what)`` (:func:`_report`)."""
-    cls = _USER_ERRORS[kind] if kind >= 0 else PeerError
+    cls = USER_ERRORS[kind] if kind >= 0 else PeerError
     return cls(f"rank {rank} stopped: {what}")
 
 
