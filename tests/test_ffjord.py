@@ -1,5 +1,6 @@
 """FFJORD: exact and Hutchinson traces, a linear field with a known answer, adjoint against
-direct backprop, NFE counts, RNODE terms, and option errors."""
+direct backprop, NFE counts (and a fixed-step solve under a default device), RNODE terms, and
+option errors."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from vaeflow.ode import SolverError, check_solver
 
 D, H = 3, 2
 TIGHT = dict(atol=1e-9, rtol=1e-9)
+RK4 = dict(method="rk4", solver_options={"step_size": 0.25})
 
 
 def make(**kw: object) -> FFJORD:
@@ -211,6 +213,18 @@ def test_nfe_counts_reset_per_solve() -> None:
     flow.solver = type(flow.solver)(method="rk4", options={"step_size": 0.25})
     flow(z0, h)
     assert flow.nfe_forward == 4 * 4  # 4 steps x 4 stages
+
+
+def test_a_fixed_step_solve_keeps_its_grid_on_the_host_under_a_default_device() -> None:
+    """Under ``with torch.device(...)`` (how a run builds its model) the fixed-step grid was made
+    on that device: its ``.item()`` synchronised a GPU in every solve and failed on meta."""
+    with torch.device("meta"):
+        flow = FFJORD(3, 2, hidden_dims=(8,), rank=2, **RK4).train()
+        z0, h = torch.randn(4, 3, requires_grad=True), torch.randn(4, 2)
+        zK, logdet = flow(z0, h)  # any host read of a meta tensor raises
+        (zK.sum() + logdet.sum()).backward()
+    assert zK.device.type == "meta" and logdet.shape == (4,)
+    assert flow.nfe_forward == 4 * 4  # 4 steps of 4 stages: the grid of step_size 0.25
 
 
 def test_an_empty_batch_leaves_no_statistics_of_the_previous_call() -> None:

@@ -1,5 +1,6 @@
-"""``check_flow``: every built-in flow passes it, and each broken flow below fails it with the
-rule it breaks named (so the check cannot pass a flow that is wrong in these ways)."""
+"""``check_flow``: every built-in flow passes it, and so does a flow with a scalar (0-d)
+parameter; each broken flow below fails it with the rule it breaks named (so the check cannot
+pass a flow that is wrong in these ways)."""
 
 from __future__ import annotations
 
@@ -102,3 +103,32 @@ def test_perturb_finds_a_wrong_logdet_behind_an_identity_start() -> None:
         check_flow(Affine(4, 3, broken="logdet", zero=True), perturb=0.0)
     with pytest.raises(FlowCheckError, match="logdet is not"):
         check_flow(Affine(4, 3, broken="logdet", zero=True))
+
+
+class _ScaledAffine(Flow):
+    """``zK = z0 exp(a(h) + s) + b(h)`` with a learned scalar ``s``: ``logdet = sum(a) + D s``."""
+
+    has_inverse = True
+
+    def __init__(self, dim: int, context_dim: int, log_scale: float = 0.0) -> None:
+        super().__init__(dim, context_dim)
+        self.head = ContextHead(context_dim, {"a": (dim,), "b": (dim,)})
+        self.log_scale = nn.Parameter(torch.tensor(log_scale))
+
+    def _forward(self, z0: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+        p = self.head(h)
+        a = p["a"] + self.log_scale
+        return z0 * a.exp() + p["b"], a.sum(-1)
+
+    def _inverse(self, zK: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+        p = self.head(h)
+        a = p["a"] + self.log_scale
+        return (zK - p["b"]) * (-a).exp(), a.sum(-1)
+
+
+@pytest.mark.parametrize("log_scale", [0.0, 0.5])
+def test_check_flow_takes_a_flow_with_a_scalar_parameter(log_scale: float) -> None:
+    """Its perturbation drew ``randn(*())``, a TypeError, for any 0-d parameter (and the zero
+    one's fallback scale read ``shape[-1]`` of no shape)."""
+    torch.manual_seed(0)
+    check_flow(_ScaledAffine(3, 2, log_scale))

@@ -1,9 +1,11 @@
-"""experiments/plot_run.py: learning curves of finished and unfinished runs."""
+"""Learning curves (experiments/plot_run.py and :mod:`vaeflow.plots`): of finished and
+unfinished runs, and of a run of one epoch, whose one training point is drawn."""
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import plot_run
 import pytest
@@ -161,3 +163,42 @@ def test_a_partial_epochs_validation_is_marked(
     monkeypatch.setattr(Axes, "scatter", scatter)
     plots.write_run_pictures(run.path)
     assert marked == [[20.0], [0.2]]  # epoch 2's step, and its 12 s of training
+
+
+def _drawn_lines(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """The lines of every figure saved from now on (collected as it is saved)."""
+    from matplotlib.figure import Figure
+
+    lines: list[Any] = []
+    real = Figure.savefig
+
+    def savefig(fig: Figure, *args: Any, **kwargs: Any) -> None:
+        lines.extend(line for ax in fig.axes for line in ax.get_lines())
+        real(fig, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    return lines
+
+
+def _visible(line: Any) -> bool:
+    """Whether a line shows anything: a segment (two points, a line style) or a marker."""
+    segment = len(line.get_xdata()) >= 2 and line.get_linestyle() not in ("None", "", " ")
+    return segment or line.get_marker() not in ("None", "", " ", None)
+
+
+def test_a_run_of_one_epoch_shows_its_training_figure(
+    tiny_data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The training NELBO was a dashed line without markers: with one epoch, one point, it
+    drew nothing (in learning_curve.png and in compare's figure), though the legend named it."""
+    pytest.importorskip("matplotlib")
+    history = [{"epoch": 1, "step": 10, "seconds": 6.0, "valid_nelbo": 100.0,
+                "train_nelbo": 101.0}]
+    run = _fake_run(tmp_path / "one", tiny_data_dir, "static_mnist", {"test_nelbo": 99.0},
+                    history=history)
+    lines = _drawn_lines(monkeypatch)
+    assert plots.write_run_pictures(run.path) == [run.path / plots.LEARNING_CURVE]
+    plots.plot_learning_curves([run.path], tmp_path / "cmp.png")
+    train = [line for line in lines if list(line.get_ydata()) == [101.0]]
+    assert len(train) == 3  # two panels of the run's figure, one in compare's
+    assert all(_visible(line) for line in lines)

@@ -1,6 +1,7 @@
 """vaeflow flows as Pyro guide transforms: SVI beats the best diagonal Gaussian on a correlated
 posterior, log_prob reuses the forward log-determinant, inverses and their errors, shapes, the
-param store, the docs example and the Pyro VAE experiment."""
+param store, the transform's memory of its last call (whatever its cache_size, and not past a
+change of the flow's parameters), the docs example and the Pyro VAE experiment."""
 
 from __future__ import annotations
 
@@ -14,11 +15,13 @@ from types import ModuleType
 
 import pyro
 import pyro.distributions as dist
+import pyro_vae
 import pytest
 import torch
 from conftest import run_readme
 from pyro.distributions.conditional import ConditionalComposeTransformModule
 from pyro.infer import SVI, Trace_ELBO
+from pyro.optim.clipped_adam import ClippedAdam
 from torch import Tensor, nn
 from torch.testing import assert_close
 
@@ -396,6 +399,129 @@ def test_on_cuda(name: str, problem: LinearGaussian) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# The transform's memory of its last call: its own sample is scored without running the
+# flows again, whatever its cache_size, and nothing is remembered past a parameter change
+
+
+@pytest.mark.parametrize("cache_size", [0, 1])
+def test_composed_transforms_score_their_sample_without_running_the_flows_again(
+    cache_size: int,
+) -> None:
+    """Torch's ComposeTransform recomputes each part's image to take its log-determinant. The
+    transform remembers its last call whatever ``cache_size`` is: scoring the sample runs no
+    flow again (for FFJORD: no second solve, and the Hutchinson estimate of the sample)."""
+    torch.manual_seed(0)
+    d, h_dim = 2, 4
+    flows = [make_flow("ffjord", d, h_dim, hidden_dims=(8,), atol=1e-4, rtol=1e-4).double(),
+             make_flow("planar", d, h_dim, num_steps=2).double()]
+    calls = [0, 0]
+    for i, flow in enumerate(flows):
+        flow.register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+    stack = ConditionalComposeTransformModule(
+        [ConditionalFlowTransform(flow, cache_size) for flow in flows]
+    )
+    mu = torch.zeros(3, d, dtype=torch.float64)
+    h = torch.randn(3, h_dim, dtype=torch.float64)
+    q = dist.TransformedDistribution(dist.Normal(mu, torch.ones_like(mu)), [stack.condition(h)])
+    torch.manual_seed(1)
+    zK = q.rsample()
+    assert calls == [1, 1]
+    log_q = q.log_prob(zK)
+    assert calls == [1, 1]
+
+    torch.manual_seed(1)  # the same base noise, then the same Hutchinson noise, by hand
+    z0 = dist.Normal(mu, torch.ones_like(mu)).rsample()
+    z1, logdet1 = flows[0](z0, h)
+    _, logdet2 = flows[1](z1, h)
+    expected = dist.Normal(mu, torch.ones_like(mu)).log_prob(z0).sum(-1) - logdet1 - logdet2
+    torch.testing.assert_close(log_q, expected)
+
+
+def test_without_a_cache_a_fixed_input_follows_the_flows_parameters() -> None:
+    """cache_size=0 asks for no cache: the same z0 tensor pushed through again after the
+    parameters changed (an optimizer step; a fixed grid of points drawn each epoch) gets the
+    new image, not the remembered one of its last call."""
+    torch.manual_seed(0)
+    flow = make_flow("planar", 2, 4, num_steps=2).double()
+    t = ConditionalFlowTransform(flow, cache_size=0).condition(
+        torch.randn(3, 4, dtype=torch.float64))
+    z0 = torch.randn(3, 2, dtype=torch.float64)
+    first = t(z0).detach().clone()
+    assert torch.equal(t(z0), first)  # unchanged parameters: the memory may answer
+    with torch.no_grad():
+        for p in flow.parameters():
+            p.add_(0.1)
+    moved = t(z0)
+    expected, logdet = flow(z0, t.context.expand(3, -1))
+    torch.testing.assert_close(moved, expected)
+    assert not torch.equal(moved, first)
+    torch.testing.assert_close(t.log_abs_det_jacobian(z0, moved), logdet)
+
+
+def test_after_a_parameter_change_the_inverse_and_logdet_are_not_remembered() -> None:
+    """The memory of the last call answers the inverse of its zK and the log-determinant of
+    its pair only while the parameters are unchanged: after an optimizer step the same zK
+    inverts under the new flow, and the pair's logdet is the new flow's at z0."""
+    torch.manual_seed(0)
+    flow = make_flow("iaf", 2, 4, num_steps=2, hidden_dim=8).double()
+    t = ConditionalFlowTransform(flow, cache_size=0).condition(
+        torch.randn(3, 4, dtype=torch.float64))
+    h = t.context.expand(3, -1)
+    z0 = torch.randn(3, 2, dtype=torch.float64)
+    zK = t(z0)
+    assert t.inv(zK) is z0  # unchanged parameters: answered from memory
+    with torch.no_grad():
+        for p in flow.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    torch.testing.assert_close(t.log_abs_det_jacobian(z0, zK), flow(z0, h)[1])
+    back = t.inv(zK)
+    assert not torch.allclose(back, z0)
+    torch.testing.assert_close(flow(back, h)[0], zK)
+
+
+def fit_fixed_data(cache_size: int, optimizer: str, steps: int = 3) -> list[tuple[float, float]]:
+    """Fit ``q = flow_h(N(0, I))`` (one IAF, one fixed context ``h [H]``) to fixed data
+    ``X [N, D]`` by maximum likelihood, ``q`` built once and ``q.log_prob(X)`` scored on the
+    same tensor every step, as a density fit in Pyro is written. Returns per step the loss
+    that was stepped on and the loss of the same parameters scored by a fresh transform."""
+    torch.manual_seed(0)
+    D, H = 2, 3
+    flow = make_flow("iaf", D, H, num_steps=2, hidden_dim=8).double()
+    conditional = ConditionalFlowTransform(flow, cache_size=cache_size)
+    h = torch.zeros(H, dtype=torch.float64)
+    base = dist.Normal(torch.zeros(D, dtype=torch.float64), 1.0).to_event(1)
+    q = dist.TransformedDistribution(base, [conditional.condition(h)])
+    x = torch.randn(20, D, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    optim_class = ClippedAdam if optimizer == "ClippedAdam" else torch.optim.Adam
+    optim = optim_class(flow.parameters(), lr=1e-2)
+    out = []
+    for _ in range(steps):
+        optim.zero_grad()
+        loss = -q.log_prob(x).mean()
+        loss.backward()
+        with torch.no_grad():
+            fresh = dist.TransformedDistribution(base, [conditional.condition(h)])
+            out.append((loss.item(), -fresh.log_prob(x.clone()).mean().item()))
+        optim.step()
+    return out
+
+
+@pytest.mark.parametrize("cache_size", [0, 1])
+@pytest.mark.parametrize("optimizer", ["Adam", "ClippedAdam"])
+def test_a_transform_kept_across_steps_scores_with_the_new_parameters(
+    cache_size: int, optimizer: str
+) -> None:
+    # The transform remembered its last call until the flow's parameters' versions changed,
+    # but pyro.optim.ClippedAdam updates p.data, which bumps no version: the second step
+    # scored x with the first step's (freed) graph, "Trying to backward through the graph a
+    # second time"; with cache_size=1 torch's own cache did so for any optimizer.
+    losses = fit_fixed_data(cache_size, optimizer)
+    for stepped, fresh in losses:
+        assert stepped == pytest.approx(fresh, rel=1e-10)
+    assert losses[-1][0] != losses[0][0]  # the steps changed the flow
+
+
+# --------------------------------------------------------------------------------------------
 # The docs example and the experiment script
 
 
@@ -478,3 +604,20 @@ def test_experiment_evaluation_gives_each_module_its_own_mode_back(
     x = torch.bernoulli(torch.full((6, 1, 28, 28), 0.3), generator=torch.Generator().manual_seed(0))
     assert math.isfinite(experiment.evaluate_nelbo(vae, x, batch_size=4))
     assert vae.training and not any(m.training for m in vae.encoder.modules())
+
+
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [("nope", "invalid device 'nope'"), ("cuda:7", "device 'cuda:7' asked for")],
+)
+def test_the_pyro_experiment_refuses_a_bad_device_on_entry(
+    device: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # It ended in a RuntimeError traceback from torch.device (or from run(), for CUDA on a
+    # machine without it) after parsing; now an argparse error, as for every other option.
+    if device.startswith("cuda") and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+    with pytest.raises(SystemExit) as exit_info:
+        pyro_vae.parse_args(["--device", device, "--out", "unused"])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err

@@ -4,7 +4,8 @@ One grid runs once for the module (2 flows x 1 data set x 2 seeds, 2 cells at on
 ``vaeflow train`` subprocesses on the tiny structured MNIST), with one cell left half-trained
 beforehand and a second data set whose file is missing; the tests then read what it left. The
 placement of cells on devices is tested with stand-in subprocesses and a made-up number of
-visible GPUs, so that no GPU is needed.
+visible GPUs, so that no GPU is needed. The command that a report prints (to run a missing data
+set or resume unfinished cells) is read back by the table's own parser.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import io
 import json
 import os
 import re
+import shlex
 import signal
 import statistics
 import sys
@@ -28,6 +30,7 @@ import table_grid
 import table_options
 import table_pool
 import table_records
+import table_report
 from conftest import TINY_SPLITS
 from table_grid import Cell
 from table_pool import Job, Placement
@@ -772,8 +775,6 @@ def test_a_cell_marked_failed_is_neither_done_nor_ok(tmp_path: Path) -> None:
 
 
 def test_the_budget_note_says_how_many_epochs_the_cells_trained() -> None:
-    import table_report
-
     def cells(*epochs: int) -> list[table_records.CellRecord]:
         return [table_records.CellRecord(Cell("static_mnist", "planar", i), "done", "nats",
                                          epochs=e, stop_reason="budget",
@@ -809,3 +810,56 @@ def test_an_unfinished_cells_epochs_count_a_partial_epoch_once(
     record = table_records.read_cell(cell, tmp_path)
     assert record.epochs == 1 and record.steps == 10
     assert record.nfe_forward == 20.0  # the whole epoch's mean, which covers the partial one
+
+
+# --------------------------------------------------------------------------------------------
+# The command a report prints, read back by the table's own parser
+
+
+def options_of_command(command: str) -> table_options.TableOptions:
+    """What a printed ``experiments/table.py`` command asks for, read by the table's own
+    parser."""
+    argv = shlex.split(command)
+    assert argv[:2] == ["python", "experiments/table.py"], command
+    return table.options_from_args(argv[2:])
+
+
+def seeds_of_command(command: str) -> list[int]:
+    """The seeds that a printed ``experiments/table.py`` command runs."""
+    return options_of_command(command).seed_list
+
+
+@pytest.mark.parametrize("seeds", [[0], [4], [0, 1, 2], [1, 2], [2, 0], [7, 3, 5]])
+def test_a_printed_table_command_runs_the_seeds_of_the_grid(seeds: list[int]) -> None:
+    # A report prints the command that runs a missing data set or resumes unfinished cells; a
+    # grid of the one seed 4 was printed as `--seeds 4`, which is a count: seeds 0 1 2 3.
+    options = table_options.TableOptions(seeds=seeds, budget_minutes=5.0)
+    command = table_options.table_command(options, ["caltech"], download=False)
+    assert seeds_of_command(command) == seeds, command
+    # the same through the last invocation's record, as --report-only takes it
+    report_only = table_options.TableOptions(report_only=True)
+    invocation = {"seeds": seeds, "budget_minutes": 5.0}
+    command = table_options.table_command(report_only, ["caltech"], False, invocation)
+    assert seeds_of_command(command) == seeds, command
+
+
+# --------------------------------------------------------------------------------------------
+# experiments/pyro_vae.py
+
+
+def test_a_printed_table_command_keeps_the_grids_on_mismatch(tmp_path: Path) -> None:
+    # A grid run with --on-mismatch keep reports its unfinished cells with "the grid's command
+    # resumes them": that command had no --on-mismatch, so it stopped on the kept cells.
+    options = table.options_from_args(
+        ["--budget-minutes", "5", "--on-mismatch", "keep", "--runs-dir", str(tmp_path)]
+    )
+    command = table_options.table_command(options, ["caltech"], download=False)
+    assert options_of_command(command).on_mismatch == "keep", command
+    # --report-only takes it from the record of the call that ran cells
+    table_grid.record_invocation(options, table_grid.Plan(), options.placement())
+    report_only = table.options_from_args(["--report-only", "--runs-dir", str(tmp_path)])
+    invocation = table_report.last_invocation(tmp_path)
+    command = table_options.table_command(report_only, ["caltech"], False, invocation)
+    assert options_of_command(command).on_mismatch == "keep", command
+    default = table.options_from_args(["--budget-minutes", "5"])
+    assert "--on-mismatch" not in table_options.table_command(default, ["caltech"], False)

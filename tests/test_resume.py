@@ -1,4 +1,8 @@
-"""Review of the training loop's bookkeeping: resumes across devices and options, budgets."""
+"""Resuming a run: on a CPU from a checkpoint of a captured (CUDA-graph) step, after a signal
+in the last validation, from the step-0 checkpoint, and after a start stopped before its first
+checkpoint; which settings a resume may change, and which checkpoint formats it takes. (A
+resume after a crash or a signal, bit for bit, and a resume with a larger budget are in
+test_train.py.)"""
 
 from __future__ import annotations
 
@@ -11,6 +15,8 @@ import torch
 from test_train import Crash, assert_same_params, crash_at, params, tiny_config
 
 import vaeflow.train as train_mod
+from vaeflow.checks import InputError
+from vaeflow.runs import RunError
 from vaeflow.train import train
 
 
@@ -104,8 +110,6 @@ def test_a_start_stopped_before_its_first_checkpoint_can_be_started_again(
     # as its cells start, a kill -9) left config.json and history.json: the same command was
     # then refused ("already holds files; it is not a run that can be resumed"), and so was
     # --resume, for a folder in which nothing had been trained.
-    from vaeflow.runs import RunError
-
     config = tiny_config(tiny_data_dir, max_steps=2)
 
     def stopped(self: Any) -> None:
@@ -137,3 +141,28 @@ def test_a_start_stopped_before_its_first_checkpoint_can_be_started_again(
     (own / "config.json").write_text("{}")
     with pytest.raises(RunError, match="already holds files"):
         train(config, own, progress=False)
+
+
+def test_a_typo_in_a_resume_change_is_named_as_an_unknown_key() -> None:
+    from vaeflow.runs import check_resume_changes
+
+    typo = r"^unknown config key\(s\) 'max_minuts'; a resumed run may change device, "
+    with pytest.raises(InputError, match=typo):
+        check_resume_changes({"max_minuts": 10})
+    with pytest.raises(InputError, match="^cannot change lr when resuming"):
+        check_resume_changes({"lr": 0.1, "max_minutes": 10})
+    check_resume_changes({"max_minutes": 10, "device": "cpu"})  # may change
+
+
+def test_a_checkpoint_of_a_newer_vaeflow_is_not_to_be_overwritten(tmp_path: Path) -> None:
+    """A run written by a newer vaeflow is not an older one's: the advice is to use that
+    version, not --overwrite (which would delete the run)."""
+    from vaeflow.runs import CHECKPOINT_FORMAT, check_checkpoint_format
+
+    source = tmp_path / "checkpoint.pt"
+    with pytest.raises(RunError, match="newer vaeflow") as err:
+        check_checkpoint_format({"format": CHECKPOINT_FORMAT + 1}, source)
+    assert "--overwrite" not in str(err.value)
+    with pytest.raises(RunError, match="older vaeflow.*--overwrite"):
+        check_checkpoint_format({}, source)  # format 1: older, afresh is the way
+    check_checkpoint_format({"format": CHECKPOINT_FORMAT}, source)

@@ -1,101 +1,25 @@
-"""Review tests of the data, plots, HParams and progress modules: small cases, CPU, no network."""
+"""How :mod:`vaeflow.data` reports what went wrong: a wrong file is named by its path, and
+split_sizes are blamed only for a number of rows; only what the user gave is a one-line error
+(a bug in a reader keeps its traceback); a MemoryError is no damaged file; a download is kept
+when the split sizes asked for do not fit it. Small cases, CPU, no network. (Each kind of wrong
+file that is refused is in test_data.py.)"""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
-from test_train import tiny_config
+from test_data import SIZES, write_tiny
 
-from vaeflow.hparams import log_settings
-
-
-class _Writer:
-    """A ``SummaryWriter`` stand-in that keeps the summaries it is given."""
-
-    def __init__(self) -> None:
-        self.summaries: list[Any] = []
-        self.file_writer = self
-
-    def add_summary(self, summary: Any) -> None:
-        self.summaries.append(summary)
-
-
-def test_hparams_booleans_stay_booleans(tmp_path: Path) -> None:
-    """A boolean setting (ffjord.adjoint, valid_exact_trace) was logged as the number 0 or 1:
-    torch's hparams() takes a bool for an int. Numbers, strings and None stay as they were."""
-    pytest.importorskip("tensorboard")
-    from tensorboard.plugins.hparams import metadata
-
-    config = tiny_config(tmp_path, "ffjord", valid_exact_trace=True)
-    writer = _Writer()
-    log_settings(writer, config)
-    (summary,) = writer.summaries
-    (value,) = summary.value
-    assert value.tag == metadata.SESSION_START_INFO_TAG
-    hp = metadata.parse_session_start_info_plugin_data(value.metadata.plugin_data.content).hparams
-    for key, expected in (("valid_exact_trace", True), ("ffjord.adjoint", False),
-                          ("ffjord.exact_in_eval", True), ("cuda_graph", False)):
-        assert hp[key].WhichOneof("kind") == "bool_value", key
-        assert hp[key].bool_value is expected, key
-    assert hp["seed"].WhichOneof("kind") == "number_value" and hp["seed"].number_value == 0
-    assert hp["lr"].number_value == pytest.approx(3e-3)
-    assert hp["flow"].string_value == "ffjord"
-    assert hp["max_steps"].string_value == "null"
-
-
-def _drawn_lines(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
-    """The lines of every figure saved from now on (collected as it is saved)."""
-    from matplotlib.figure import Figure
-
-    lines: list[Any] = []
-    real = Figure.savefig
-
-    def savefig(fig: Figure, *args: Any, **kwargs: Any) -> None:
-        lines.extend(line for ax in fig.axes for line in ax.get_lines())
-        real(fig, *args, **kwargs)
-
-    monkeypatch.setattr(Figure, "savefig", savefig)
-    return lines
-
-
-def _visible(line: Any) -> bool:
-    """Whether a line shows anything: a segment (two points, a line style) or a marker."""
-    segment = len(line.get_xdata()) >= 2 and line.get_linestyle() not in ("None", "", " ")
-    return segment or line.get_marker() not in ("None", "", " ", None)
-
-
-def test_a_run_of_one_epoch_shows_its_training_figure(
-    tiny_data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The training NELBO was a dashed line without markers: with one epoch, one point, it
-    drew nothing (in learning_curve.png and in compare's figure), though the legend named it."""
-    pytest.importorskip("matplotlib")
-    from test_report import _fake_run
-
-    from vaeflow import plots
-
-    history = [{"epoch": 1, "step": 10, "seconds": 6.0, "valid_nelbo": 100.0,
-                "train_nelbo": 101.0}]
-    run = _fake_run(tmp_path / "one", tiny_data_dir, "static_mnist", {"test_nelbo": 99.0},
-                    history=history)
-    lines = _drawn_lines(monkeypatch)
-    assert plots.write_run_pictures(run.path) == [run.path / plots.LEARNING_CURVE]
-    plots.plot_learning_curves([run.path], tmp_path / "cmp.png")
-    train = [line for line in lines if list(line.get_ydata()) == [101.0]]
-    assert len(train) == 3  # two panels of the run's figure, one in compare's
-    assert all(_visible(line) for line in lines)
+from vaeflow.data import DataFileError, load_dataset
 
 
 def test_split_sizes_are_blamed_only_for_a_number_of_rows(tmp_path: Path) -> None:
     """With split_sizes given, every ValueError of the file got "split_sizes=... was asked for:
     it does not take a subset" appended, a wrong dtype or values outside [0, 1] too, as if the
     sizes were the trouble; now only a number of rows that the sizes do not fit."""
-    import numpy as np
-
-    from vaeflow.data import load_dataset
-
     rng = np.random.default_rng(0)
     path = tmp_path / "mnist.npz"
     grey = rng.integers(0, 256, (8, 28, 28), dtype=np.uint8)
@@ -122,10 +46,6 @@ def test_a_wrong_file_is_named_by_its_path(tmp_path: Path,
     """A file of the wrong dtype, key or shape was named by its bare file name ("mnist.npz:
     key 'x_train' has dtype ..."), with no word of the folder, which $VAEFLOW_DATA or the
     per-user cache may have chosen; a damaged file was already named by its path."""
-    import numpy as np
-
-    from vaeflow.data import load_dataset
-
     folder = tmp_path / "from-the-environment"
     folder.mkdir()
     monkeypatch.setenv("VAEFLOW_DATA", str(folder))
@@ -149,13 +69,12 @@ def test_only_what_the_user_gave_is_a_one_line_data_error(
     download's checksum mismatch (a ``RuntimeError``) was a traceback. Now the data package
     raises ``InputError`` for a wrong file itself, and the CLI prints a ``ChecksumError`` as
     one line."""
-    import numpy as np
     from test_cli import tiny_args
 
     import vaeflow.data.dataset as dataset
     from vaeflow.checks import InputError
     from vaeflow.cli import main
-    from vaeflow.data import ChecksumError, get_spec, load_dataset
+    from vaeflow.data import ChecksumError, get_spec
 
     def train(data_dir: Path) -> list[str]:
         return ["train", *tiny_args(data_dir), "--flow", "planar", "--max-steps", "1",
@@ -189,3 +108,64 @@ def test_only_what_the_user_gave_is_a_one_line_data_error(
     monkeypatch.setattr(dataset, "_download_dataset", mismatch)
     assert main(train(tmp_path / "empty")) == 2
     assert "checksum mismatch" in one_line()
+
+
+def test_a_memory_error_is_not_a_damaged_file(tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every exception of reading an intact member was turned into "the file is damaged ...
+    delete it": a MemoryError too, so a good file was to be deleted and the real cause was a
+    one-line error without its traceback. A member whose bytes pass their CRC check is not
+    damaged: the exception now passes through unchanged."""
+    write_tiny("caltech", tmp_path)
+
+    def out_of_memory(*args: object, **kwargs: object) -> np.ndarray:
+        raise MemoryError("Unable to allocate 47.0 MiB")
+
+    monkeypatch.setattr(np.lib.format, "read_array", out_of_memory)
+    with pytest.raises(MemoryError, match="Unable to allocate") as info:
+        load_dataset("caltech", tmp_path, split_sizes=SIZES["caltech"])
+    assert not isinstance(info.value, DataFileError)
+
+
+def test_a_download_is_kept_when_the_split_sizes_asked_for_do_not_fit_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A missing file was downloaded, converted, checked against the split_sizes asked for
+    and, when they did not fit it (split_sizes taken for a subset), thrown away with a bare
+    "has shape ..., expected shape ...": the next try downloaded it again. The protocol's file
+    is now kept, and the error names the sizes asked for, as for a file already there."""
+    import dataclasses
+    import gzip
+
+    import vaeflow.data.download as download_mod
+    from vaeflow.data import DATASETS
+
+    def idx(array: np.ndarray, magic: int) -> bytes:
+        dims = b"".join(d.to_bytes(4, "big") for d in array.shape)
+        return gzip.compress(magic.to_bytes(4, "big") + dims + array.tobytes())
+
+    protocol = (6, 2, 3)  # a small stand-in for the protocol's 50000/10000/10000
+    x = np.random.default_rng(0).integers(0, 256, (11, 28, 28), dtype=np.uint8)
+    y = np.zeros(11, np.uint8)
+    files = {"train-images-idx3-ubyte.gz": idx(x[:8], 2051),
+             "train-labels-idx1-ubyte.gz": idx(y[:8], 2049),
+             "t10k-images-idx3-ubyte.gz": idx(x[8:], 2051),
+             "t10k-labels-idx1-ubyte.gz": idx(y[8:], 2049)}
+    spec = DATASETS["mnist"]
+    sources = tuple(dataclasses.replace(s, checksum=None) for s in spec.sources)
+    monkeypatch.setitem(DATASETS, "mnist", dataclasses.replace(spec, split_sizes=protocol,
+                                                               sources=sources))
+    fetched: list[str] = []
+
+    def fetch(url: str, dest: Path) -> None:
+        fetched.append(url)
+        Path(dest).write_bytes(files[url.rsplit("/", 1)[1]])
+
+    monkeypatch.setattr(download_mod, "_fetch", fetch)
+    with pytest.raises(ValueError, match=r"has shape \(8, 28, 28\), expected shape \(6, 28, "
+                                         r"28\); split_sizes=\(4, 2, 3\) was asked for"):
+        load_dataset("mnist", tmp_path, split_sizes=(4, 2, 3))
+    assert len(fetched) == 4 and (tmp_path / spec.filename).is_file()
+    ds = load_dataset("mnist", tmp_path, split_sizes=protocol)  # no second download
+    assert len(fetched) == 4 and ds.split_sizes == protocol
+    assert np.array_equal(ds.train.squeeze(1).mul(255).round().numpy(), x[:6])
