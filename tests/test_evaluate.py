@@ -12,10 +12,11 @@ import torch
 from test_train import assert_same_params, tiny_config
 
 from vaeflow.checks import InputError
+from vaeflow.claim import RunLock
 from vaeflow.configs import resolve
 from vaeflow.evaluate import save_run
 from vaeflow.model import build_model
-from vaeflow.runs import BEST, CONFIG, RunError, RunLock, load_model, solver_state
+from vaeflow.runs import BEST, CONFIG, RunError, load_model, solver_state
 
 
 def test_save_run_takes_a_model_with_a_continuous_flow(tiny_data_dir: Path,

@@ -24,9 +24,9 @@ import torch
 from conftest import TINY_SPLITS
 
 import vaeflow.train as train_mod
+from vaeflow.claim import RunLock
 from vaeflow.cli import main
 from vaeflow.flows import FFJORD, FLOWS
-from vaeflow.runs import RunLock
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -91,7 +91,7 @@ def test_a_second_process_on_the_same_run_is_refused(tiny_data_dir: Path, tmp_pa
 def test_the_lock_dies_with_a_killed_process(tiny_data_dir: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     run.mkdir()
-    code = (f"import os, time; from vaeflow.runs import RunLock\n"
+    code = (f"import os, time; from vaeflow.claim import RunLock\n"
             f"with RunLock({str(run)!r}): print('locked', flush=True); time.sleep(60)")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None and proc.stdout.readline().strip() == "locked"

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from vaeflow.checks import check_int, input_errors, resolve_device
+from vaeflow.claim import RunLock, check_new_run_dir, clear_run_files
 from vaeflow.configs import TrainConfig
 from vaeflow.data import Dataset, load_dataset
 from vaeflow.distributed import SINGLE, World
@@ -29,10 +30,7 @@ from vaeflow.runs import (
     BEST,
     Run,
     RunError,
-    RunLock,
     atomic_save,
-    check_new_run_dir,
-    clear_run_files,
     load_model,
     read_config,
     solver_settings,

@@ -52,6 +52,13 @@ from torch import Tensor
 
 from vaeflow import distributed
 from vaeflow.checks import input_errors, resolve_device
+from vaeflow.claim import (
+    RunLock,
+    check_new_run_dir,
+    clear_run_files,
+    remove_partial_writes,
+    stopped_before_training,
+)
 from vaeflow.configs import TrainConfig
 from vaeflow.data import DeviceLoader, ensure_dataset, get_spec
 from vaeflow.distributed import SINGLE, World
@@ -82,19 +89,14 @@ from vaeflow.runs import (
     RESULTS,
     Run,
     RunError,
-    RunLock,
     atomic_save,
     check_checkpoint_format,
-    check_new_run_dir,
     check_resume_changes,
     check_same_run,
-    clear_run_files,
     load_checkpoint,
     load_state,
     read_config,
-    remove_partial_writes,
     solver_state,
-    stopped_before_training,
 )
 from vaeflow.vae import VAE
 
