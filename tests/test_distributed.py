@@ -402,6 +402,23 @@ def test_a_failed_download_stops_every_rank_with_its_message(
     assert not data_dir.exists() and not (tmp_path / "run").exists()  # nothing kept
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_device_that_is_not_there_is_refused_before_a_download(
+    tiny_data_dir: Path, tmp_path: Path
+) -> None:
+    """The node's download came before the device check: ``--device cuda`` on a machine
+    without CUDA fetched the whole data set first, then stopped."""
+    server, data_dir, marker = tmp_path / "server", tmp_path / "data", tmp_path / "fetches"
+    write_sources(tiny_data_dir, server)
+    args = cli_args(data_dir, "planar", "--max-steps", "2", "--device", "cuda")
+    done = torchrun("--standalone", "--nproc_per_node=2", str(HERE), "--local-sources",
+                    str(server), str(marker), *args, "--out", str(tmp_path / "run"), timeout=90)
+    assert done.returncode != 0
+    assert "CUDA is not available here" in done.stderr, done.stderr[-8000:]
+    assert fetches(marker) == []
+
+
 # --------------------------------------------------------------------------------------------
 # As a script: vaeflow with one rank killed
 

@@ -941,6 +941,7 @@ def train(
                             owned.enter_context(RunLock(directory))
                             remove_partial_writes(directory)  # a killed session's
                         if world.distributed and world.is_local_main:
+                            world.device(resolve_device(cfg.device))  # refused before a download
                             # One download per machine, not one per rank (eight at once from
                             # one server can trip its rate limit): the machine's other ranks
                             # wait at the end of this block. One process: in load_dataset.
