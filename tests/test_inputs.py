@@ -189,6 +189,13 @@ def test_a_bad_value_is_blamed_on_the_config_file_only_when_it_is_the_file_s(
     with pytest.raises(InputError, match=r"^max_epochs must be") as caught:
         resolve("caltech", "planar", {"max_epochs": 0}, preset="quick", config_file=path)
     assert str(path) not in str(caught.value)
+    # the file's value and the command line's are each fine, together not: both are named,
+    # the file as the settings the command line's clash with, not as the bad value's home
+    path.write_text("[train]\narch = 'mlp'\n")
+    with pytest.raises(InputError) as caught:
+        resolve("static_mnist", "planar", {"net_kwargs": {"head_channels": 8}}, config_file=path)
+    assert str(caught.value).startswith("net_kwargs: ") and str(caught.value).endswith(
+        f"(with the settings of {path})"), caught.value
 
 
 def test_the_quick_preset_keeps_frey_faces_small() -> None:

@@ -162,8 +162,8 @@ def resolve(
 
     Raises:
         ValueError: an unknown data set, flow, preset, key or hyperparameter, or a bad value;
-            the message names it and the valid ones (and ``config_file``, when the bad value
-            is the file's).
+            the message names it and the valid ones (and ``config_file``, when the file's
+            values are what makes it bad).
     """
     TrainConfig.check_names(dataset, flow)
     layers: list[Mapping[str, Any] | None] = []
@@ -184,24 +184,28 @@ def resolve(
                 f"{chosen!r}: choose it with --{key} (resolve's {key} argument)"
             )
 
-    def merged(*tables: Mapping[str, Any] | None) -> dict[str, Any]:
+    def merged(*tables: Mapping[str, Any] | None, command_line: bool = True) -> dict[str, Any]:
         values: dict[str, Any] = {"dataset": dataset, "flow": flow}
         for table in tables:
             if table is not None:
                 _merge(values, table, flow, dataset)
-        values.update(overrides)
-        if flow_options:
-            values["flow_kwargs"] = {**values.get("flow_kwargs", {}), **flow_options}
+        if command_line:
+            values.update(overrides)
+            if flow_options:
+                values["flow_kwargs"] = {**values.get("flow_kwargs", {}), **flow_options}
         return values
 
     try:
         return TrainConfig.from_dict(merged(*layers, user_file))
     except InputError as err:
-        # A bad value is checked only once every layer is laid; when the user's file is what
-        # makes it bad (the same layers without it are fine), the message names the file.
+        # A bad value is checked only once every layer is laid. When the same layers without
+        # the user's file are fine, the file is named: as the culprit where its values are bad
+        # without the command line's too, else as the settings the command line's clash with.
         if user_file is None or not _valid(merged(*layers)):
             raise
-        raise ConfigError(f"{config_file}: {err}") from err
+        if not _valid(merged(*layers, user_file, command_line=False)):
+            raise ConfigError(f"{config_file}: {err}") from err
+        raise ConfigError(f"{err} (with the settings of {config_file})") from err
 
 
 def _valid(values: Mapping[str, Any]) -> bool:
