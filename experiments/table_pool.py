@@ -40,11 +40,11 @@ __all__ = [
     "INTERRUPTED",
     "Job",
     "JobResult",
-    "read_json",
     "Placement",
     "child_env",
     "device_env",
     "parse_devices",
+    "read_json",
     "run_jobs",
     "utc_now",
 ]

@@ -22,12 +22,12 @@ __all__ = [
     "check_choice",
     "check_int",
     "check_number",
-    "is_number",
     "check_positive_int",
     "check_annotated",
     "check_options",
     "annotation_alternatives",
     "is_none_word",
+    "is_number",
     "resolve_device",
 ]
 
