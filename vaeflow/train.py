@@ -642,13 +642,14 @@ class _Trainer:
         # Per-datum terms are weighted by their step's rows, so that an epoch's (and a
         # window's) mean is over its data points, a short last batch counting for its rows.
         weights = torch.tensor(rows, dtype=torch.float64)
-        mean = {}
+        window_sums = {}
         for i, n in enumerate(names):
             col = values[:, i].double()
-            total = col.sum() if n in _PER_STEP else (col * weights).sum()
+            window_sums[n] = col.sum() if n in _PER_STEP else (col * weights).sum()
+        window_sums[_ROWS] = weights.sum()
+        for n, total in window_sums.items():
             sums[n] = sums.get(n, torch.zeros((), dtype=torch.float64)) + total
-            mean[n] = float(total / (len(rows) if n in _PER_STEP else weights.sum()))
-        sums[_ROWS] = sums.get(_ROWS, torch.zeros((), dtype=torch.float64)) + weights.sum()
+        mean = {n: float(v) for n, v in _means(window_sums, len(rows)).items()}
         for j, n in enumerate(("nfe_forward", "nfe_backward")):
             if nfe:
                 total = torch.tensor(synced.nfe[j], dtype=torch.float64)
@@ -711,7 +712,7 @@ class _Trainer:
         st.seconds = self.world.main_value(st.seconds + time.perf_counter() - tick)
         if not math.isfinite(valid):
             raise _NonFinite(f"the validation NELBO became {valid}")
-        train_means = _epoch_means(st.epoch_sums, st.epoch_steps)
+        train_means = _means(st.epoch_sums, st.epoch_steps)
         record = {"epoch": st.epoch, "step": st.step, "seconds": st.seconds, "valid_nelbo": valid}
         if partial:
             record["partial"] = True
@@ -871,9 +872,10 @@ class _Trainer:
         )
 
 
-def _epoch_means(sums: Mapping[str, float], steps: int) -> dict[str, float]:
-    """An epoch's means of its training terms from their ``sums``: per data point for the loss
-    terms (weighted by rows, see ``_flush``), per step for the NFE and the gradient norm."""
+def _means(sums: Mapping[str, Any], steps: int) -> dict[str, Any]:
+    """The means of the training terms of ``steps`` steps (a logging window's, an epoch's) from
+    their ``sums``: per data point for the loss terms (weighted by rows, see ``_flush``), per
+    step for the NFE and the gradient norm."""
     rows = sums.get(_ROWS, 0.0)
     return {n: v / (max(steps, 1) if n in _PER_STEP else max(rows, 1.0))
             for n, v in sums.items() if n != _ROWS}
