@@ -22,7 +22,7 @@ from table_options import PROTOCOL_MAX_EPOCHS, TableOptions
 from table_pool import INTERRUPTED
 
 from vaeflow.data import get_spec
-from vaeflow.runs import Run, RunError
+from vaeflow.runs import Run, RunError, epochs_in
 
 __all__ = [
     "DATASET_LABELS",
@@ -190,9 +190,9 @@ def read_cell(cell: Cell, runs_dir: Path) -> CellRecord:
     if history:
         record.train_seconds = float(history[-1].get("seconds", 0.0))
         record.steps = int(history[-1].get("step", 0))
-        # epochs, not records: a time stop's partial epoch, resumed, is recorded twice
+        # a time stop's partial epoch is recorded again when it ends: its own means count once
         whole = [h for h in history if not h.get("partial")]
-        record.epochs = len({h.get("epoch") for h in history})
+        record.epochs = epochs_in(history)
         # until results.json holds the run's means: the mean of the epochs' means
         record.nfe_forward = mean([h.get("train_nfe_forward") for h in whole])
         record.nfe_backward = mean([h.get("train_nfe_backward") for h in whole])

@@ -24,6 +24,7 @@ from vaeflow.runs import (
     TIMING,
     Run,
     RunError,
+    epochs_in,
     find_runs,
 )
 
@@ -350,8 +351,7 @@ def compare_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
                                   ("valid NELBO", valid))},
             "unit": spec.unit,
             # a model saved by save_run has figures but no epochs of vaeflow's: unknown, not 0
-            # (epochs, not records: a time stop's partial epoch, resumed, is recorded twice)
-            "epochs": finished.get("epochs", len({h["epoch"] for h in history})
+            "epochs": finished.get("epochs", epochs_in(history)
                                    if history or results is None else None),
             "wall-clock seconds": seconds,
             "train NFE": finished.get("train_nfe_forward_mean"),

@@ -22,7 +22,7 @@ import errno
 import json
 import os
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,6 +49,7 @@ __all__ = [
     "Run",
     "atomic_save",
     "atomic_write_json",
+    "epochs_in",
     "find_runs",
     "load_checkpoint",
     "load_model",
@@ -362,6 +363,12 @@ class Run:
 
     def write_config(self, config: TrainConfig) -> None:
         atomic_write_json(config.to_dict(), self.path / CONFIG)
+
+
+def epochs_in(history: Sequence[Mapping[str, Any]]) -> int:
+    """The epochs that a run's ``history`` records: one record each, but a time stop's partial
+    epoch, resumed with more time, is recorded twice (inside it, and at its end)."""
+    return len({h.get("epoch") for h in history})
 
 
 def find_runs(root: str | os.PathLike[str]) -> list[Run]:
