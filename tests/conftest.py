@@ -1,5 +1,6 @@
 """Shared fixtures and helpers: tiny data sets written by the tests themselves (never
-downloaded), the ``slow`` marker of the fixtures that train runs, the README's code blocks."""
+downloaded), the ``slow`` marker of the fixtures that train runs, the README's code blocks, and
+the toy affine flow of one's own that several test files build on."""
 
 from __future__ import annotations
 
@@ -10,6 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch import Tensor, nn
+
+from vaeflow.flows import ContextHead, Flow
 
 # The experiment scripts live beside the library, not in it: tests import them by module name
 # (`import table`, `import bench`) from this one place.
@@ -25,6 +29,45 @@ TINY_SPLITS = (200, 50, 50)
 # Module fixtures that train runs in child processes (the comparison grid, the torchrun
 # reference runs): every test that uses one is slow, whether or not it is the first to ask.
 SLOW_FIXTURES = {"grid", "reference_runs"}
+
+
+class AffineFlow(Flow):
+    """``zK = z0 * exp(a(h)) + b(h)``, ``logdet = sum a``: an amortized diagonal affine flow of
+    one's own, with its exact inverse. One :class:`ContextHead` gives ``a`` (the first ``dim``
+    rows of ``head.linear``) and then ``b`` (the next ``dim``).
+
+    Args:
+        bound: if given, ``a = bound * tanh(raw a)`` (a log-scale that stays in
+            ``+-bound``), else ``a`` is the head's output itself.
+        zero: the head starts at zero, so the flow is the identity at initialisation, as many
+            flows start.
+    """
+
+    has_inverse = True
+
+    def __init__(
+        self, dim: int, context_dim: int, bound: float | None = None, zero: bool = False
+    ) -> None:
+        super().__init__(dim, context_dim)
+        self.bound = bound
+        self.head = ContextHead(context_dim, {"a": (dim,), "b": (dim,)})
+        if zero:
+            nn.init.zeros_(self.head.linear.weight)
+            nn.init.zeros_(self.head.linear.bias)
+
+    def _params(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        """``(a [B, D], b [B, D])`` from the context."""
+        p = self.head(h)
+        a = p["a"] if self.bound is None else self.bound * torch.tanh(p["a"])
+        return a, p["b"]
+
+    def _forward(self, z0: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+        a, b = self._params(h)
+        return z0 * a.exp() + b, a.sum(-1)
+
+    def _inverse(self, zK: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+        a, b = self._params(h)
+        return (zK - b) * (-a).exp(), a.sum(-1)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

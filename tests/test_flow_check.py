@@ -8,9 +8,10 @@ import warnings
 
 import pytest
 import torch
+from conftest import AffineFlow
 from torch import Tensor, nn
 
-from vaeflow.flows import FLOWS, ContextHead, Flow, FlowCheckError, check_flow
+from vaeflow.flows import FLOWS, FlowCheckError, check_flow
 
 # FFJORD at its default tolerances (1e-5): check_flow solves its copy far below them
 SMALL = {"ffjord": dict(hidden_dims=(16, 16), rank=2, num_blocks=2)}
@@ -34,31 +35,23 @@ def test_every_built_in_flow_passes(name: str) -> None:
         assert value.dtype == before[key].dtype and torch.equal(value, before[key]), key
 
 
-class Affine(Flow):
-    """``zK = z0 * exp(a(h)) + b(h)``, ``logdet = sum a``, with switches that break it."""
-
-    has_inverse = True
+class Affine(AffineFlow):
+    """The shared affine flow, with switches that each break it in one way: only these tests
+    want a wrong flow (a doubled logdet, a mixed batch, ...), so the switches live here."""
 
     def __init__(self, dim: int, context_dim: int, broken: str = "", zero: bool = False) -> None:
-        super().__init__(dim, context_dim)
+        super().__init__(dim, context_dim, zero=zero)
         self.broken = broken
-        self.head = ContextHead(context_dim, {"a": (dim,), "b": (dim,)})
-        if zero:  # the identity at initialisation, as many flows start
-            nn.init.zeros_(self.head.linear.weight)
-            nn.init.zeros_(self.head.linear.bias)
         if broken == "dead":
             self.unused = nn.Parameter(torch.zeros(3))
 
     def _params(self, h: Tensor) -> tuple[Tensor, Tensor]:
-        p = self.head(torch.zeros_like(h) if self.broken == "unamortized" else h)
-        return p["a"], p["b"]
+        return super()._params(torch.zeros_like(h) if self.broken == "unamortized" else h)
 
     def _forward(self, z0: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
-        a, b = self._params(h)
-        zK = z0 * a.exp() + b
+        zK, logdet = super()._forward(z0, h)
         if self.broken == "mixing":  # batch statistics: a row depends on the others
             zK = zK + 0.1 * z0.mean(0)
-        logdet = a.sum(-1)
         if self.broken == "logdet":
             logdet = 2 * logdet
         if self.broken == "shape":
@@ -68,9 +61,10 @@ class Affine(Flow):
         return zK, logdet
 
     def _inverse(self, zK: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
-        a, b = self._params(h)
-        shift = 0.0 if self.broken == "inverse" else b
-        return (zK - shift) * (-a).exp(), a.sum(-1)
+        if self.broken == "inverse":  # forgets the shift
+            a, _ = self._params(h)
+            return zK * (-a).exp(), a.sum(-1)
+        return super()._inverse(zK, h)
 
 
 def test_a_correct_flow_of_ones_own_passes() -> None:
@@ -105,25 +99,18 @@ def test_perturb_finds_a_wrong_logdet_behind_an_identity_start() -> None:
         check_flow(Affine(4, 3, broken="logdet", zero=True))
 
 
-class _ScaledAffine(Flow):
-    """``zK = z0 exp(a(h) + s) + b(h)`` with a learned scalar ``s``: ``logdet = sum(a) + D s``."""
-
-    has_inverse = True
+class _ScaledAffine(AffineFlow):
+    """The shared affine flow with a learned scalar ``s`` added to ``a(h)``:
+    ``zK = z0 exp(a(h) + s) + b(h)``, ``logdet = sum(a) + D s``. It differs to hold a 0-d
+    parameter, which is what the test below is about."""
 
     def __init__(self, dim: int, context_dim: int, log_scale: float = 0.0) -> None:
         super().__init__(dim, context_dim)
-        self.head = ContextHead(context_dim, {"a": (dim,), "b": (dim,)})
         self.log_scale = nn.Parameter(torch.tensor(log_scale))
 
-    def _forward(self, z0: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
-        p = self.head(h)
-        a = p["a"] + self.log_scale
-        return z0 * a.exp() + p["b"], a.sum(-1)
-
-    def _inverse(self, zK: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
-        p = self.head(h)
-        a = p["a"] + self.log_scale
-        return (zK - p["b"]) * (-a).exp(), a.sum(-1)
+    def _params(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        a, b = super()._params(h)
+        return a + self.log_scale, b
 
 
 @pytest.mark.parametrize("log_scale", [0.0, 0.5])

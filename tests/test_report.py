@@ -10,46 +10,34 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
+from conftest import AffineFlow
 from test_train import tiny_config
 
 from vaeflow import report
 from vaeflow.cli import main
 from vaeflow.configs import TrainConfig
-from vaeflow.flows import FLOWS, ContextHead, Flow
+from vaeflow.flows import FLOWS
 from vaeflow.runs import Run, RunError, read_config
 from vaeflow.train import train
 
 FREY_DIMS = 28 * 20
 
 
-class Affine(Flow):
-    """``zK = z0 exp(s) + t`` with ``s``, ``t`` from the context: a flow of one's own."""
-
-    def __init__(self, dim: int, context_dim: int, scale: float = 1.0) -> None:
-        super().__init__(dim, context_dim)
-        self.scale = scale
-        self.head = ContextHead(context_dim, {"s": (dim,), "t": (dim,)})
-
-    def _forward(self, z0: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        p = self.head(h)
-        s = self.scale * torch.tanh(p["s"])
-        return z0 * s.exp() + p["t"], s.sum(-1)
-
-
 @pytest.fixture
 def registered(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
-    """``affine`` registered, as a script does with ``register_flow``, for this test only."""
-    monkeypatch.setitem(FLOWS, "affine", Affine)
+    """``affine`` (the shared affine flow) registered, as a script does with ``register_flow``,
+    for this test only."""
+    monkeypatch.setitem(FLOWS, "affine", AffineFlow)
     return monkeypatch
 
 
 @pytest.fixture
 def affine_run(tiny_data_dir: Path, tmp_path: Path, registered: pytest.MonkeyPatch) -> Path:
-    """A finished run of ``affine``, trained where it was registered; the flow is then
-    unregistered, as in a new shell."""
+    """A finished run of ``affine``, trained where it was registered, with a hyperparameter of
+    the flow's own (``bound``, which the config must record); the flow is then unregistered,
+    as in a new shell."""
     config = dataclasses.replace(tiny_config(tiny_data_dir, "none", is_samples=0, max_epochs=1),
-                                 flow="affine", flow_kwargs={"scale": 0.5})
+                                 flow="affine", flow_kwargs={"bound": 0.5})
     train(config, tmp_path / "affine", progress=False)
     registered.delitem(FLOWS, "affine")
     return tmp_path / "affine"
@@ -71,7 +59,7 @@ def test_compare_shows_runs_of_a_flow_this_process_has_not_registered(
     assert rows[0]["parameters"] > 0 and rows[0]["test NELBO"] > 0
     assert rows[1]["parameters"] is None  # its model cannot be built here: not guessed
     # the config is read as it was written, its flow hyperparameters included
-    assert Run(affine_run).config.flow_kwargs == {"scale": 0.5}
+    assert Run(affine_run).config.flow_kwargs == {"bound": 0.5}
 
 
 def test_eval_and_resume_of_such_a_run_say_how_to_use_it(
@@ -87,7 +75,7 @@ def test_eval_and_resume_of_such_a_run_say_how_to_use_it(
     with pytest.raises(RunError, match="not registered"):  # the Python API says the same
         read_config(affine_run)
     # what the message says works: registered again, the run is evaluated
-    registered.setitem(FLOWS, "affine", Affine)
+    registered.setitem(FLOWS, "affine", AffineFlow)
     assert main(["eval", str(affine_run), "--is-samples", "0"]) == 0
 
 

@@ -12,6 +12,7 @@ import math
 
 import pytest
 import torch
+from conftest import AffineFlow
 from torch import Tensor, nn
 
 from vaeflow.flows.base import Flow, Identity
@@ -94,21 +95,6 @@ class LinearDecoder(nn.Module):
 
     def forward(self, z: Tensor) -> Tensor:
         return (z @ self.W.T + self.b).reshape(z.shape[0], *SHAPE)
-
-
-class AffineFlow(Flow):
-    """``zK = z0 * exp(s(h)) + t(h)`` with linear heads; ``logdet = sum s(h)``."""
-
-    has_inverse = False
-
-    def __init__(self, dim: int, context_dim: int) -> None:
-        super().__init__(dim, context_dim)
-        self.log_scale = nn.Linear(context_dim, dim)
-        self.shift = nn.Linear(context_dim, dim)
-
-    def _forward(self, z0: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
-        log_scale = self.log_scale(h)
-        return z0 * log_scale.exp() + self.shift(h), log_scale.sum(-1)
 
 
 class Toy:
@@ -229,11 +215,12 @@ def test_flow_logdet_enters_with_the_right_sign(toy: Toy) -> None:
     # q0 = N(0, I) and an amortized affine flow onto the true posterior: only the right logdet
     # (log|det dzK/dz0| subtracted from log q0) makes every weight equal p(x).
     flow = AffineFlow(D, DX).double()
+    weight, bias = flow.head.linear.weight, flow.head.linear.bias  # rows: a(h) [:D], b(h) [D:]
     with torch.no_grad():
-        flow.log_scale.weight.zero_()
-        flow.log_scale.bias.copy_(0.5 * toy.post_var.log())
-        flow.shift.weight.copy_(toy.A)
-        flow.shift.bias.copy_(toy.a)
+        weight[:D].zero_()
+        bias[:D].copy_(0.5 * toy.post_var.log())
+        weight[D:].copy_(toy.A)
+        bias[D:].copy_(toy.a)
     model = toy.model(
         A=torch.zeros(D, DX, dtype=F64),
         a=torch.zeros(D, dtype=F64),
