@@ -5,13 +5,10 @@ change of the flow's parameters), the docs example and the Pyro VAE experiment."
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import ModuleType
 
 import pyro
 import pyro.distributions as dist
@@ -28,7 +25,6 @@ from torch.testing import assert_close
 from vaeflow.flows import FFJORD, FLOWS, Flow, make_flow
 from vaeflow.pyro import ConditionalFlowTransform, FlowTransform, flow_guide_distribution
 
-ROOT = Path(__file__).resolve().parents[1]
 D, H = 2, 4  # latent and context sizes
 # Small flows: a test of the Pyro plumbing, not of capacity.
 SMALL: dict[str, dict[str, object]] = {
@@ -536,21 +532,9 @@ def test_readme_pyro_example_runs_as_written() -> None:
     }
 
 
-def load_experiment(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
-    """``experiments/pyro_vae.py`` as a module (experiments/ is not a package)."""
-    name = "pyro_vae_experiment"
-    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / "pyro_vae.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, name, module)  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_experiment_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_experiment_smoke(tmp_path: Path) -> None:
     from vaeflow.data import Dataset
 
-    experiment = load_experiment(monkeypatch)
     g = torch.Generator().manual_seed(0)
 
     def images(n: int) -> Tensor:
@@ -566,7 +550,7 @@ def test_experiment_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
         dynamic_binarization=False,
         bits_per_dim=False,
     )
-    config = experiment.parse_args(
+    config = pyro_vae.parse_args(
         ["--flow", "ffjord", "--max-steps", "3", "--batch-size", "8", "--eval-size", "10",
          "--latent-dim", "4", "--context-dim", "8", "--warmup-steps", "2", "--threads", "0",
          "--flow-opt", "hidden_dims=[16, 16]", "--flow-opt", "solver_options=none",
@@ -575,14 +559,14 @@ def test_experiment_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     # TOML, as vaeflow train reads --flow-opt: a list, and the word none where None is allowed
     assert config.flow_hyperparameters()["hidden_dims"] == [16, 16]
     assert config.flow_hyperparameters()["solver_options"] is None
-    results = experiment.run(config, data, verbose=False)
+    results = pyro_vae.run(config, data, verbose=False)
     assert math.isfinite(results["first_loss"]) and math.isfinite(results["test_nelbo"])
     assert results["eval_size"] == 10
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
     assert saved["test_nelbo"] == results["test_nelbo"]
     assert list((tmp_path / "run").glob("events.out.tfevents.*"))
     with pytest.raises(SystemExit):
-        experiment.parse_args(["--flow", "nope"])
+        pyro_vae.parse_args(["--flow", "nope"])
     # a bad hyperparameter, or a run directory in use, is refused before any training
     for argv in (["--flow", "planar", "--flow-kw", "nope=1"],
                  ["--flow", "ffjord", "--flow-opt", "atol=-1"],
@@ -590,19 +574,16 @@ def test_experiment_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
                  ["--lr", "0"],
                  ["--out", str(tmp_path / "run")]):
         with pytest.raises(SystemExit):
-            experiment.parse_args(argv)
-    assert experiment.parse_args(["--out", str(tmp_path / "run"), "--overwrite"]).out
+            pyro_vae.parse_args(argv)
+    assert pyro_vae.parse_args(["--out", str(tmp_path / "run"), "--overwrite"]).out
 
 
-def test_experiment_evaluation_gives_each_module_its_own_mode_back(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    experiment = load_experiment(monkeypatch)
-    config = experiment.parse_args(["--flow", "planar", "--latent-dim", "4"])
-    vae = experiment.build(config, (1, 28, 28)).train()
+def test_experiment_evaluation_gives_each_module_its_own_mode_back() -> None:
+    config = pyro_vae.parse_args(["--flow", "planar", "--latent-dim", "4"])
+    vae = pyro_vae.build(config, (1, 28, 28)).train()
     vae.encoder.eval()  # frozen by the user
     x = torch.bernoulli(torch.full((6, 1, 28, 28), 0.3), generator=torch.Generator().manual_seed(0))
-    assert math.isfinite(experiment.evaluate_nelbo(vae, x, batch_size=4))
+    assert math.isfinite(pyro_vae.evaluate_nelbo(vae, x, batch_size=4))
     assert vae.training and not any(m.training for m in vae.encoder.modules())
 
 
