@@ -57,7 +57,8 @@ def test_bad_net_kwargs_are_refused_before_the_data_is_looked_for(
         ("gatedconv", {"variance_bounds": [0.1, True]}, "variance_bounds must be a number"),
         ("gatedconv", {"variance_bounds": [1, 2, 3]}, "variance_bounds must be two numbers"),
         ("gatedconv", {"variance_bounds": 5}, "variance_bounds must be two numbers"),
-        ("mlp", {"hidden_sizes": [True, 4]}, "hidden_sizes must be a non-empty sequence"),
+        ("mlp", {"hidden_sizes": [True, 4]}, "hidden_sizes[0] must be a positive integer, got "
+                                             "True"),
     ],
 )
 def test_a_bad_network_size_is_refused_by_name(arch: str, net_kwargs: dict, message: str) -> None:

@@ -15,6 +15,7 @@ import torch
 from conftest import AffineFlow
 from torch import Tensor, nn
 
+from vaeflow.checks import InputError
 from vaeflow.flows.base import Flow, Identity
 from vaeflow.likelihoods import (
     LIKELIHOODS,
@@ -27,6 +28,7 @@ from vaeflow.likelihoods import (
 from vaeflow.nets import (
     GatedConv2d,
     GatedConvTranspose2d,
+    MLPDecoder,
     make_networks,
 )
 from vaeflow.vae import VAE, bits_per_dim, eval_mode, evaluating
@@ -419,6 +421,26 @@ def test_network_errors() -> None:
         encoder(torch.rand(2, 1, 28, 20))
     with pytest.raises(ValueError, match=r"\[B, 3\]"):
         decoder(torch.rand(2, 4))
+
+
+@pytest.mark.parametrize(("hidden_sizes", "message"), [
+    ((300, 0), "hidden_sizes[1] must be a positive integer, got 0"),
+    ([True, 4], "hidden_sizes[0] must be a positive integer, got True"),  # not the size 1
+    ((16, 2.5), "hidden_sizes[1] must be a positive integer, got 2.5"),
+    ((), "hidden_sizes must be a non-empty list of positive integers, got ()"),
+    (300, "hidden_sizes must be a non-empty list of positive integers, got 300"),
+    ("300", "hidden_sizes must be a non-empty list of positive integers, got '300'"),
+])
+def test_a_bad_hidden_size_is_an_input_error_naming_it(hidden_sizes: object, message: str) -> None:
+    # as the other net options' checks (head_channels, min_sigma): an InputError, which the
+    # CLI prints in one line, in check_int's words; it was a plain ValueError (a TypeError for
+    # an int) in words of its own
+    with pytest.raises(InputError) as info:
+        make_networks("mlp", (1, 8, 8), hidden_sizes=hidden_sizes)
+    assert str(info.value) == message
+    with pytest.raises(InputError) as info:  # the decoder checks them too
+        MLPDecoder((1, 8, 8), 4, 1, hidden_sizes=hidden_sizes)
+    assert str(info.value) == message
 
 
 def test_the_paper_s_variance_bounds_are_no_default_of_the_std_head() -> None:

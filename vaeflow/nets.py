@@ -12,13 +12,13 @@ variational inference", reimplemented from the paper's description.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vaeflow.checks import check_number, check_positive_int
+from vaeflow.checks import InputError, check_number, check_positive_int
 from vaeflow.likelihoods import Likelihood, get_likelihood
 
 __all__ = [
@@ -353,11 +353,16 @@ def _mlp(sizes: Sequence[int], activation: str) -> nn.Sequential:
 
 
 def _check_hidden(hidden_sizes: Sequence[int]) -> tuple[int, ...]:
-    sizes = tuple(hidden_sizes)
-    if not sizes or not all(
-        isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in sizes
-    ):
-        raise ValueError(f"hidden_sizes must be a non-empty sequence of positive ints, got {sizes}")
+    """The MLP's hidden layer sizes as a tuple: a non-empty sequence of positive integers (an
+    :class:`InputError` names the bad one, as the other net options' checks do)."""
+    iterable = isinstance(hidden_sizes, Iterable) and not isinstance(hidden_sizes, str | bytes)
+    sizes = tuple(hidden_sizes) if iterable else ()
+    if not sizes:
+        raise InputError(
+            f"hidden_sizes must be a non-empty list of positive integers, got {hidden_sizes!r}"
+        )
+    for i, size in enumerate(sizes):
+        check_positive_int(f"hidden_sizes[{i}]", size)
     return sizes
 
 
