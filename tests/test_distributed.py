@@ -5,7 +5,9 @@ structured tiny MNIST) and runs one thread.
 
 Run as a script (``torchrun ... tests/test_distributed.py --kill-rank R --kill-step K train
 ...``), this file is ``vaeflow`` with one rank SIGKILLed at its K-th training step; with
-``--local-sources SERVER MARKER``, ``vaeflow`` downloading static MNIST from a local folder.
+``--local-sources SERVER MARKER``, ``vaeflow`` downloading static MNIST from a local folder;
+with ``--chdir-rank R DIR``, rank R running in another folder; with ``--fail-solve-rank R``,
+rank R's evaluation failing its solve.
 """
 
 from __future__ import annotations
@@ -54,10 +56,12 @@ def cli_args(data_dir: Path, flow: str, *extra: str) -> list[str]:
     ]
 
 
-def torchrun(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def torchrun(
+    *args: str, timeout: float = 120, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", *args], env=ENV, capture_output=True,
-        text=True, timeout=timeout,
+        text=True, timeout=timeout, cwd=cwd,
     )
 
 
@@ -274,6 +278,40 @@ def test_torchrun_run_matches_one_process(reference_runs: Path) -> None:
     assert again["test_nll_is"] == pytest.approx(b["test_nll_is"], rel=1e-6)
 
 
+def test_torchrun_eval_shares_the_test_set_and_prints_once(reference_runs: Path) -> None:
+    """`vaeflow eval` under torchrun: one process's figures, printed once, and rank 1 needs no
+    run directory (it runs in an empty folder, the run named by a relative path)."""
+    elsewhere = reference_runs.parent / f"{reference_runs.name}-empty"
+    elsewhere.mkdir(exist_ok=True)
+    done = torchrun("--standalone", "--nproc_per_node=2", str(HERE), "--chdir-rank", "1",
+                    str(elsewhere), "eval", "two", "--json", cwd=reference_runs)
+    assert done.returncode == 0, done.stderr[-8000:]
+    shared = json.loads(done.stdout)  # one JSON document: only rank 0 printed
+    one = evaluate_run(reference_runs / "two", pictures=False)
+    assert shared.keys() == one.keys()
+    for key, value in one.items():
+        if isinstance(value, float):
+            assert shared[key] == pytest.approx(value, rel=1e-6), key
+        else:
+            assert shared[key] == value, key
+    assert not list(elsewhere.iterdir())  # rank 1 wrote nothing either
+
+
+def test_a_solve_that_fails_on_one_rank_stops_the_evaluation_on_every_rank(
+    reference_runs: Path,
+) -> None:
+    """Rank 1's solve fails mid-way: it says so with the solver advice, and rank 0 stops at once
+    with rank 1's reason (not after the collective timeout, as a lost contact)."""
+    done = torchrun("--standalone", "--nproc_per_node=2", str(HERE), "--fail-solve-rank", "1",
+                    "eval", str(reference_runs / "two"), "--json")
+    assert done.returncode != 0
+    out = done.stdout + done.stderr
+    assert "failed: the solve went wrong on purpose. Try other solver settings" in out
+    assert ("the evaluation of " in out
+            and "stopped: rank 1 stopped: SolverError: the solve went wrong on purpose" in out)
+    assert "lost contact" not in out
+
+
 def test_killed_rank_then_resume_matches_the_uninterrupted_run(
     reference_runs: Path, tiny_data_dir: Path, tmp_path: Path
 ) -> None:
@@ -488,7 +526,37 @@ def _run_with_local_sources(argv: list[str]) -> int:
     return main(rest)
 
 
+def _run_in_another_folder(argv: list[str]) -> int:
+    """``--chdir-rank R DIR VAEFLOW_ARGS...``: rank R runs in DIR (as on a machine without the
+    run directory)."""
+    if int(os.environ["RANK"]) == int(argv[1]):
+        os.chdir(argv[2])
+    return main(argv[3:])
+
+
+def _run_with_a_failing_solve(argv: list[str]) -> int:
+    """``--fail-solve-rank R VAEFLOW_ARGS...``: rank R's second NELBO batch raises the
+    SolverError of a failed ODE solve."""
+    from vaeflow.ode import SolverError
+    from vaeflow.vae import VAE
+
+    real, count = VAE.nelbo, {"n": 0}
+
+    def nelbo(self: VAE, *args: Any, **kwargs: Any) -> torch.Tensor:
+        count["n"] += 1
+        if count["n"] == 2 and int(os.environ["RANK"]) == int(argv[1]):
+            raise SolverError("the solve went wrong on purpose")
+        return real(self, *args, **kwargs)
+
+    VAE.nelbo = nelbo  # type: ignore[method-assign]
+    return main(argv[2:])
+
+
 if __name__ == "__main__":
+    if sys.argv[1] == "--chdir-rank":
+        sys.exit(_run_in_another_folder(sys.argv[1:]))
+    if sys.argv[1] == "--fail-solve-rank":
+        sys.exit(_run_with_a_failing_solve(sys.argv[1:]))
     if sys.argv[1] == "--count-ddp":
         sys.exit(_run_counting_ddp_at_stop(sys.argv[1:]))
     if sys.argv[1] == "--local-sources":

@@ -195,22 +195,29 @@ def _rank_zero() -> bool:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from vaeflow import distributed
     from vaeflow.ode import SolverError
     from vaeflow.train import evaluate_run
 
+    # The settings are FFJORD's hyperparameters of the same names, read as --flow-opt's.
+    solver = check_options(parse_pairs(args.solver, "--solver"), [FFJORD])
+    world = distributed.SINGLE
     try:
-        results = evaluate_run(
-            args.run_dir,
-            device=args.device,
-            eval_points=args.eval_points,
-            is_samples=args.is_samples,
-            is_points=args.is_points,
-            data_dir=args.data_dir,
-            checkpoint=args.checkpoint,
-            # The settings are FFJORD's hyperparameters of the same names, read as --flow-opt's.
-            solver=check_options(parse_pairs(args.solver, "--solver"), [FFJORD]),
-            progress=not args.json,
-        )
+        # Under torchrun the ranks share the test set. A failure leaves the session by its
+        # exception, never by a return: its closing meeting would wait for a rank that died.
+        with distributed.session() as world:
+            results = evaluate_run(
+                args.run_dir,
+                device=args.device,
+                eval_points=args.eval_points,
+                is_samples=args.is_samples,
+                is_points=args.is_points,
+                data_dir=args.data_dir,
+                checkpoint=args.checkpoint,
+                solver=solver,
+                progress=not args.json,
+                world=world,
+            )
     except SolverError as err:  # the run is untouched: another solve may well succeed
         print(
             f"vaeflow: error: the evaluation of {args.run_dir} failed: {err}. Try other solver "
@@ -219,6 +226,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
+    except RuntimeError as err:
+        if not world.lost_contact(err):
+            raise
+        # Another rank failed (and printed why) or went silent; the run is untouched.
+        print(f"vaeflow: error: the evaluation of {args.run_dir} stopped: "
+              f"{world.lost_contact_reason(err)}", file=sys.stderr)
+        return 1
+    if not world.is_main:  # every rank has the figures; one prints them
+        return 0
     if args.json:
         print(json.dumps(results, indent=2, sort_keys=True))
     else:

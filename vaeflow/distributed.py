@@ -372,15 +372,21 @@ class World:
         return any(s in text for s in ("gloo", "NCCL", "Connection closed", "Connection reset",
                                         "Timed out", "timed out", "Broken pipe"))
 
-    def lost_contact_message(self, err: BaseException, run_dir: Path, saved: int | None) -> str:
-        """What a rank says when :meth:`lost_contact` is true of ``err``."""
+    def lost_contact_reason(self, err: BaseException) -> str:
+        """Why this rank stopped, when :meth:`lost_contact` is true of ``err``: the peer's
+        report, or which rank lost contact and the collective timeout."""
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        what = first if isinstance(err, PeerError) else (
+        if isinstance(err, PeerError):
+            return first
+        return (
             f"rank {self.rank} of {self.size} lost contact with the other ranks ({first[:300]}):"
             " another rank died, hung or was stopped (collectives time out after "
             f"{timeout_seconds():g} s, ${TIMEOUT_ENV})"
         )
-        return f"{what}. {self.resume_hint(run_dir, saved)}"
+
+    def lost_contact_message(self, err: BaseException, run_dir: Path, saved: int | None) -> str:
+        """What a training rank says when :meth:`lost_contact` is true of ``err``."""
+        return f"{self.lost_contact_reason(err)}. {self.resume_hint(run_dir, saved)}"
 
     def resume_hint(self, run_dir: Path, saved: int | None) -> str:
         step = "" if saved is None else f" (step {saved})"

@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ from torch import Tensor
 from vaeflow.checks import check_int, input_errors, resolve_device
 from vaeflow.claim import RunLock, check_new_run_dir, clear_run_files
 from vaeflow.configs import TrainConfig
-from vaeflow.data import Dataset, load_dataset
+from vaeflow.data import Dataset, ensure_dataset, load_dataset
 from vaeflow.distributed import SINGLE, World
 from vaeflow.flows import FFJORD, use_solver
 from vaeflow.model import build_model
@@ -31,7 +31,8 @@ from vaeflow.runs import (
     Run,
     RunError,
     atomic_save,
-    load_model,
+    model_from_state,
+    model_state,
     read_config,
     solver_settings,
 )
@@ -47,6 +48,8 @@ __all__ = [
     "evaluate_run",
     "failed_figures",
     "run_pictures",
+    "ensure_machine_data",
+    "run_dataset",
     "save_run",
     "smoke_eval_counts",
     "test_solve_changes",
@@ -94,15 +97,10 @@ def dataset_nelbo(
     its rows of every batch and the sums are reduced: the same figure as one process (see
     :mod:`vaeflow.distributed`).
     """
-    total = torch.zeros((), dtype=torch.float64, device=x.device)
-    with eval_mode(model, exact), torch.no_grad():
-        for start in eval_batches(len(x), batch_size, progress, "test NELBO"):
-            xb = x[start : start + batch_size]
-            with world.eval_rows(model, len(xb)) as (rows, counted):
-                nelbo = model.nelbo(xb[rows], n_samples, batch_size=batch_size * n_samples)
-            if counted:
-                total = total + nelbo.detach().double().sum()
-    return world.sum(total) / len(x)
+    return _sharded_mean(
+        model, x, batch_size, exact, progress, "test NELBO", world,
+        lambda xb: model.nelbo(xb, n_samples, batch_size=batch_size * n_samples),
+    )
 
 
 def dataset_log_likelihood(
@@ -117,16 +115,50 @@ def dataset_log_likelihood(
     """Mean importance-sampled ``log p(x)`` (nats) over ``x [N, C, H, W]``, with the trace that
     ``exact`` asks for (see :func:`dataset_nelbo`); sharded over the ranks of ``world`` as
     :func:`dataset_nelbo`."""
+    return _sharded_mean(
+        model, x, max(1, batch_rows // n_samples), exact, progress, "importance sampling", world,
+        lambda xb: model.importance_log_likelihood(xb, n_samples, batch_size=batch_rows),
+    )
+
+
+def _sharded_mean(
+    model: VAE,
+    x: Tensor,
+    rows: int,
+    exact: bool | None,
+    progress: bool,
+    what: str,
+    world: World,
+    per_datum: Callable[[Tensor], Tensor],
+) -> Tensor:
+    """The mean over ``x [N, ...]`` of ``per_datum(xb [b, ...]) -> [b]``, in eval mode (the
+    trace ``exact`` asks for) without gradients, in batches of ``rows`` rows, each batch's rows
+    shared among the ranks of ``world`` (:meth:`World.eval_rows`) and the sums reduced: a
+    0-dim float64 tensor.
+
+    The loop is one :meth:`World.together` block: it holds no collective, so a rank whose
+    solve fails there stops every rank at once with its message, where the others would wait
+    in the reduction until the collective timeout."""
     total = torch.zeros((), dtype=torch.float64, device=x.device)
-    per_batch = max(1, batch_rows // n_samples)
-    with eval_mode(model, exact), torch.no_grad():
-        for start in eval_batches(len(x), per_batch, progress, "importance sampling"):
-            xb = x[start : start + per_batch]
-            with world.eval_rows(model, len(xb)) as (rows, counted):
-                ll = model.importance_log_likelihood(xb[rows], n_samples, batch_size=batch_rows)
+    with world.together(), eval_mode(model, exact), torch.no_grad():
+        for start in eval_batches(len(x), rows, progress, what):
+            xb = x[start : start + rows]
+            with world.eval_rows(model, len(xb)) as (keep, counted):
+                values = per_datum(xb[keep])
             if counted:
-                total = total + ll.double().sum()
+                total = total + values.detach().double().sum()
     return world.sum(total) / len(x)
+
+
+def ensure_machine_data(config: TrainConfig, world: World = SINGLE) -> None:
+    """Under torchrun, the run's data file present on this machine: its ``LOCAL_RANK`` 0
+    downloads a missing one, so that a machine downloads once, not once per rank (eight
+    fetches at once from one server can trip its rate limit). Call it inside a
+    :meth:`World.together` block: the machine's other ranks wait at its end, and a failed
+    download stops every rank with its message. One process: nothing is done here
+    (:func:`run_dataset` reads the file, downloading it if needed)."""
+    if world.distributed and world.is_local_main:
+        ensure_dataset(config.dataset, config.data_dir, split_sizes=config.split_sizes)
 
 
 def run_dataset(config: TrainConfig, device: torch.device | str) -> Dataset:
@@ -306,24 +338,38 @@ def evaluate_run(
     solver: Mapping[str, Any] | None = None,
     progress: bool = False,
     pictures: bool = True,
+    world: World = SINGLE,
 ) -> dict[str, Any]:
     """Evaluate the best (or last) model of a run on the test set (see :func:`evaluate`), and
     (``pictures``) write its PNGs into the run directory: only for the run's own figures (the
     best model, its own solve), so that a look at the last model or through another solver
     never replaces the pictures of the model that the run reports.
 
+    Under torchrun (``world``, every rank calling this) the test set is shared among the
+    ranks, each on its own device, and every rank returns the figures of one process. Only
+    rank 0 reads or writes the run directory (the config and parameters are sent to the
+    others, who need no shared file system), and each machine's ``LOCAL_RANK`` 0 downloads a
+    missing data file for its ranks (:func:`ensure_machine_data`).
+
     ``solver`` changes the ODE solver settings of the test figures (``method``, ``atol``,
     ``rtol``, ``solver_options``; see :func:`evaluation_solve` and
     :meth:`vaeflow.flows.Flow.replace_solver`), e.g. ``{"method": "rk4", "solver_options":
     {"step_size": 0.5}}`` to see a model as its fixed steps saw it; ``results["solver"]`` says
     which settings gave the figures."""
-    config = read_config(run_dir)
+    config = world.from_main(lambda: read_config(run_dir))
     if device is not None:
         config.device = device
     if data_dir is not None:
         config.data_dir = data_dir
-    dev = resolve_device(config.device)
-    model, _ = load_model(run_dir, checkpoint, dev, config)
+    with world.together():
+        # Before the parameters are read: given "cuda" without CUDA, or "cpu:0", torch.load
+        # fails on every storage, and the file would be called damaged.
+        dev = world.device(resolve_device(config.device))
+    path, state = world.from_main(
+        lambda: model_state(run_dir, checkpoint, world.map_location(dev))
+    )
+    model = model_from_state(config, state, path, dev)
+    del state  # rank 0's copy of a large model, once it is in the model
     smoke = smoke_eval_counts(config)
     kw = {
         "eval_points": eval_points if eval_points is not None else smoke.get("eval_points"),
@@ -336,14 +382,18 @@ def evaluate_run(
     _counts(config, **kw)
     with evaluation_solve(model, config, solver):
         pass  # entering it checks the settings on this model's flow; leaving it restores them
-    data = run_dataset(config, dev)
-    results = evaluate(model, data, config, **kw, solver=solver, progress=progress)
+    with world.together():
+        ensure_machine_data(config, world)
+    with world.together():  # a data file that one machine cannot read stops every rank
+        data = run_dataset(config, dev)
+    results = evaluate(model, data, config, **kw, solver=solver,
+                       progress=progress and world.is_main, world=world)
     results.update(
         dataset=config.dataset, flow=config.flow, checkpoint=checkpoint,
         num_parameters=sum(p.numel() for p in model.parameters() if p.requires_grad),
     )
     if pictures and checkpoint == "best" and not solver:
-        write_run_pictures(run_dir, run_pictures(model, data, config))
+        world.from_main(lambda: write_run_pictures(run_dir, run_pictures(model, data, config)))
     return results
 
 

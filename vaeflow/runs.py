@@ -54,6 +54,8 @@ __all__ = [
     "load_checkpoint",
     "load_model",
     "load_state",
+    "model_from_state",
+    "model_state",
     "read_config",
     "solver_settings",
     "solver_state",
@@ -228,14 +230,24 @@ def load_model(
     ``model.train()`` to train it on, with the Hutchinson estimate). ``device`` is read as
     ``--device`` is (``"auto"``, ``"cpu"``, ``"cuda:1"``): one this machine has not is refused
     by name."""
-    if checkpoint not in ("best", "last"):
-        raise InputError(f"checkpoint must be 'best' or 'last', got {checkpoint!r}")
     # Before torch.load: given "cuda" without CUDA, or "cpu:0", it fails on every storage, and
     # the file would be called damaged.
     device = resolve_device(str(device))
-    directory = Path(run_dir)
     if config is None:
-        config = read_config(directory)
+        config = read_config(run_dir)
+    path, state = model_state(run_dir, checkpoint, device)
+    return model_from_state(config, state, path, device), config
+
+
+def model_state(
+    run_dir: str | os.PathLike[str], checkpoint: str, device: torch.device | str = "cpu"
+) -> tuple[Path, dict[str, Any]]:
+    """The file of a run's best (``"best"``) or last (``"last"``) model parameters and its
+    ``state_dict``, loaded onto ``device``: :func:`load_model`'s reading, apart from its
+    building, so that under torchrun rank 0 reads and the other ranks build."""
+    if checkpoint not in ("best", "last"):
+        raise InputError(f"checkpoint must be 'best' or 'last', got {checkpoint!r}")
+    directory = Path(run_dir)
     path = directory / (BEST if checkpoint == "best" else CHECKPOINT)
     if not path.is_file():
         raise RunError(f"{directory} holds no {path.name} to evaluate")
@@ -243,10 +255,19 @@ def load_model(
     if checkpoint == "last":
         check_checkpoint_format(state, path)
         state = state["model"]
+    return path, state
+
+
+def model_from_state(
+    config: TrainConfig, state: Mapping[str, Any], source: str | Path,
+    device: torch.device | str,
+) -> VAE:
+    """``config``'s model on ``device`` with the parameters ``state`` (read from ``source``,
+    which a mismatch names), in eval mode."""
     with torch.device(device):
         model = build_model(config)
-    load_state(model, state, path)
-    return model.eval(), config
+    load_state(model, state, source)
+    return model.eval()
 
 
 def check_resume_changes(changes: Mapping[str, Any]) -> None:

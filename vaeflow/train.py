@@ -60,10 +60,11 @@ from vaeflow.claim import (
     stopped_before_training,
 )
 from vaeflow.configs import TrainConfig
-from vaeflow.data import DeviceLoader, ensure_dataset, get_spec
+from vaeflow.data import DeviceLoader, get_spec
 from vaeflow.distributed import SINGLE, World
 from vaeflow.evaluate import (
     dataset_nelbo,
+    ensure_machine_data,
     evaluate,
     evaluate_run,
     evaluation_solve,
@@ -263,14 +264,15 @@ class _Signals:
 
 class _Trainer:
     def __init__(
-        self, config: TrainConfig, run_dir: Path, progress_bar: bool, world: World = SINGLE
+        self, config: TrainConfig, run_dir: Path, device: torch.device, progress_bar: bool,
+        world: World = SINGLE,
     ) -> None:
         self.config = config
         self.spec = get_spec(config.dataset)  # for its unit: Frey Faces is read in bits/dim
         self.run_dir = run_dir
         self.world = world
         self.progress_bar = progress_bar and world.is_main
-        self.device = world.device(resolve_device(config.device))
+        self.device = device  # this rank's: World.device of config.device
         self.data = run_dataset(config, self.device)
         with input_errors():
             torch.manual_seed(config.seed)
@@ -942,15 +944,11 @@ def train(
                         if world.is_main:
                             owned.enter_context(RunLock(directory))
                             remove_partial_writes(directory)  # a killed session's
-                        if world.distributed and world.is_local_main:
-                            world.device(resolve_device(cfg.device))  # refused before a download
-                            # One download per machine, not one per rank (eight at once from
-                            # one server can trip its rate limit): the machine's other ranks
-                            # wait at the end of this block. One process: in load_dataset.
-                            ensure_dataset(cfg.dataset, cfg.data_dir,
-                                           split_sizes=cfg.split_sizes)
+                        # this rank's device, refused before minutes of download
+                        device = world.device(resolve_device(cfg.device))
+                        ensure_machine_data(cfg, world)  # the machine's other ranks wait here
                     with world.together():
-                        trainer = _Trainer(cfg, directory, progress, world)  # device, data, model
+                        trainer = _Trainer(cfg, directory, device, progress, world)
                     assert trainer is not None
                     if resume is not None:
                         trainer.restore(trainer.load_checkpoint())
@@ -1090,8 +1088,9 @@ def _recover(trainer: _Trainer, err: Exception) -> None:
     (when allowed and FFJORD is in the model), else stop with a clear message."""
     cfg = trainer.config
     if trainer.world.distributed and isinstance(err, SolverError):
-        # Only this rank's solve failed while the others wait in a collective: no retry
-        # together, and no collective here (the others stop when theirs time out).
+        # Only this rank's solve failed: no retry together, and no collective here. The
+        # others stop when theirs times out (a training step's), or at once (a validation's
+        # or the test's: evaluate._sharded_mean tells them).
         raise TrainingError(
             f"training stopped on rank {trainer.world.rank} at step ~{trainer.state.step}: {err}"
             f". {trainer.world.resume_hint(trainer.run_dir, trainer.saved_step)}, or start again"
