@@ -26,8 +26,8 @@ The rules a :class:`World` implements:
   decided on values every rank agrees on: the loss terms and NFE of a logging window are
   all-reduced at its read-back, signals are pooled there, and rank 0's clock is the run's.
 - **Files.** Only rank 0 reads or writes the run directory; what the other ranks need from it
-  (the config when resuming, checkpoints, ``best.pt``) is broadcast from rank 0, so the ranks
-  need no shared file system.
+  (the config when resuming, checkpoints, ``best.pt``; for ``vaeflow eval``, the config and
+  the parameters evaluated) is broadcast from rank 0, so the ranks need no shared file system.
 - **Data.** A missing data file is downloaded once per machine, by its ``LOCAL_RANK`` 0 (a
   machine's data directory may not be shared with the others), while the machine's other ranks
   wait; then every rank reads it. A download that fails stops every rank with its message.
