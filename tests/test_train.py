@@ -597,6 +597,28 @@ def test_max_steps_makes_a_smoke_run(tiny_data_dir: Path, tmp_path: Path) -> Non
     assert results["test_points"] == 50  # the whole (tiny) test set: smoke eval caps at 500
 
 
+def test_a_relative_data_dir_is_saved_as_the_folder_it_named(
+    tiny_data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Trained with ``--data-dir NAME`` from the data's parent folder, the run is evaluated and
+    resumed from another folder: it reads the same data, and starts no download into a NAME
+    folder there."""
+    monkeypatch.chdir(tiny_data_dir.parent)
+    config = tiny_config(Path(tiny_data_dir.name), max_steps=3, is_samples=0)
+    run = tmp_path / "run"
+    first = train(config, run, progress=False)
+    assert config.data_dir == tiny_data_dir.name  # the caller's config is left as it was
+    assert json.loads((run / "config.json").read_text())["data_dir"] == str(tiny_data_dir)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    again = evaluate_run(run, pictures=False, is_samples=0)
+    assert again["test_nelbo"] == pytest.approx(first["test_nelbo"], rel=1e-6)
+    resumed = train(resume=run, changes={"max_steps": 5}, progress=False)
+    assert resumed["steps"] == 5
+    assert not list(elsewhere.iterdir())
+
+
 def test_max_steps_at_an_epochs_end_validates_that_epoch(
     tiny_data_dir: Path, tmp_path: Path
 ) -> None:

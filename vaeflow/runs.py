@@ -383,7 +383,14 @@ class Run:
         atomic_write_json(dict(timing), self.path / TIMING)
 
     def write_config(self, config: TrainConfig) -> None:
-        atomic_write_json(config.to_dict(), self.path / CONFIG)
+        """Write ``config.json``. A relative ``data_dir`` is saved as the absolute path it names
+        from the working folder of this process: a later command run from another folder
+        (``vaeflow eval``, ``--resume``, the table's pictures) reads the same data, where the
+        relative path would name another folder (and start a download into it)."""
+        saved = config.to_dict()
+        if saved.get("data_dir") and not Path(saved["data_dir"]).expanduser().is_absolute():
+            saved["data_dir"] = os.path.abspath(saved["data_dir"])
+        atomic_write_json(saved, self.path / CONFIG)
 
 
 def epochs_in(history: Sequence[Mapping[str, Any]]) -> int:
