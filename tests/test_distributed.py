@@ -6,8 +6,8 @@ structured tiny MNIST) and runs one thread.
 Run as a script (``torchrun ... tests/test_distributed.py --kill-rank R --kill-step K train
 ...``), this file is ``vaeflow`` with one rank SIGKILLed at its K-th training step; with
 ``--local-sources SERVER MARKER``, ``vaeflow`` downloading static MNIST from a local folder;
-with ``--chdir-rank R DIR``, rank R running in another folder; with ``--fail-solve-rank R``,
-rank R's evaluation failing its solve.
+with ``--eval-probe R DIR``, rank R running in another folder and every rank naming its
+importance samples; with ``--fail-solve-rank R``, rank R's evaluation failing its solve.
 """
 
 from __future__ import annotations
@@ -283,11 +283,16 @@ def test_torchrun_eval_shares_the_test_set_and_prints_once(reference_runs: Path)
     run directory (it runs in an empty folder, the run named by a relative path)."""
     elsewhere = reference_runs.parent / f"{reference_runs.name}-empty"
     elsewhere.mkdir(exist_ok=True)
-    done = torchrun("--standalone", "--nproc_per_node=2", str(HERE), "--chdir-rank", "1",
-                    str(elsewhere), "eval", "two", "--json", cwd=reference_runs)
+    # 1,500 samples, over the 1,000 rows of a flow call: one datum a batch, its samples shared
+    done = torchrun("--standalone", "--nproc_per_node=2", str(HERE), "--eval-probe", "1",
+                    str(elsewhere), "eval", "two", "--json", "--is-samples", "1500",
+                    cwd=reference_runs)
     assert done.returncode == 0, done.stderr[-8000:]
     shared = json.loads(done.stdout)  # one JSON document: only rank 0 printed
-    one = evaluate_run(reference_runs / "two", pictures=False)
+    assert "rank 0: IS samples (0, 750) of 1 rows" in done.stderr
+    assert "rank 1: IS samples (750, 1500) of 1 rows" in done.stderr
+    one = evaluate_run(reference_runs / "two", pictures=False, is_samples=1500)
+    assert one["is_points"] == 4
     assert shared.keys() == one.keys()
     for key, value in one.items():
         if isinstance(value, float):
@@ -526,11 +531,24 @@ def _run_with_local_sources(argv: list[str]) -> int:
     return main(rest)
 
 
-def _run_in_another_folder(argv: list[str]) -> int:
-    """``--chdir-rank R DIR VAEFLOW_ARGS...``: rank R runs in DIR (as on a machine without the
-    run directory)."""
+def _run_an_eval_probe(argv: list[str]) -> int:
+    """``--eval-probe R DIR VAEFLOW_ARGS...``: rank R runs in DIR (as on a machine without the
+    run directory), and each rank says which importance samples it computes for how many
+    rows (once per range)."""
+    from vaeflow.vae import VAE
+
     if int(os.environ["RANK"]) == int(argv[1]):
         os.chdir(argv[2])
+    real, said = VAE.log_weights, set()
+
+    def log_weights(self: VAE, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        line = f"rank {os.environ['RANK']}: IS samples {kwargs.get('samples')} of {len(x)} rows"
+        if line not in said:
+            said.add(line)
+            print(line, file=sys.stderr)
+        return real(self, x, *args, **kwargs)
+
+    VAE.log_weights = log_weights  # type: ignore[method-assign]
     return main(argv[3:])
 
 
@@ -553,8 +571,8 @@ def _run_with_a_failing_solve(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    if sys.argv[1] == "--chdir-rank":
-        sys.exit(_run_in_another_folder(sys.argv[1:]))
+    if sys.argv[1] == "--eval-probe":
+        sys.exit(_run_an_eval_probe(sys.argv[1:]))
     if sys.argv[1] == "--fail-solve-rank":
         sys.exit(_run_with_a_failing_solve(sys.argv[1:]))
     if sys.argv[1] == "--count-ddp":

@@ -31,7 +31,7 @@ from vaeflow.nets import (
     MLPDecoder,
     make_networks,
 )
-from vaeflow.vae import VAE, bits_per_dim, eval_mode, evaluating
+from vaeflow.vae import VAE, bits_per_dim, eval_mode, evaluating, log_mean_exp
 
 F64 = torch.float64
 SHAPE = (1, 2, 3)  # images of the toy model: Dx = 6
@@ -196,6 +196,27 @@ def test_nelbo_average_matches_closed_form(toy: Toy) -> None:
     got = model.nelbo(toy.x, n_samples=n, generator=torch.Generator().manual_seed(3))
     se = per_sample.std(0) / math.sqrt(n)
     assert torch.all((got - toy.closed_forms(model, toy.x)["nelbo"]).abs() < 5 * se)
+
+
+def test_log_weights_of_sample_ranges_are_the_whole_sets_rows(toy: Toy) -> None:
+    """The ranks of a distributed IS estimate each take a range of the samples: the ranges
+    laid end to end are the weights of all samples, and the RNG ends where it would."""
+    model = toy.wrong_posterior()
+    torch.manual_seed(5)
+    whole = model.log_weights(toy.x, 7, batch_size=6)
+    after = torch.rand(())
+    parts = []
+    for lo, hi in [(0, 3), (3, 3), (3, 7)]:
+        torch.manual_seed(5)
+        parts.append(model.log_weights(toy.x, 7, batch_size=6, samples=(lo, hi)))
+        assert torch.rand(()) == after
+    assert [p.shape[0] for p in parts] == [3, 0, 4]
+    torch.testing.assert_close(torch.cat(parts), whole, rtol=1e-6, atol=0)
+    torch.manual_seed(5)
+    estimate = model.importance_log_likelihood(toy.x, 7, batch_size=6)
+    torch.testing.assert_close(log_mean_exp(whole), estimate, rtol=0, atol=0)
+    with pytest.raises(InputError, match=r"0 <= lo <= hi <= n_samples=7, got \(2, 8\)"):
+        model.log_weights(toy.x, 7, samples=(2, 8))
 
 
 def test_true_posterior_gives_log_evidence_for_every_sample(toy: Toy) -> None:

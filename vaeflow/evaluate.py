@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ from vaeflow.checks import check_int, input_errors, resolve_device
 from vaeflow.claim import RunLock, check_new_run_dir, clear_run_files
 from vaeflow.configs import TrainConfig
 from vaeflow.data import Dataset, ensure_dataset, load_dataset
-from vaeflow.distributed import SINGLE, World
+from vaeflow.distributed import SINGLE, World, shard_bounds
 from vaeflow.flows import FFJORD, use_solver
 from vaeflow.model import build_model
 from vaeflow.ode import ADAPTIVE_SOLVERS
@@ -36,7 +36,7 @@ from vaeflow.runs import (
     read_config,
     solver_settings,
 )
-from vaeflow.vae import VAE, bits_per_dim, eval_mode
+from vaeflow.vae import VAE, bits_per_dim, eval_mode, log_mean_exp
 
 __all__ = [
     "eval_mode",
@@ -94,13 +94,21 @@ def dataset_nelbo(
 
     Runs under ``no_grad``: FFJORD switches autograd on inside its field for the trace and
     returns detached values, so no graph is kept. Under torchrun (``world``) each rank takes
-    its rows of every batch and the sums are reduced: the same figure as one process (see
-    :mod:`vaeflow.distributed`).
+    its rows of every batch (:meth:`World.eval_rows`) and the sums are reduced: the same figure
+    as one process (see :mod:`vaeflow.distributed`).
     """
-    return _sharded_mean(
-        model, x, batch_size, exact, progress, "test NELBO", world,
-        lambda xb: model.nelbo(xb, n_samples, batch_size=batch_size * n_samples),
-    )
+    total = torch.zeros((), dtype=torch.float64, device=x.device)
+    with eval_mode(model, exact), torch.no_grad():
+        for start in eval_batches(len(x), batch_size, progress, "test NELBO"):
+            xb = x[start : start + batch_size]
+            # A batch is a together block (no collective in it): a rank whose solve fails stops
+            # every rank with its reason at this batch's end. One meeting after the loop would
+            # leave it waiting for the others' hours of work, past the collective timeout.
+            with world.together(), world.eval_rows(model, len(xb)) as (keep, counted):
+                nelbo = model.nelbo(xb[keep], n_samples, batch_size=batch_size * n_samples)
+            if counted:
+                total = total + nelbo.detach().double().sum()
+    return world.sum(total) / len(x)
 
 
 def dataset_log_likelihood(
@@ -113,41 +121,29 @@ def dataset_log_likelihood(
     exact: bool | None = True,
 ) -> Tensor:
     """Mean importance-sampled ``log p(x)`` (nats) over ``x [N, C, H, W]``, with the trace that
-    ``exact`` asks for (see :func:`dataset_nelbo`); sharded over the ranks of ``world`` as
-    :func:`dataset_nelbo`."""
-    return _sharded_mean(
-        model, x, max(1, batch_rows // n_samples), exact, progress, "importance sampling", world,
-        lambda xb: model.importance_log_likelihood(xb, n_samples, batch_size=batch_rows),
-    )
+    ``exact`` asks for (see :func:`dataset_nelbo`), in batches of ``batch_rows // n_samples``
+    data points (at least one) whose ``n_samples`` samples go through the networks
+    ``batch_rows`` rows at a time.
 
-
-def _sharded_mean(
-    model: VAE,
-    x: Tensor,
-    rows: int,
-    exact: bool | None,
-    progress: bool,
-    what: str,
-    world: World,
-    per_datum: Callable[[Tensor], Tensor],
-) -> Tensor:
-    """The mean over ``x [N, ...]`` of ``per_datum(xb [b, ...]) -> [b]``, in eval mode (the
-    trace ``exact`` asks for) without gradients, in batches of ``rows`` rows, each batch's rows
-    shared among the ranks of ``world`` (:meth:`World.eval_rows`) and the sums reduced: a
-    0-dim float64 tensor.
-
-    The loop is one :meth:`World.together` block: it holds no collective, so a rank whose
-    solve fails there stops every rank at once with its message, where the others would wait
-    in the reduction until the collective timeout."""
+    Under torchrun each rank takes its share of every datum's samples (with the noise they have
+    in one process, :meth:`VAE.log_weights`), and the log-weights are summed into place, so
+    that K = 5000 samples of one datum at a time keep every GPU busy: the same figure as one
+    process.
+    """
     total = torch.zeros((), dtype=torch.float64, device=x.device)
-    with world.together(), eval_mode(model, exact), torch.no_grad():
-        for start in eval_batches(len(x), rows, progress, what):
-            xb = x[start : start + rows]
-            with world.eval_rows(model, len(xb)) as (keep, counted):
-                values = per_datum(xb[keep])
-            if counted:
-                total = total + values.detach().double().sum()
-    return world.sum(total) / len(x)
+    per_batch = max(1, batch_rows // n_samples)
+    lo, hi = shard_bounds(n_samples, world.rank, world.size)
+    with eval_mode(model, exact), torch.no_grad():
+        for start in eval_batches(len(x), per_batch, progress, "importance sampling"):
+            xb = x[start : start + per_batch]
+            with world.together():  # as in dataset_nelbo
+                mine = model.log_weights(xb, n_samples, batch_rows, samples=(lo, hi))
+            if world.distributed:  # every rank's samples in their rows, the others' 0
+                log_w = mine.new_zeros(n_samples, len(xb))
+                log_w[lo:hi] = mine
+                mine = world.sum(log_w)
+            total = total + log_mean_exp(mine).double().sum()
+    return total / len(x)
 
 
 def ensure_machine_data(config: TrainConfig, world: World = SINGLE) -> None:
@@ -290,8 +286,9 @@ def evaluate(
         }
         if out["solver"]:  # a continuous flow's log-density change: how its trace was taken
             out["trace"] = trace
-        if any(nfes):
-            out["test_nfe_forward"] = sum(nfes) / len(nfes)
+        if flows:  # the mean over the ranks' calls (each rank's adaptive solves are its own)
+            nfe = torch.tensor(sum(nfes) / max(len(nfes), 1), dtype=torch.float64, device=dev)
+            out["test_nfe_forward"] = float(world.sum(nfe)) / world.size
         if is_samples > 0:
             xs = subset(data.test, is_points)
             # seed + 2 draws the pictures; validations use seed + 3 + epoch, epochs from 1
@@ -361,14 +358,14 @@ def evaluate_run(
         config.device = device
     if data_dir is not None:
         config.data_dir = data_dir
+    # load_model's steps, with rank 0 reading for every rank (the device first, as there)
     with world.together():
-        # Before the parameters are read: given "cuda" without CUDA, or "cpu:0", torch.load
-        # fails on every storage, and the file would be called damaged.
         dev = world.device(resolve_device(config.device))
     path, state = world.from_main(
         lambda: model_state(run_dir, checkpoint, world.map_location(dev))
     )
-    model = model_from_state(config, state, path, dev)
+    with world.together():  # e.g. one GPU without the memory: every rank hears of it
+        model = model_from_state(config, state, path, dev)
     del state  # rank 0's copy of a large model, once it is in the model
     smoke = smoke_eval_counts(config)
     kw = {

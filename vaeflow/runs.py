@@ -230,6 +230,7 @@ def load_model(
     ``model.train()`` to train it on, with the Hutchinson estimate). ``device`` is read as
     ``--device`` is (``"auto"``, ``"cpu"``, ``"cuda:1"``): one this machine has not is refused
     by name."""
+    _check_checkpoint_name(checkpoint)
     # Before torch.load: given "cuda" without CUDA, or "cpu:0", it fails on every storage, and
     # the file would be called damaged.
     device = resolve_device(str(device))
@@ -245,8 +246,7 @@ def model_state(
     """The file of a run's best (``"best"``) or last (``"last"``) model parameters and its
     ``state_dict``, loaded onto ``device``: :func:`load_model`'s reading, apart from its
     building, so that under torchrun rank 0 reads and the other ranks build."""
-    if checkpoint not in ("best", "last"):
-        raise InputError(f"checkpoint must be 'best' or 'last', got {checkpoint!r}")
+    _check_checkpoint_name(checkpoint)
     directory = Path(run_dir)
     path = directory / (BEST if checkpoint == "best" else CHECKPOINT)
     if not path.is_file():
@@ -256,6 +256,11 @@ def model_state(
         check_checkpoint_format(state, path)
         state = state["model"]
     return path, state
+
+
+def _check_checkpoint_name(checkpoint: str) -> None:
+    if checkpoint not in ("best", "last"):
+        raise InputError(f"checkpoint must be 'best' or 'last', got {checkpoint!r}")
 
 
 def model_from_state(

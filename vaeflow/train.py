@@ -706,8 +706,9 @@ class _Trainer:
         except _TestSolveError:
             # The epoch's steps are good, only their validation failed: keep them, so that a
             # retry or a resume validates again instead of training the epoch again. (Not
-            # under torchrun, where the save's collective would meet the other ranks' in
-            # their validation; not after a time-out inside the epoch, whose state is done.)
+            # under torchrun, where the other ranks have left with a PeerError and would not
+            # meet the save's collective; not after a time-out inside the epoch, whose state
+            # is done.)
             if not (self.world.distributed or st.done or self.loader.in_epoch):
                 self.save()
             raise
@@ -1090,7 +1091,7 @@ def _recover(trainer: _Trainer, err: Exception) -> None:
     if trainer.world.distributed and isinstance(err, SolverError):
         # Only this rank's solve failed: no retry together, and no collective here. The
         # others stop when theirs times out (a training step's), or at once (a validation's
-        # or the test's: evaluate._sharded_mean tells them).
+        # or the test's: each evaluation batch is a together block).
         raise TrainingError(
             f"training stopped on rank {trainer.world.rank} at step ~{trainer.state.step}: {err}"
             f". {trainer.world.resume_hint(trainer.run_dir, trainer.saved_step)}, or start again"

@@ -23,11 +23,11 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
-from vaeflow.checks import check_positive_int
+from vaeflow.checks import InputError, check_positive_int
 from vaeflow.flows.base import Flow, Identity
 from vaeflow.likelihoods import Likelihood, get_likelihood
 
-__all__ = ["VAE", "bits_per_dim", "eval_mode", "evaluating", "log_standard_normal"]
+__all__ = ["VAE", "bits_per_dim", "eval_mode", "evaluating", "log_mean_exp", "log_standard_normal"]
 
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 
@@ -187,6 +187,7 @@ class VAE(nn.Module):
         batch_size: int | None,
         generator: torch.Generator | None,
         detach: bool,
+        samples: tuple[int, int] | None = None,
     ) -> Tensor:
         """``-log w`` (the per-sample NELBO) for ``n_samples`` posterior samples per datum.
 
@@ -195,8 +196,17 @@ class VAE(nn.Module):
         flow and decoder at a time (``None``: all at once). The noise is drawn one ``[B, D]``
         slice per sample, so for a given RNG state the result does not depend on ``batch_size``.
         ``detach`` drops each chunk's graph as soon as it is computed, bounding memory.
+
+        ``samples=(lo, hi)`` computes samples ``lo .. hi - 1`` only (``[hi - lo, B]``), with the
+        noise they have among all ``n_samples``: every sample's noise is drawn, in order, and
+        the others' is dropped, so that the RNG ends where it would and the ranks of a
+        distributed evaluation, each taking its samples, give one process's weights.
         """
         check_positive_int("n_samples", n_samples)
+        lo, hi = (0, n_samples) if samples is None else samples
+        if not 0 <= lo <= hi <= n_samples:
+            raise InputError(f"samples must be (lo, hi) with 0 <= lo <= hi <= n_samples="
+                             f"{n_samples}, got {samples}")
         # One read of x's extremes per evaluation call: x = 255 would otherwise give a positive
         # Bernoulli log-probability, and a NELBO that looks like a result.
         self.likelihood.check_data(x)
@@ -207,9 +217,11 @@ class VAE(nn.Module):
         # an empty batch takes every sample in one chunk (of no rows)
         per_chunk = n_samples if batch_size is None or batch == 0 else max(1, batch_size // batch)
         mu, sigma, h = self.encoder(x)
-        chunks = []
-        for start in range(0, n_samples, per_chunk):
-            m = min(per_chunk, n_samples - start)
+        chunks = [mu.new_zeros(0, batch)]  # (the result of an empty range)
+        for _ in range(lo):
+            self._noise(mu, generator)  # another rank's samples: their draws, not their work
+        for start in range(lo, hi, per_chunk):
+            m = min(per_chunk, hi - start)
             eps = torch.cat([self._noise(mu, generator) for _ in range(m)])
 
             def rep(t: Tensor, m: int = m) -> Tensor:
@@ -217,6 +229,8 @@ class VAE(nn.Module):
 
             nelbo = self._terms(rep(x), rep(mu), rep(sigma), rep(h), eps)["nelbo"].view(m, batch)
             chunks.append(nelbo.detach() if detach else nelbo)
+        for _ in range(hi, n_samples):
+            self._noise(mu, generator)
         return torch.cat(chunks)
 
     def nelbo(
@@ -266,8 +280,25 @@ class VAE(nn.Module):
         Returns:
             ``[B]``, detached: it is an evaluation quantity and each chunk's graph is freed.
         """
-        neg_log_w = self._neg_log_weights(x, n_samples, batch_size, generator, detach=True)
-        return torch.logsumexp(-neg_log_w, dim=0) - math.log(n_samples)
+        return log_mean_exp(self.log_weights(x, n_samples, batch_size, generator=generator))
+
+    def log_weights(
+        self,
+        x: Tensor,
+        n_samples: int = 5000,
+        batch_size: int = 500,
+        *,
+        samples: tuple[int, int] | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """The importance log-weights ``log w_k = log p(x, zK) - log qK(zK | x)`` of
+        :meth:`importance_log_likelihood`, ``x [B, C, H, W] -> [K, B]`` detached, or of its
+        samples ``lo .. hi - 1`` only (``samples=(lo, hi)``: ``[hi - lo, B]``, with the noise
+        those samples have among all ``K``, so that a distributed evaluation can share the
+        samples of a datum among its ranks). ``log_mean_exp`` of all ``K`` rows is the
+        estimate."""
+        return -self._neg_log_weights(x, n_samples, batch_size, generator, detach=True,
+                                      samples=samples)
 
     # ----------------------------------------------------------------------------------------
     # Images
@@ -291,6 +322,12 @@ class VAE(nn.Module):
         mu, _, h = self.encoder(x)
         zK, _ = self.flow(mu, h)
         return self.likelihood.mean(self.decoder(zK)).detach()
+
+
+def log_mean_exp(log_w: Tensor) -> Tensor:
+    """``log(mean_k exp(log_w[k]))`` over the first dimension, in log space (weights that would
+    underflow in ``exp`` still count): ``[K, ...] -> [...]``."""
+    return torch.logsumexp(log_w, dim=0) - math.log(log_w.shape[0])
 
 
 @contextlib.contextmanager
