@@ -41,6 +41,12 @@ def _gone(pid: int, within: float = 10.0) -> bool:
     return False
 
 
+def _said_pid(log: Path) -> bool:
+    """Whether the child's own line ``@@ {"pid": N}`` is in ``log`` (the command echoed above
+    it holds ``@@ `` too, not at a line's start)."""
+    return log.exists() and any(line.startswith("@@ ") for line in log.read_text().splitlines())
+
+
 def _grandchild(lines: list[str]) -> int:
     return int(next(line for line in lines if line.startswith("@@ ")).split()[-1].rstrip("}"))
 
@@ -99,7 +105,7 @@ def test_a_sigterm_to_the_run_takes_the_stages_children_with_it(tmp_path: Path) 
     run = subprocess.Popen([sys.executable, "-c", script])
     try:
         end = time.monotonic() + 30
-        while "@@ " not in (log.read_text() if log.exists() else "") and time.monotonic() < end:
+        while not _said_pid(log) and time.monotonic() < end:
             time.sleep(0.1)
         pid = _grandchild(log.read_text().splitlines())
         run.send_signal(signal.SIGTERM)
