@@ -424,6 +424,8 @@ def test_every_option_of_every_command_says_what_it_does() -> None:
     ]
     assert not silent, f"options without a help text: {silent}"
     train_help = commands.choices["train"].format_help()
+    assert "--set max_minutes=none" in train_help  # the module docstring's use...
+    assert "lines because" not in train_help  # ...not its note to the code's readers
     for key in ("lr", "batch_size", "warmup_epochs", "max_epochs", "early_stopping_epochs"):
         assert f"(default {getattr(TrainConfig(), key)}, the papers'" in " ".join(
             train_help.split()

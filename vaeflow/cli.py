@@ -342,7 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser(
         "train",
         help="train a VAE (or --resume one)",
-        description=_plain(__doc__),
+        # the docstring's use, not its last paragraph (which is for the code's readers)
+        description=_plain((__doc__ or "").split("\n\nThis module is over")[0]),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     t.add_argument("--dataset", choices=list(DATASETS), help="data set")
