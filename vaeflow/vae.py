@@ -217,7 +217,7 @@ class VAE(nn.Module):
         # an empty batch takes every sample in one chunk (of no rows)
         per_chunk = n_samples if batch_size is None or batch == 0 else max(1, batch_size // batch)
         mu, sigma, h = self.encoder(x)
-        chunks = [mu.new_zeros(0, batch)]  # (the result of an empty range)
+        chunks = []
         for _ in range(lo):
             self._noise(mu, generator)  # another rank's samples: their draws, not their work
         for start in range(lo, hi, per_chunk):
@@ -231,7 +231,7 @@ class VAE(nn.Module):
             chunks.append(nelbo.detach() if detach else nelbo)
         for _ in range(hi, n_samples):
             self._noise(mu, generator)
-        return torch.cat(chunks)
+        return torch.cat(chunks) if chunks else mu.new_zeros(0, batch)  # (an empty range)
 
     def nelbo(
         self,
