@@ -5,6 +5,7 @@ Groups: run directory, resume, signals, values, files, API."""
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import math
@@ -27,6 +28,7 @@ import vaeflow.train as train_mod
 from vaeflow.claim import RunLock
 from vaeflow.cli import main
 from vaeflow.flows import FFJORD, FLOWS
+from vaeflow.runs import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -392,6 +394,28 @@ def test_a_damaged_checkpoint_is_named(finished: Path, capsys, damage: str, how:
         err = fails(capsys, args, 2, "checkpoint.pt", "damaged", "best.pt")
         assert "weights_only" not in err  # torch's advice to load it unsafely is not passed on
     assert main(["eval", str(finished)]) == 0  # best.pt still serves
+
+
+@pytest.mark.parametrize("raised", [
+    torch.OutOfMemoryError("CUDA out of memory"), MemoryError(),
+    OSError(errno.EINVAL, "Invalid argument"), OSError(errno.EIO, "Input/output error"),
+], ids=["cuda-oom", "memory", "einval", "eio"])
+def test_a_whole_checkpoint_that_fails_to_load_shows_the_machines_failure(
+    tmp_path: Path, monkeypatch, raised: Exception
+) -> None:
+    """Memory running out while a whole checkpoint loads, or the file system's error on it, is
+    the machine's failure: its traceback, not "damaged" (which sends the user to another file).
+    Before, every OSError EINVAL and every out-of-memory error read as a damaged file."""
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"w": torch.ones(3)}, path)
+
+    def fail(*args, **kwargs):
+        raise raised
+
+    monkeypatch.setattr(torch, "load", fail)
+    with pytest.raises(type(raised)) as caught:
+        load_checkpoint(path)
+    assert caught.value is raised
 
 
 def test_a_look_at_the_last_model_leaves_the_runs_pictures_alone(finished: Path) -> None:

@@ -18,7 +18,6 @@ A run directory holds:
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import zipfile
@@ -152,6 +151,16 @@ def _read_json(path: Path, expect: type = dict) -> Any:
     return value
 
 
+def _is_whole_archive(path: Path) -> bool:
+    """Whether ``path`` reads as a whole zip archive (torch's file format), every member's
+    checksum right; the file system's own failure to read it propagates."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip() is None
+    except (zipfile.BadZipFile, EOFError):
+        return False
+
+
 def load_checkpoint(
     path: str | os.PathLike[str], device: torch.device | str = "cpu", *, mmap: bool = False
 ) -> Any:
@@ -164,10 +173,11 @@ def load_checkpoint(
     try:
         return torch.load(path, map_location=device, weights_only=True, mmap=mmap)
     except Exception as err:  # noqa: BLE001 - random bytes raise anything from the unpickler
-        # EINVAL: torch's zip reader seeks before the start of a file cut below 64 KiB
-        if isinstance(err, OSError) and not isinstance(err, zipfile.BadZipFile) and (
-            err.errno not in (None, errno.EINVAL)
-        ):
+        if isinstance(err, (MemoryError, torch.OutOfMemoryError)):
+            raise  # the machine's failure: the file may be whole
+        # torch's zip reader fails on a cut file with an OSError too (EINVAL: it seeks before
+        # the start of a file cut below 64 KiB), so the file itself says whose failure it is
+        if isinstance(err, OSError) and _is_whole_archive(path):
             raise  # the file system's failure (permissions, I/O), not the file's content
         others = [p.name for p in (path.parent / BEST, path.parent / CHECKPOINT)
                   if p.is_file() and p != path]
