@@ -196,6 +196,16 @@ def test_a_bad_value_is_blamed_on_the_config_file_only_when_it_is_the_file_s(
         resolve("static_mnist", "planar", {"net_kwargs": {"head_channels": 8}}, config_file=path)
     assert str(caught.value).startswith("net_kwargs: ") and str(caught.value).endswith(
         f"(with the settings of {path})"), caught.value
+    # both hold a bad value: the one reported is named by where it comes from (before, the
+    # file's bad lr was reported bare because the command line's max_epochs was bad too)
+    path.write_text("[train]\nlr = 'fast'\n")
+    with pytest.raises(InputError) as caught:
+        resolve("caltech", "planar", {"max_epochs": 0}, preset="quick", config_file=path)
+    assert str(caught.value) == f"{path}: lr must be a float, got 'fast'", caught.value
+    # both set the same key badly: the command line's value is the one used, not the file's
+    with pytest.raises(InputError) as caught:
+        resolve("caltech", "planar", {"lr": "slow"}, preset="quick", config_file=path)
+    assert str(caught.value) == "lr must be a float, got 'slow'", caught.value
 
 
 def test_the_quick_preset_keeps_frey_faces_small() -> None:

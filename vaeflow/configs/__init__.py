@@ -198,20 +198,22 @@ def resolve(
     try:
         return TrainConfig.from_dict(merged(*layers, user_file))
     except InputError as err:
-        # A bad value is checked only once every layer is laid. When the same layers without
-        # the user's file are fine, the file is named: as the culprit where its values are bad
-        # without the command line's too, else as the settings the command line's clash with.
-        if user_file is None or not _valid(merged(*layers)):
+        # A bad value is checked only once every layer is laid, so the error is matched to the
+        # layers that give it alone: the command line's own (the value used where both set a
+        # key), else the file's own (named as the culprit), else the file's and the command
+        # line's values clash (the file named as the settings the command line's meet).
+        if user_file is None or _error(merged(*layers)) == str(err):
             raise
-        if not _valid(merged(*layers, user_file, command_line=False)):
+        if _error(merged(*layers, user_file, command_line=False)) == str(err):
             raise ConfigError(f"{config_file}: {err}") from err
         raise ConfigError(f"{err} (with the settings of {config_file})") from err
 
 
-def _valid(values: Mapping[str, Any]) -> bool:
-    """Whether ``values`` make a valid :class:`TrainConfig`."""
+def _error(values: Mapping[str, Any]) -> str | None:
+    """The message of the :class:`InputError` that ``values`` make, ``None`` where they make a
+    valid :class:`TrainConfig`."""
     try:
         TrainConfig.from_dict(values)
-    except InputError:
-        return False
-    return True
+    except InputError as err:
+        return str(err)
+    return None
