@@ -166,3 +166,51 @@ def test_a_checkpoint_of_a_newer_vaeflow_is_not_to_be_overwritten(tmp_path: Path
     with pytest.raises(RunError, match="older vaeflow.*--overwrite"):
         check_checkpoint_format({}, source)  # format 1: older, afresh is the way
     check_checkpoint_format({"format": CHECKPOINT_FORMAT}, source)
+
+
+def _scalars(run: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar of ``run``'s events as TensorBoard reads them (purges applied)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run)).Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)]
+            for tag in events.Tags()["scalars"]}
+
+
+def test_a_resume_that_trains_nothing_keeps_the_run_s_events(
+    tiny_data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Resuming a finished run trains and evaluates nothing: its TensorBoard figures must stay
+    # as they were (before, the resume's purge marker at the final step made TensorBoard drop
+    # the test figures and the last validation, and each such resume left an empty events
+    # file). A resume that only evaluates (stopped before its final evaluation) ends with the
+    # events of the run that was never stopped.
+    config = tiny_config(tiny_data_dir)  # 3 epochs
+    run = tmp_path / "a"
+    train(config, run, progress=False)
+    before = _scalars(run)
+    assert {"test/nelbo", "test/nll_is", "valid/nelbo"} <= set(before)
+    files = sorted(run.glob("events.out.tfevents*"))
+    train(resume=run, progress=False)
+    assert _scalars(run) == before
+    assert sorted(run.glob("events.out.tfevents*")) == files
+
+    validate = train_mod._Trainer.validate
+    calls = {"validate": 0}
+
+    def validate_with_signal(self: Any) -> float:
+        calls["validate"] += 1
+        if calls["validate"] == 3:
+            signal.raise_signal(signal.SIGINT)
+        return validate(self)
+
+    monkeypatch.setattr(train_mod._Trainer, "validate", validate_with_signal)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, tmp_path / "b", progress=False)
+    monkeypatch.undo()
+    train(resume=tmp_path / "b", progress=False)  # only evaluates
+    assert _scalars(tmp_path / "b").keys() == before.keys()
+    for tag, points in _scalars(tmp_path / "b").items():
+        if tag != "train/sec_per_iter":
+            assert [s for s, _ in points] == [s for s, _ in before[tag]], tag
+            assert [v for _, v in points] == pytest.approx([v for _, v in before[tag]]), tag

@@ -289,7 +289,9 @@ class _Trainer:
         self.optimizer = make_optimizer(config, self.model, capturable=self.use_graph)
         self.loader: DeviceLoader = self.data.loader("train", config.batch_size, seed=config.seed)
         self.state = _Progress()
-        self.writer: Any = None
+        self.writer: Any = None  # opened at this session's first event (see open_writer)
+        self._purge_step: int | None = None
+        self._fresh = False
         self.signals: _Signals | None = None
         # the training bar of the loop under way (`run` opens it; none shows before)
         self.bar = TrainingBar(False, config, 0, 0.0, 1)
@@ -389,17 +391,25 @@ class _Trainer:
 
     # ---- logging
 
-    def open_writer(self) -> None:
-        if not self.world.is_main:
-            return
-        from torch.utils.tensorboard import SummaryWriter
+    def open_writer(self, fresh: bool) -> None:
+        """Log this session's events to TensorBoard (rank 0). The events file opens at the
+        first event, so that a resume that trains and evaluates nothing (a finished run) leaves
+        the run's events as they were; ``fresh``: a new run, whose settings it logs first."""
+        if self.world.is_main:
+            # The events of a killed session after its last checkpoint go: TensorBoard drops
+            # what came before from this step on. Not from the checkpoint's own step, whose
+            # events (its steps' means, the validation, the test) were logged before it.
+            self._purge_step, self._fresh = self.state.step + 1, fresh
 
-        # purge_step drops events a killed run logged after its last checkpoint; also at step 0
-        # (a kill before the first epoch's end resumes from the start checkpoint, and its
-        # first steps' events would stay beside the resumed ones)
-        self.writer = SummaryWriter(str(self.run_dir), purge_step=self.state.step)
-        if self.state.step == 0:  # a resumed run's settings are in its first event file
-            log_settings(self.writer, self.config)
+    def _events(self) -> Any:
+        """The session's ``SummaryWriter`` (None on other ranks), opened at its first use."""
+        if self.writer is None and self._purge_step is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.run_dir), purge_step=self._purge_step)
+            if self._fresh:
+                log_settings(self.writer, self.config)
+        return self.writer
 
     # Per-datum figures that a bits/dim data set (Frey Faces) also gets in its unit.
     _IN_UNIT = ("nelbo", "nll_is")
@@ -407,14 +417,15 @@ class _Trainer:
     def log_scalars(self, values: Mapping[str, float], step: int, prefix: str) -> None:
         """``prefix/name`` scalars at ``step``; on a bits/dim data set, the NELBO and NLL are
         also written as ``prefix/name_bpd``, the unit its results are read in."""
-        if self.writer is None:
+        writer = self._events()
+        if writer is None:
             return
         values = dict(values)
         if self.spec.unit != "nats":
             values.update({f"{n}_bpd": self.spec.in_unit(values[n])
                            for n in self._IN_UNIT if n in values})
         for name, value in values.items():
-            self.writer.add_scalar(f"{prefix}/{name}", value, step)
+            writer.add_scalar(f"{prefix}/{name}", value, step)
 
     def log_images(self, epoch: int) -> None:
         """Sample and reconstruction grids to TensorBoard and, with the learning curve, as PNG
@@ -423,9 +434,10 @@ class _Trainer:
         if not self.world.is_main or not self.config.pictures:
             return
         grids = run_pictures(self.model, self.data, self.config)
-        if self.writer is not None:
-            self.writer.add_image("samples", grids[0], epoch)
-            self.writer.add_image("reconstructions", grids[1], epoch)
+        writer = self._events()
+        if writer is not None:
+            writer.add_image("samples", grids[0], epoch)
+            writer.add_image("reconstructions", grids[1], epoch)
         write_run_pictures(self.run_dir, grids)
 
     # ---- the loop
@@ -828,7 +840,7 @@ class _Trainer:
         if "test_nll_is" in results:
             test["nll_is"] = results["test_nll_is"]
         self.log_scalars(test, st.step, "test")
-        if self.writer is not None:
+        if self._events() is not None:
             log_finished(self.writer)
         self.log_images(st.epoch)  # the best model's pictures, and the whole learning curve
         self.model.load_state_dict(final_state)
@@ -973,7 +985,7 @@ def train(
                     trainer.reopen()
                     logger.info("resumed %s at epoch %d, step %d", directory, trainer.state.epoch,
                                 trainer.state.step)
-                trainer.open_writer()
+                trainer.open_writer(fresh=resume is None)
                 try:
                     _run(trainer)
                 finally:
