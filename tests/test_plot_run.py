@@ -202,3 +202,33 @@ def test_a_run_of_one_epoch_shows_its_training_figure(
     train = [line for line in lines if list(line.get_ydata()) == [101.0]]
     assert len(train) == 3  # two panels of the run's figure, one in compare's
     assert all(_visible(line) for line in lines)
+
+
+def test_the_test_star_is_inside_the_axes(
+    tiny_data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The zoom that leaves out the first epochs' high losses set its limits from the
+    validation and training figures alone: a test NELBO below them (or above their 90th
+    percentile) stood outside the axes, in learning_curve.png and in compare's figure."""
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    limits: list[tuple[float, float]] = []
+    real = Figure.savefig
+
+    def savefig(fig: Figure, *args: Any, **kwargs: Any) -> None:
+        limits.append(fig.axes[0].get_ylim())  # (learning_curve.png's panels share it)
+        real(fig, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    nelbos = [140.0, 120.0, 110.0, 105.0, 100.0]
+    for test in (80.0, 150.0):
+        run = _written_run(tmp_path / f"run{test:.0f}", tiny_data_dir, "static_mnist", nelbos,
+                           test=test)
+        limits.clear()
+        assert plots.write_run_pictures(run.path) == [run.path / plots.LEARNING_CURVE]
+        plot_learning_curves([run.path], tmp_path / "cmp.png")
+        assert len(limits) == 2
+        for low, high in limits:
+            assert low < test < high, (test, low, high)
+            assert high < 170.0  # still a zoom: not the whole range of the figures and more

@@ -164,18 +164,20 @@ def _learning_curve(run: Run, path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0].set_ylabel(f"negative ELBO ({unit})")
     axes[0].legend(fontsize=8)
-    _zoom(axes[0], valid + train)
+    _zoom(axes[0], valid + train, [] if test is None else [test])
     fig.suptitle(_label(run))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def _zoom(ax: Any, values: Sequence[float]) -> None:
-    """Leave out the first epochs' very high losses, so that the part that matters is legible."""
+def _zoom(ax: Any, values: Sequence[float], shown: Sequence[float] = ()) -> None:
+    """Leave out the first epochs' very high losses of ``values``, so that the part that
+    matters is legible; the figures ``shown`` (the test stars) stay inside the axes."""
     finite = sorted(v for v in values if math.isfinite(v))
     if len(finite) >= 4:
         low, high = finite[0], finite[int(0.9 * (len(finite) - 1))]
+        low, high = min([low, *shown]), max([high, *shown])
         margin = 0.1 * max(high - low, 1.0)
         ax.set_ylim(low - margin, high + margin)
 
@@ -228,8 +230,10 @@ def plot_learning_curves(
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     values: list[float] = []
+    stars: list[float] = []
     for run, (_, minutes, valid, train, test) in curves:
         values += valid
+        stars += [] if test is None else [test]
         # a dot per epoch, so that a run of one epoch shows too
         (line,) = ax.plot(minutes, valid, "-o", markersize=2.5, label=f"{_label(run)} valid")
         ax.plot(minutes, train, linestyle="--", marker="x", markersize=2.5,
@@ -241,7 +245,7 @@ def plot_learning_curves(
     ax.set_title("validation (solid), training (dashed), test (star)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    _zoom(ax, values)
+    _zoom(ax, values, stars)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
