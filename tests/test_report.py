@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from conftest import AffineFlow
 from test_train import tiny_config
 
@@ -218,12 +219,21 @@ def test_compare_shows_the_wall_clock_an_unfinished_run_has_trained_so_far(
     # resumed, then killed: timing.json is the first session's, older than the last epoch
     resumed = _fake_run(tmp_path / "resumed", tiny_data_dir, history=[_epoch(1, 12.0)],
                         timing={"train_seconds": 5.0})
-    started = _fake_run(tmp_path / "started", tiny_data_dir)  # no epoch yet: nothing to show
-    rows = report.compare_rows([killed, resumed, started])
-    assert [r["wall-clock seconds"] for r in rows] == [90.0, 12.0, None]
-    table = report.compare_table([killed, resumed, started]).splitlines()
-    assert "1.5 min" in table[2] and "12 s" in table[3]
-    assert all("unfinished" in line for line in table[2:5])  # the row says it is so far
+    started = _fake_run(tmp_path / "started", tiny_data_dir)  # no epoch, no checkpoint yet
+    # killed after a checkpoint inside its second epoch (a signal, checkpoint_every), or
+    # inside its first: the checkpoint's clock is later than the last epoch's record
+    inside = _fake_run(tmp_path / "inside", tiny_data_dir, history=[_epoch(1, 12.0)])
+    first = _fake_run(tmp_path / "first", tiny_data_dir, history=[])
+    for run, seconds in ((inside, 17.49), (first, 4.2)):
+        torch.save({"progress": {"step": 789, "seconds": seconds, "history": run.history}},
+                   run.path / "checkpoint.pt")
+    runs = [killed, resumed, started, inside, first]
+    rows = report.compare_rows(runs)
+    assert [r["wall-clock seconds"] for r in rows] == [90.0, 12.0, None, 17.49, 4.2]
+    table = report.compare_table(runs).splitlines()
+    assert "1.5 min" in table[2] and "12 s" in table[3] and "17 s" in table[5]
+    assert "4.2 s" in table[6]
+    assert all("unfinished" in line for line in table[2:7])  # the row says it is so far
 
 
 def test_compare_lists_a_run_named_twice_once(

@@ -338,10 +338,10 @@ def compare_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
             else:
                 status = "unfinished"
             # timing.json is written when a session returns: a run killed (or still training)
-            # has none, or an earlier session's; each epoch's record holds the same clock,
-            # summed over resumes, so the larger of the two is the time trained so far
-            seconds = max((s for s in (seconds, history[-1]["seconds"] if history else None)
-                           if s is not None), default=None)
+            # has none, or an earlier session's; each epoch's record and the checkpoint hold
+            # the same clock, summed over resumes, so the largest is the time trained so far
+            seconds = max((s for s in (seconds, history[-1]["seconds"] if history else None,
+                                       _checkpoint_seconds(run)) if s is not None), default=None)
         rows.append({
             "run": str(run.path), "dataset": config.dataset, "flow": config.flow,
             "status": status, "parameters": parameters,
@@ -360,6 +360,15 @@ def compare_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
             "settings": settings,
         })
     return rows
+
+
+def _checkpoint_seconds(run: Run) -> float | None:
+    """The training time in the checkpoint of an unfinished run; None where it has none or it
+    does not read (a damaged file is ``vaeflow train --resume``'s to name, not the table's)."""
+    try:
+        return run.progress_seconds
+    except RunError:
+        return None
 
 
 def _cells(row: Mapping[str, Any]) -> dict[str, str]:

@@ -379,14 +379,27 @@ class Run:
         history = _read_json(self.path / HISTORY, list)
         if history is not None:
             return history
+        return list(self._progress("history") or [])
+
+    @property
+    def progress_seconds(self) -> float | None:
+        """The wall-clock seconds of training and validation in ``checkpoint.pt`` (summed over
+        the sessions; later than the last epoch's record where a signal or
+        ``checkpoint_every`` saved inside an epoch); None where the run has no checkpoint."""
+        seconds = self._progress("seconds")
+        return None if seconds is None else float(seconds)
+
+    def _progress(self, key: str) -> Any:
+        """``key`` of the training progress in ``checkpoint.pt``, from a memory map of it (a
+        glance, not a read of the tensors); None where the run has no checkpoint."""
         path = self.path / CHECKPOINT
         if not path.is_file():
-            return []
+            return None
         try:
-            return list(load_checkpoint(path, mmap=True)["progress"]["history"])
+            return load_checkpoint(path, mmap=True)["progress"][key]
         except (KeyError, TypeError) as err:
             raise RunError(f"{path} is damaged or not a vaeflow checkpoint (it holds no "
-                           f"training history: {type(err).__name__}: {err})") from err
+                           f"training {key}: {type(err).__name__}: {err})") from err
 
     def write_history(self, history: list[dict[str, Any]]) -> None:
         atomic_write_json(history, self.path / HISTORY)
