@@ -64,6 +64,10 @@ def test_train_and_eval_every_flow(
     assert main(["eval", str(run)]) == 0
     out = capsys.readouterr().out
     assert f"static_mnist / {flow}" in out and f"{results['test_nelbo']:.2f} nats" in out
+    # four steps validate no epoch: best.pt holds the last model, as train's summary said
+    assert json.loads((run / "history.json").read_text()) == []
+    assert "(the last model: no epoch was validated, so none was chosen; " in out
+    assert "best model" not in out
 
 
 def test_a_fixed_step_run_is_tested_with_dopri5_and_eval_can_change_the_solver(

@@ -420,3 +420,14 @@ def test_the_summary_doubles_every_budget_a_run_has_spent(
     monkeypatch.undo()
     again = train(resume=run, changes={"max_epochs": 2, "max_minutes": 21.7}, progress=False)
     assert again["steps"] == 20 and again["epochs"] == 2
+
+
+def test_eval_names_the_model_it_read(tiny_data_dir: Path, tmp_path: Path) -> None:
+    # best.pt of a run stopped before its first validation is its last model: not "best"
+    validated = _fake_run(tmp_path / "validated", tiny_data_dir, history=[_epoch(1, 3.0)])
+    none = _fake_run(tmp_path / "none", tiny_data_dir, history=[])
+    assert report.evaluated_model(validated.path, "best") == "the best model"
+    assert report.evaluated_model(validated.path, "last") == "the last model"
+    assert report.evaluated_model(none.path, "last") == "the last model"
+    assert report.evaluated_model(none.path, "best") == (
+        "the last model: no epoch was validated, so none was chosen")

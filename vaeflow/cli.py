@@ -243,7 +243,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(results, indent=2, sort_keys=True))
     else:
-        print(f"{results['dataset']} / {results['flow']} ({args.checkpoint} model, "
+        print(f"{results['dataset']} / {results['flow']} "
+              f"({report.evaluated_model(args.run_dir, args.checkpoint)}; "
               f"{results['test_points']} test points)")
         print(report.summary(args.run_dir, results))
     return 0

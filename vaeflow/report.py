@@ -91,6 +91,18 @@ def _built_in(flow: str) -> bool:
     return flow in FLOWS and FLOWS[flow].__module__.startswith("vaeflow.")
 
 
+# best.pt of a run stopped before its first validation holds its last model
+_NONE_CHOSEN = "no epoch was validated, so none was chosen"
+
+
+def evaluated_model(run_dir: str | os.PathLike[str], checkpoint: str) -> str:
+    """The model that ``vaeflow eval --checkpoint CHECKPOINT`` read (``best``, ``last``), in
+    words: ``the best model``, or the last one where no epoch was validated."""
+    if checkpoint == "best" and not Run(Path(run_dir)).history:
+        return f"the last model: {_NONE_CHOSEN}"
+    return f"the {checkpoint} model"
+
+
 def _tested_model(run: Run, results: Mapping[str, Any]) -> list[str]:
     """Which model the figures measure, where a --max-steps stop left steps after the last
     validation (such a stop, unlike the time budget's, validates no partial epoch)."""
@@ -99,7 +111,7 @@ def _tested_model(run: Run, results: Mapping[str, Any]) -> list[str]:
         return []
     history = run.history
     if not history:
-        return ["tested: the last model (no epoch was validated, so none was chosen)"]
+        return [f"tested: the last model ({_NONE_CHOSEN})"]
     at = tested_record(history, results)
     best = None if at is None else history[at]
     if best is None or history[-1]["step"] >= steps:
