@@ -227,6 +227,15 @@ def test_compare_shows_the_wall_clock_an_unfinished_run_has_trained_so_far(
     for run, seconds in ((inside, 17.49), (first, 4.2)):
         torch.save({"progress": {"step": 789, "seconds": seconds, "history": run.history}},
                    run.path / "checkpoint.pt")
+    # a checkpoint without the clock, or damaged: the table falls back on the history
+    clockless = _fake_run(tmp_path / "clockless", tiny_data_dir, history=[_epoch(1, 7.0)])
+    torch.save({"progress": {"history": []}}, clockless.path / "checkpoint.pt")
+    damaged = _fake_run(tmp_path / "damaged", tiny_data_dir, history=[])
+    (damaged.path / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(RunError, match="holds no training seconds"):
+        clockless.progress_seconds  # noqa: B018 - the property raises
+    rows = report.compare_rows([clockless, damaged])
+    assert [r["wall-clock seconds"] for r in rows] == [7.0, None]
     runs = [killed, resumed, started, inside, first]
     rows = report.compare_rows(runs)
     assert [r["wall-clock seconds"] for r in rows] == [90.0, 12.0, None, 17.49, 4.2]
@@ -426,6 +435,9 @@ def test_eval_names_the_model_it_read(tiny_data_dir: Path, tmp_path: Path) -> No
     # best.pt of a run stopped before its first validation is its last model: not "best"
     validated = _fake_run(tmp_path / "validated", tiny_data_dir, history=[_epoch(1, 3.0)])
     none = _fake_run(tmp_path / "none", tiny_data_dir, history=[])
+    torch.save({"progress": {"step": 4, "history": []}}, none.path / "checkpoint.pt")
+    saved = _fake_run(tmp_path / "saved", tiny_data_dir)  # save_run's: no checkpoint
+    assert report.evaluated_model(saved.path, "best") == "the best model"
     assert report.evaluated_model(validated.path, "best") == "the best model"
     assert report.evaluated_model(validated.path, "last") == "the last model"
     assert report.evaluated_model(none.path, "last") == "the last model"

@@ -103,6 +103,24 @@ def test_a_resume_from_the_start_checkpoint_drops_the_killed_session_s_events(
     assert steps(tmp_path / "b") == steps(tmp_path / "a") == [3, 6, 9, 10, 13, 15]
 
 
+def test_a_run_killed_before_its_first_event_logs_its_settings_on_resume(
+    tiny_data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The events file opens at the first event: a run killed before it (at step 2, before the
+    # first flush at step 3) has none, and its resume writes the settings that it never did.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import metadata
+
+    crash_at(monkeypatch, 2)
+    with pytest.raises(Crash):
+        train(tiny_config(tiny_data_dir, max_steps=5), tmp_path / "run", progress=False)
+    monkeypatch.undo()
+    assert not list((tmp_path / "run").glob("events.out.tfevents*"))
+    train(resume=tmp_path / "run", progress=False)
+    events = EventAccumulator(str(tmp_path / "run")).Reload()
+    assert metadata.SESSION_START_INFO_TAG in events.PluginTagToContent(metadata.PLUGIN_NAME)
+
+
 def test_a_start_stopped_before_its_first_checkpoint_can_be_started_again(
     tiny_data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -507,6 +507,12 @@ def test_nan_retry_tightens_ffjord_tolerances(
     results = train(config, tmp_path / "run", progress=False)
     assert results["solver"] == [{"atol": 1e-5, "rtol": 1e-5, "method": "dopri5", "options": {}}]
     assert results["steps"] == 20
+    # the retry trains steps 11-20 again: TensorBoard shows the retry's figures, not also
+    # those of the steps before the NaN (step 13's)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "run")).Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [3, 6, 9, 10, 13, 16, 19, 20]
 
 
 def fail_once(monkeypatch: pytest.MonkeyPatch, name: str) -> dict[str, int]:

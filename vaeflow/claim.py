@@ -9,7 +9,7 @@ import json
 import os
 from pathlib import Path
 
-from vaeflow.runs import BEST, CHECKPOINT, CONFIG, HISTORY, RESULTS, TIMING, RunError
+from vaeflow.runs import BEST, CHECKPOINT, CONFIG, EVENTS, HISTORY, RESULTS, TIMING, RunError
 
 __all__ = [
     "LOCK",
@@ -24,7 +24,7 @@ __all__ = [
 LOCK = ".lock"
 # Files a fresh start (--overwrite) replaces; anything else in the folder is left alone.
 RUN_FILES = (CHECKPOINT, BEST, CONFIG, RESULTS, TIMING, HISTORY)
-RUN_PATTERNS = ("events.out.tfevents.*", "*.png")
+RUN_PATTERNS = (EVENTS, "*.png")
 
 
 class RunLock:

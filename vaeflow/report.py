@@ -19,6 +19,7 @@ from vaeflow.runs import (
     BEST,
     CHECKPOINT,
     CONFIG,
+    EVENTS,
     HISTORY,
     RESULTS,
     TIMING,
@@ -97,8 +98,11 @@ _NONE_CHOSEN = "no epoch was validated, so none was chosen"
 
 def evaluated_model(run_dir: str | os.PathLike[str], checkpoint: str) -> str:
     """The model that ``vaeflow eval --checkpoint CHECKPOINT`` read (``best``, ``last``), in
-    words: ``the best model``, or the last one where no epoch was validated."""
-    if checkpoint == "best" and not Run(Path(run_dir)).history:
+    words: ``the best model``, or the last one where training stopped before its first
+    validation (not a model saved by :func:`vaeflow.evaluate.save_run`: no checkpoint, no
+    history, trained elsewhere)."""
+    run = Run(Path(run_dir))
+    if checkpoint == "best" and (run.path / CHECKPOINT).is_file() and not run.history:
         return f"the last model: {_NONE_CHOSEN}"
     return f"the {checkpoint} model"
 
@@ -232,7 +236,7 @@ def summary(run_dir: str | os.PathLike[str], results: Mapping[str, Any]) -> str:
     files = [CONFIG, RESULTS, HISTORY, TIMING, BEST, CHECKPOINT, SAMPLES, RECONSTRUCTIONS,
              LEARNING_CURVE]
     present = [name for name in files if (run.path / name).is_file()]
-    events = any(run.path.glob("events.out.tfevents.*"))
+    events = any(run.path.glob(EVENTS))
     if events:
         present.append("TensorBoard events")
     world_size = int(results.get("world_size", timing.get("world_size", 1)))

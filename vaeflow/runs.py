@@ -42,6 +42,7 @@ __all__ = [
     "CONFIG",
     "RESULTS",
     "TIMING",
+    "EVENTS",
     "HISTORY",
     "CHECKPOINT_FORMAT",
     "RunError",
@@ -66,6 +67,7 @@ CONFIG = "config.json"
 RESULTS = "results.json"
 TIMING = "timing.json"
 HISTORY = "history.json"
+EVENTS = "events.out.tfevents.*"  # TensorBoard's files (a glob pattern)
 # Bumped when a checkpoint of an older vaeflow can no longer be resumed as it is.
 CHECKPOINT_FORMAT = 3
 # 3 (train.py's progress): a time stop's partial epoch, early stopping's own reference, epoch
@@ -385,7 +387,11 @@ class Run:
     def progress_seconds(self) -> float | None:
         """The wall-clock seconds of training and validation in ``checkpoint.pt`` (summed over
         the sessions; later than the last epoch's record where a signal or
-        ``checkpoint_every`` saved inside an epoch); None where the run has no checkpoint."""
+        ``checkpoint_every`` saved inside an epoch); None where the run has no checkpoint.
+
+        Raises:
+            RunError: ``checkpoint.pt`` is damaged, or holds no such figure (not vaeflow's).
+        """
         seconds = self._progress("seconds")
         return None if seconds is None else float(seconds)
 

@@ -87,6 +87,7 @@ from vaeflow.runs import (
     BEST,
     CHECKPOINT,
     CHECKPOINT_FORMAT,
+    EVENTS,
     RESULTS,
     Run,
     RunError,
@@ -391,15 +392,22 @@ class _Trainer:
 
     # ---- logging
 
-    def open_writer(self, fresh: bool) -> None:
-        """Log this session's events to TensorBoard (rank 0). The events file opens at the
-        first event, so that a resume that trains and evaluates nothing (a finished run) leaves
-        the run's events as they were; ``fresh``: a new run, whose settings it logs first."""
+    def open_writer(self) -> None:
+        """Log this session's events to TensorBoard (rank 0), from the state's step on. The
+        events file opens at the first event, so that a resume that trains and evaluates
+        nothing (a finished run) leaves the run's events as they were; a run that has no
+        events file yet (new, or killed before its first event) logs its settings first."""
+        if self.writer is not None:  # a retry restored an earlier checkpoint in this session
+            self.writer.close()
+            self.writer = None
         if self.world.is_main:
-            # The events of a killed session after its last checkpoint go: TensorBoard drops
-            # what came before from this step on. Not from the checkpoint's own step, whose
-            # events (its steps' means, the validation, the test) were logged before it.
-            self._purge_step, self._fresh = self.state.step + 1, fresh
+            # TensorBoard drops the earlier events from this step on: those a killed session
+            # (or the steps before a retry) logged after the checkpoint. Not from the
+            # checkpoint's own step, whose steps' means and validation are the checkpoint's
+            # (a kill between a validation's log and its save logs it again at that step,
+            # with the same figure: same model, same seed).
+            self._purge_step = self.state.step + 1
+            self._fresh = not any(self.run_dir.glob(EVENTS))
 
     def _events(self) -> Any:
         """The session's ``SummaryWriter`` (None on other ranks), opened at its first use."""
@@ -985,7 +993,7 @@ def train(
                     trainer.reopen()
                     logger.info("resumed %s at epoch %d, step %d", directory, trainer.state.epoch,
                                 trainer.state.step)
-                trainer.open_writer(fresh=resume is None)
+                trainer.open_writer()
                 try:
                     _run(trainer)
                 finally:
@@ -1116,6 +1124,7 @@ def _recover(trainer: _Trainer, err: Exception) -> None:
     test = isinstance(err, _TestSolveError)  # the validation's or final evaluation's solve
     if trainer.can_retry(retries, test):
         trainer.restore(ckpt)
+        trainer.open_writer()  # the steps after the checkpoint are logged again
         trainer.state.retries = retries + 1
         tolerances = trainer.model.flow.tighten_solver(10.0) or {}
         logger.warning(
