@@ -434,3 +434,23 @@ def test_every_option_of_every_command_says_what_it_does() -> None:
         assert f"(default {getattr(TrainConfig(), key)}, the papers'" in " ".join(
             train_help.split()
         ), key
+
+
+def test_an_error_is_one_write_with_its_newline(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Under torchrun the ranks print their errors to one stderr: print's two writes (the
+    # message, then its newline) let another rank's message start on the same line.
+    writes: list[str] = []
+
+    class Recorder:
+        def write(self, text: str) -> int:
+            writes.append(text)
+            return len(text)
+
+        def flush(self) -> None:
+            pass
+
+    monkeypatch.setattr(sys, "stderr", Recorder())
+    assert main(["eval", "/nonexistent/run"]) == 2
+    (message,) = [w for w in writes if "vaeflow: error:" in w]
+    assert message.startswith("vaeflow: error: ") and message.endswith("\n")
+    assert "run directory /nonexistent/run does not exist" in message

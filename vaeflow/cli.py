@@ -479,6 +479,14 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespa
                   "--help` describes every option")
 
 
+def _say(text: str, before: str = "") -> None:
+    """``vaeflow: TEXT`` on stderr in one write, the newline with it: under torchrun every rank
+    says why it stopped on the same stderr, and ``print``'s two writes (text, then newline)
+    let another rank's message in between, on the same line."""
+    sys.stderr.write(f"{before}vaeflow: {text}\n")
+    sys.stderr.flush()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``vaeflow`` console script; returns the exit status."""
     if argv is None:
@@ -492,7 +500,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.flush()  # here, not at exit, so that a reader gone away is caught below
         return status
     except USER_ERRORS as err:
-        print(f"vaeflow: error: {err}", file=sys.stderr)
+        _say(f"error: {err}")
         return 2
     except BrokenPipeError:
         # The reader went away (``vaeflow flows | head``): nothing is wrong, so no traceback.
@@ -503,17 +511,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         if err.filename is None:  # not about a file: a bug, or the OS failing us elsewhere
             raise
         # read-only folder, a path through a regular file, a full disk: the path and the reason
-        print(f"vaeflow: error: {err.filename}: {err.strerror or err}", file=sys.stderr)
+        _say(f"error: {err.filename}: {err.strerror or err}")
         return 1
     except TrainingError as err:
         # Most of these messages already begin "training stopped at step ...": say it once.
         message = str(err)
         if not message.startswith("training stopped"):
             message = f"training stopped: {message}"
-        print(f"vaeflow: {message}", file=sys.stderr)
+        _say(message)
         return 1
     except KeyboardInterrupt as err:
-        print(f"\nvaeflow: interrupted. {err}", file=sys.stderr)
+        _say(f"interrupted. {err}", before="\n")
         return 130
 
 
