@@ -224,19 +224,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 world=world,
             )
     except SolverError as err:  # the run is untouched: another solve may well succeed
-        print(
-            f"vaeflow: error: the evaluation of {args.run_dir} failed: {err}. Try other solver "
+        _say(
+            f"error: the evaluation of {args.run_dir} failed: {err}. Try other solver "
             f"settings: `vaeflow eval {args.run_dir} --solver atol=1e-6 --solver rtol=1e-6`, or "
-            "fixed steps: `--solver method=rk4 --solver 'solver_options={step_size=0.05}'`",
-            file=sys.stderr,
+            "fixed steps: `--solver method=rk4 --solver 'solver_options={step_size=0.05}'`"
         )
         return 1
     except RuntimeError as err:
         if not world.lost_contact(err):
             raise
         # Another rank failed (and printed why) or went silent; the run is untouched.
-        print(f"vaeflow: error: the evaluation of {args.run_dir} stopped: "
-              f"{world.lost_contact_reason(err)}", file=sys.stderr)
+        _say(f"error: the evaluation of {args.run_dir} stopped: "
+             f"{world.lost_contact_reason(err)}")
         return 1
     if not world.is_main:  # every rank has the figures; one prints them
         return 0
