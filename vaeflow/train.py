@@ -292,7 +292,6 @@ class _Trainer:
         self.state = _Progress()
         self.writer: Any = None  # opened at this session's first event (see open_writer)
         self._purge_step: int | None = None
-        self._fresh = False
         self.signals: _Signals | None = None
         # the training bar of the loop under way (`run` opens it; none shows before)
         self.bar = TrainingBar(False, config, 0, 0.0, 1)
@@ -407,15 +406,15 @@ class _Trainer:
             # (a kill between a validation's log and its save logs it again at that step,
             # with the same figure: same model, same seed).
             self._purge_step = self.state.step + 1
-            self._fresh = not any(self.run_dir.glob(EVENTS))
 
     def _events(self) -> Any:
         """The session's ``SummaryWriter`` (None on other ranks), opened at its first use."""
         if self.writer is None and self._purge_step is not None:
             from torch.utils.tensorboard import SummaryWriter
 
+            fresh = not any(self.run_dir.glob(EVENTS))  # (the writer makes one at once)
             self.writer = SummaryWriter(str(self.run_dir), purge_step=self._purge_step)
-            if self._fresh:
+            if fresh:
                 log_settings(self.writer, self.config)
         return self.writer
 
@@ -848,8 +847,9 @@ class _Trainer:
         if "test_nll_is" in results:
             test["nll_is"] = results["test_nll_is"]
         self.log_scalars(test, st.step, "test")
-        if self._events() is not None:
-            log_finished(self.writer)
+        writer = self._events()
+        if writer is not None:
+            log_finished(writer)
         self.log_images(st.epoch)  # the best model's pictures, and the whole learning curve
         self.model.load_state_dict(final_state)
         return results
