@@ -43,6 +43,20 @@ def test_a_checkpoint_of_a_captured_step_resumes_on_a_cpu(
     assert not any(group["capturable"] for group in saved)
 
 
+def signal_in_validation(monkeypatch: pytest.MonkeyPatch, call: int) -> None:
+    """SIGINT arrives during the ``call``-th validation (the last one of a 3-epoch run: 3)."""
+    validate = train_mod._Trainer.validate
+    calls = {"n": 0}
+
+    def validate_with_signal(self: Any) -> float:
+        calls["n"] += 1
+        if calls["n"] == call:
+            signal.raise_signal(signal.SIGINT)
+        return validate(self)
+
+    monkeypatch.setattr(train_mod._Trainer, "validate", validate_with_signal)
+
+
 def test_a_signal_in_the_last_validation_stops_before_the_final_evaluation(
     tiny_data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -51,20 +65,14 @@ def test_a_signal_in_the_last_validation_stops_before_the_final_evaluation(
     # evaluation (minutes for FFJORD) and exit as if no signal had come.
     config = tiny_config(tiny_data_dir)  # 3 epochs
     reference = train(config, tmp_path / "a", progress=False)
-    validate, evaluate = train_mod._Trainer.validate, train_mod.evaluate
-    calls = {"validate": 0, "evaluate": 0}
-
-    def validate_with_signal(self: Any) -> float:
-        calls["validate"] += 1
-        if calls["validate"] == 3:
-            signal.raise_signal(signal.SIGINT)
-        return validate(self)
+    evaluate = train_mod.evaluate
+    calls = {"evaluate": 0}
 
     def counted(*args: Any, **kwargs: Any) -> dict[str, Any]:
         calls["evaluate"] += 1
         return evaluate(*args, **kwargs)
 
-    monkeypatch.setattr(train_mod._Trainer, "validate", validate_with_signal)
+    signal_in_validation(monkeypatch, 3)
     monkeypatch.setattr(train_mod, "evaluate", counted)
     with pytest.raises(KeyboardInterrupt, match="SIGINT received before the final evaluation"):
         train(config, tmp_path / "b", progress=False)
@@ -213,16 +221,7 @@ def test_a_resume_that_trains_nothing_keeps_the_run_s_events(
     assert _scalars(run) == before
     assert sorted(run.glob("events.out.tfevents*")) == files
 
-    validate = train_mod._Trainer.validate
-    calls = {"validate": 0}
-
-    def validate_with_signal(self: Any) -> float:
-        calls["validate"] += 1
-        if calls["validate"] == 3:
-            signal.raise_signal(signal.SIGINT)
-        return validate(self)
-
-    monkeypatch.setattr(train_mod._Trainer, "validate", validate_with_signal)
+    signal_in_validation(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
         train(config, tmp_path / "b", progress=False)
     monkeypatch.undo()
